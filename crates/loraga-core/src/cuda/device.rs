@@ -1,0 +1,155 @@
+//! One CUDA device: its context, the stream loraga works on, its kernels and its cuBLAS handle.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, sys};
+use cudarc::nvrtc::Ptx;
+
+use super::arch::Arch;
+use super::cache::KernelCache;
+use super::kernels::{self, Origin};
+use super::libs;
+use crate::error::{Error, Result};
+
+/// A handle to a CUDA device. Cheap to clone; all clones share one context and one stream.
+///
+/// loraga issues all work of a device on one stream, so cudarc's per-buffer event tracking
+/// (which orders work across streams) is switched off: it would only add events to every launch.
+#[derive(Clone)]
+pub struct CudaDevice(Arc<Inner>);
+
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: Arch,
+    name: String,
+    cache: KernelCache,
+    modules: Mutex<HashMap<&'static str, (Arc<CudaModule>, ModuleLoad)>>,
+    blas: OnceLock<CudaBlas>,
+}
+
+/// How a module was obtained, and how long it took (for reports and the cache measurements).
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleLoad {
+    pub origin: Origin,
+    pub millis: f64,
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`. Fails with a message naming what is missing: the driver, a GPU.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        libs::ensure_driver()?;
+        let count = CudaContext::device_count().map_err(|e| match e.0 {
+            sys::cudaError_enum::CUDA_ERROR_NO_DEVICE => Error::NoGpu("the driver reports no CUDA device".into()),
+            _ => Error::NoGpu(format!("cuInit failed: {e}")),
+        })?;
+        if ordinal >= count as usize {
+            return Err(Error::NoGpu(format!("asked for device {ordinal}, the driver reports {count}")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(Error::cuda("cuCtxCreate"))?;
+        // SAFETY: loraga uses a single stream per device (see the type's docs).
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability().map_err(Error::cuda("cuDeviceGetAttribute"))?;
+        let name = ctx.name().map_err(Error::cuda("cuDeviceGetName"))?;
+        let stream = ctx.default_stream();
+        Ok(CudaDevice(Arc::new(Inner {
+            ctx,
+            stream,
+            arch: Arch::for_device(major as u32, minor as u32),
+            name,
+            cache: KernelCache::from_env(),
+            modules: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
+        })))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.0.ctx.ordinal()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The architecture kernels are compiled for on this device.
+    pub fn arch(&self) -> Arch {
+        self.0.arch
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.0.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.0.stream
+    }
+
+    pub fn kernel_cache(&self) -> &KernelCache {
+        &self.0.cache
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.0.ctx.mem_get_info().map_err(Error::cuda("cuMemGetInfo"))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.0.stream.synchronize().map_err(Error::cuda("cuStreamSynchronize"))
+    }
+
+    /// Kernel `name` from `kernels/<module>.cu`, compiled (or taken from the disk cache) and
+    /// loaded on first use, then kept for the life of the device.
+    pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let (m, _) = self.module(module)?;
+        m.load_function(name).map_err(|_| Error::UnknownKernel { module: module.into(), name: name.into() })
+    }
+
+    /// Loads (or returns the loaded) module and says how it was obtained.
+    pub fn module(&self, module: &'static str) -> Result<(Arc<CudaModule>, ModuleLoad)> {
+        let mut modules = self.0.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((m, load)) = modules.get(module) {
+            return Ok((m.clone(), *load));
+        }
+        let start = Instant::now();
+        let arch = self.0.arch;
+        let (cubin, origin) = kernels::cubin(module, arch, &self.0.cache, false)?;
+        let loaded = match self.0.ctx.load_module(Ptx::from_binary(cubin)) {
+            Ok(m) => (m, origin),
+            // A cached entry the driver refuses (e.g. written by an incompatible build) is
+            // replaced by a fresh compile; a freshly compiled one that fails is a real error.
+            Err(_) if origin == Origin::DiskCache => {
+                let (cubin, origin) = kernels::cubin(module, arch, &self.0.cache, true)?;
+                (self.0.ctx.load_module(Ptx::from_binary(cubin)).map_err(Error::cuda("cuModuleLoadData"))?, origin)
+            }
+            Err(e) => return Err(Error::Cuda { op: "cuModuleLoadData", source: e }),
+        };
+        let load = ModuleLoad { origin: loaded.1, millis: start.elapsed().as_secs_f64() * 1e3 };
+        modules.insert(module, (loaded.0.clone(), load));
+        Ok((loaded.0, load))
+    }
+
+    /// The device's cuBLAS handle, bound to its stream; created on first use.
+    pub fn cublas(&self) -> Result<&CudaBlas> {
+        if let Some(b) = self.0.blas.get() {
+            return Ok(b);
+        }
+        libs::ensure_cublas()?;
+        let blas = CudaBlas::new(self.0.stream.clone()).map_err(Error::cublas("cublasCreate"))?;
+        Ok(self.0.blas.get_or_init(|| blas))
+    }
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cuda:{} ({}, {})", self.ordinal(), self.0.name, self.0.arch)
+    }
+}
+
+impl PartialEq for CudaDevice {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}

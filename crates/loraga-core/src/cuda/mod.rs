@@ -1,0 +1,17 @@
+//! The CUDA backend: device handling, kernel loading, device buffers and the ops' launchers.
+//! Nothing here needs CUDA at build time; libraries are found and opened at run time.
+
+pub mod arch;
+pub mod cache;
+pub mod device;
+pub mod gemm;
+pub mod kernels;
+pub mod libs;
+pub mod nvrtc;
+pub mod storage;
+pub mod timing;
+
+pub use arch::Arch;
+pub use device::CudaDevice;
+pub use gemm::GemmPath;
+pub use storage::{CudaSlices, CudaStorage};

@@ -1,0 +1,43 @@
+//! Timing device work with CUDA events, as every loraga benchmark does: events bracket the work
+//! on the stream, so host overhead and launch queueing stay out of the numbers.
+
+use std::time::Duration;
+
+use cudarc::driver::sys::CUevent_flags;
+
+use super::device::CudaDevice;
+use crate::error::{Error, Result};
+
+/// Device time of `iters` back-to-back runs of `f` (which only enqueues work on the device's
+/// stream).
+pub fn time_iters(device: &CudaDevice, iters: u64, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let stream = device.stream();
+    // Timing events must not be created with the (default) DISABLE_TIMING flag.
+    let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(Error::cuda("cuEventRecord"))?;
+    for _ in 0..iters {
+        f()?;
+    }
+    let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(Error::cuda("cuEventRecord"))?;
+    let ms = start.elapsed_ms(&end).map_err(Error::cuda("cuEventElapsedTime"))?;
+    Ok(Duration::from_secs_f64(ms as f64 * 1e-3))
+}
+
+/// Median milliseconds of `reps` single timed runs after `warmup` untimed ones.
+pub fn median_ms(device: &CudaDevice, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        times.push(time_iters(device, 1, &mut f)?.as_secs_f64() * 1e3);
+    }
+    Ok(median(&mut times))
+}
+
+/// The median of a non-empty sample (mean of the middle two for even sizes).
+pub fn median(xs: &mut [f64]) -> f64 {
+    assert!(!xs.is_empty(), "median of an empty sample");
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    if n % 2 == 1 { xs[n / 2] } else { 0.5 * (xs[n / 2 - 1] + xs[n / 2]) }
+}

@@ -1,0 +1,86 @@
+//! The one error type of loraga-core. Every variant names what is wrong and, where it helps,
+//! what to do about it: a missing library says which file and where we looked.
+
+use std::path::PathBuf;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no NVIDIA driver: libcuda.so could not be loaded (install the NVIDIA driver, or run on the CPU)")]
+    NoDriver,
+
+    #[error("no CUDA GPU: {0}")]
+    NoGpu(String),
+
+    #[error(
+        "NVRTC not found: libnvrtc.so.13 is not on the loader path and not in {searched:?}; \
+         set CUDA_HOME, or install the `nvidia-cuda-nvrtc==13.0.*` wheel and add its lib/ to LD_LIBRARY_PATH"
+    )]
+    NoNvrtc { searched: Vec<PathBuf> },
+
+    #[error("cuBLAS not found: libcublas.so.13 is not on the loader path and not in {searched:?}")]
+    NoCublas { searched: Vec<PathBuf> },
+
+    #[error(
+        "CUDA headers not found (cuda_bf16.h) in {searched:?}; set LORAGA_CUDA_INCLUDE or CUDA_HOME, \
+         or install the `nvidia-cuda-runtime==13.0.*` wheel"
+    )]
+    NoCudaHeaders { searched: Vec<PathBuf> },
+
+    #[error("kernel file kernels/{file} failed to compile for {arch}:\n{log}")]
+    KernelCompile { file: String, arch: String, log: String },
+
+    #[error("unknown kernel {name}: no kernels/{module}.cu defines it")]
+    UnknownKernel { module: String, name: String },
+
+    #[error("CUDA driver call {op} failed: {source}")]
+    Cuda {
+        op: &'static str,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+
+    #[error("cuBLAS call {op} failed: {source}")]
+    Cublas {
+        op: &'static str,
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
+
+    #[error("{op}: shape mismatch: {msg}")]
+    Shape { op: &'static str, msg: String },
+
+    #[error("{op}: unsupported dtype combination: {msg}")]
+    DType { op: &'static str, msg: String },
+
+    #[error("{op}: tensors are on different devices ({lhs} and {rhs})")]
+    DeviceMismatch { op: &'static str, lhs: String, rhs: String },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("{0} needs a CUDA GPU, and none is usable: {1}")]
+    GpuRequired(&'static str, Box<Error>),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn cuda(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+        move |source| Error::Cuda { op, source }
+    }
+
+    pub(crate) fn cublas(op: &'static str) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
+        move |source| Error::Cublas { op, source }
+    }
+
+    pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Error {
+        Error::Shape { op, msg: msg.into() }
+    }
+}

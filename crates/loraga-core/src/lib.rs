@@ -1,0 +1,27 @@
+//! loraga-core: tensors on the CPU and CUDA, the kernels that make LoRA-GA fine-tuning fast, and
+//! the code that drives them.
+//!
+//! - [`Tensor`] with a [`Storage`] per backend: [`cpu`] (faer; the reference and the fallback)
+//!   and [`cuda`] (hand-written kernels compiled at run time by NVRTC, cached on disk).
+//! - [`gemm`]: the GEMM every op is built from, with its shape rules.
+//!
+//! Nothing here needs CUDA to build; a machine without a GPU gets clear errors from the CUDA
+//! entry points and a working CPU path.
+
+pub mod cpu;
+pub mod cuda;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod gemm;
+pub mod shape;
+pub mod storage;
+pub mod tensor;
+pub mod testing;
+
+pub use device::Device;
+pub use dtype::{DType, WithDType};
+pub use error::{Error, Result};
+pub use shape::Shape;
+pub use storage::Storage;
+pub use tensor::Tensor;

@@ -1,0 +1,68 @@
+//! The `loraga` command line.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use loraga_core::cuda::{Arch, kernels, nvrtc};
+
+#[derive(Parser)]
+#[command(name = "loraga", version, about = "LoRA-GA fine-tuning with hand-written CUDA kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report the CPU and GPU loraga can use, and check the GEMM on each (runs on the CPU alone
+    /// when there is no GPU).
+    Info,
+    /// Compile every kernel in kernels/ with NVRTC for the given architectures, without a GPU
+    /// (needs only libnvrtc and the CUDA headers). Fails on the first compile error.
+    Kernels {
+        /// Target architectures, e.g. sm_80 sm_90a.
+        #[arg(long = "arch", default_values = ["sm_80", "sm_90a"])]
+        arches: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => {
+            print!("{}", loraga::info::report());
+            Ok(())
+        }
+        Command::Kernels { arches } => compile_all(&arches),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn compile_all(arches: &[String]) -> loraga_core::Result<()> {
+    let (major, minor) = nvrtc::version()?;
+    println!("NVRTC {major}.{minor}");
+    let mut count = 0;
+    for a in arches {
+        let arch = Arch::parse(a)?;
+        for src in kernels::SOURCES {
+            let t = Instant::now();
+            let cubin = nvrtc::compile(src, arch)?;
+            println!(
+                "compiled kernels/{} for {arch}: {} bytes of cubin in {:.0} ms",
+                src.file,
+                cubin.len(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            count += 1;
+        }
+    }
+    println!("{count} kernel compiles succeeded ({} files x {} arches)", kernels::SOURCES.len(), arches.len());
+    Ok(())
+}
