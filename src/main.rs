@@ -46,11 +46,11 @@ fn main() -> ExitCode {
 }
 
 fn compile_all(arches: &[String]) -> loraga_core::Result<()> {
+    let arches: Vec<Arch> = arches.iter().map(|a| Arch::parse(a)).collect::<Result<_, _>>()?;
     let (major, minor) = nvrtc::version()?;
     println!("NVRTC {major}.{minor}");
     let mut count = 0;
-    for a in arches {
-        let arch = Arch::parse(a)?;
+    for &arch in &arches {
         for src in kernels::SOURCES {
             let t = Instant::now();
             let cubin = nvrtc::compile(src, arch)?;

@@ -39,8 +39,14 @@ pub struct ModuleLoad {
 }
 
 impl CudaDevice {
-    /// Opens device `ordinal`. Fails with a message naming what is missing: the driver, a GPU.
+    /// Opens device `ordinal` with the kernel cache the environment names. Fails with a message
+    /// naming what is missing: the driver, a GPU.
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_cache(ordinal, KernelCache::from_env())
+    }
+
+    /// The same with an explicit kernel cache.
+    pub fn with_cache(ordinal: usize, cache: KernelCache) -> Result<Self> {
         libs::ensure_driver()?;
         let count = CudaContext::device_count().map_err(|e| match e.0 {
             sys::cudaError_enum::CUDA_ERROR_NO_DEVICE => Error::NoGpu("the driver reports no CUDA device".into()),
@@ -60,7 +66,7 @@ impl CudaDevice {
             stream,
             arch: Arch::for_device(major as u32, minor as u32),
             name,
-            cache: KernelCache::from_env(),
+            cache,
             modules: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
         })))
