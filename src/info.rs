@@ -43,18 +43,20 @@ pub fn report() -> String {
                 "kernel cache: {}",
                 dev.kernel_cache().dir().map_or("off".into(), |d| d.display().to_string())
             );
+            // The self-check runs first so that its first-launch time includes everything a
+            // fresh process pays before its first kernel (opening NVRTC for the cache key too).
+            match gpu_self_check(&dev) {
+                Ok(lines) => out.push_str(&lines),
+                Err(e) => {
+                    let _ = writeln!(out, "gpu self-check FAILED: {e}");
+                }
+            }
             match cuda::nvrtc::version() {
                 Ok((a, b)) => {
                     let _ = writeln!(out, "nvrtc: {a}.{b}");
                 }
                 Err(e) => {
                     let _ = writeln!(out, "nvrtc: {e}");
-                }
-            }
-            match gpu_self_check(&dev) {
-                Ok(lines) => out.push_str(&lines),
-                Err(e) => {
-                    let _ = writeln!(out, "gpu self-check FAILED: {e}");
                 }
             }
         }
