@@ -1,5 +1,7 @@
 //! The real model: SmolLM2-135M-Instruct as llama.cpp quantised it (Q4_1, token_embd Q8_0).
 //! `scripts/fetch-smollm2.sh` puts it in `.cache/models/`; without it these tests fail, by design.
+//! `tests/fixtures/smollm2_gguf_reference.json` holds values that llama.cpp's own Python reader
+//! (gguf-py 0.19.0) dequantised from the same file, written by `scripts/fixtures/gguf_reference.py`.
 
 use std::path::PathBuf;
 
@@ -113,4 +115,93 @@ fn dequantised_weights_are_sane() {
 
     let (_, norm) = f.tensor_f32("blk.0.attn_norm.weight").unwrap();
     assert!(norm.iter().all(|x| x.is_finite()) && stats(&norm).0 > 0.0);
+}
+
+#[test]
+fn matches_gguf_py_reference_values() {
+    let f = open();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_gguf_reference.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+
+    let meta = reference["metadata"].as_object().unwrap();
+    let m = f.metadata();
+    for (key, want) in meta {
+        match want {
+            serde_json::Value::String(s) => assert_eq!(m.get_str(key).unwrap(), s, "{key}"),
+            v if v.is_u64() => assert_eq!(m.get_u64(key).unwrap(), v.as_u64().unwrap(), "{key}"),
+            v => assert_eq!(m.get_f32(key).unwrap() as f64, v.as_f64().unwrap(), "{key}"),
+        }
+    }
+
+    let tensors = reference["tensors"].as_object().unwrap();
+    assert!(tensors.len() >= 5);
+    for (name, want) in tensors {
+        let info = f.tensor_info(name).unwrap();
+        assert_eq!(info.ggml_type.to_string(), want["ggml_type"].as_str().unwrap(), "{name}");
+        let (shape, w) = f.tensor_f32(name).unwrap();
+        let want_shape: Vec<usize> =
+            want["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        assert_eq!(shape, want_shape, "{name}");
+        let indices = want["indices"].as_array().unwrap();
+        let values = want["values"].as_array().unwrap();
+        for (i, v) in indices.iter().zip(values) {
+            let (i, v) = (i.as_u64().unwrap() as usize, v.as_f64().unwrap());
+            // Both sides compute q·d (+ m) in f32 from the same bits.
+            assert!((w[i] as f64 - v).abs() <= 1e-6 * v.abs().max(1e-3), "{name}[{i}]: {} vs gguf-py {v}", w[i]);
+        }
+        let (mean, std) = stats(&w);
+        let sum_sq: f64 = w.iter().map(|&x| (x as f64).powi(2)).sum();
+        let close = |a: f64, b: f64, what: &str| {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-6), "{name} {what}: {a} vs {b}")
+        };
+        close(mean, want["mean"].as_f64().unwrap(), "mean");
+        close(std, want["std"].as_f64().unwrap(), "std");
+        close(sum_sq, want["sum_sq"].as_f64().unwrap(), "sum of squares");
+    }
+}
+
+/// Our un-permute against the reshape/swapaxes that transformers' GGUF loader applies
+/// (`_reverse_permute_weights`), as recorded by the reference script; and, when the script ran
+/// with `--hf`, against the q_proj / k_proj that transformers itself loaded.
+#[test]
+fn unpermute_matches_transformers_layout() {
+    let f = open();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_gguf_reference.json");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut checks = vec![];
+    for (gguf_name, want) in reference["unpermuted"].as_object().unwrap() {
+        checks.push((gguf_name.clone(), want.clone()));
+    }
+    if let Some(hf) = reference.get("hf").and_then(|h| h.as_object()) {
+        let n_kv = reference["unpermuted"]["blk.0.attn_k.weight"]["n_head"].clone();
+        let n_q = reference["unpermuted"]["blk.0.attn_q.weight"]["n_head"].clone();
+        for (hf_name, gguf_name, heads) in [
+            ("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight", n_q),
+            ("model.layers.0.self_attn.k_proj.weight", "blk.0.attn_k.weight", n_kv),
+        ] {
+            let mut want = hf[hf_name].clone();
+            want["n_head"] = heads;
+            checks.push((gguf_name.to_string(), want));
+        }
+    }
+    assert!(checks.len() >= 2);
+    for (name, want) in checks {
+        let (shape, w) = f.tensor_f32(&name).unwrap();
+        let n_head = want["n_head"].as_u64().unwrap() as usize;
+        let hf = unpermute_qk(&w, shape[0], shape[1], n_head).unwrap();
+        let indices = want["indices"].as_array().unwrap();
+        for (i, v) in indices.iter().zip(want["values"].as_array().unwrap()) {
+            let (i, v) = (i.as_u64().unwrap() as usize, v.as_f64().unwrap());
+            assert!((hf[i] as f64 - v).abs() <= 1e-6 * v.abs().max(1e-3), "{name}[{i}]: {} vs {v}", hf[i]);
+        }
+        // The un-permute must matter at these indices, or the check proves nothing.
+        assert!(
+            indices.iter().any(|i| {
+                let i = i.as_u64().unwrap() as usize;
+                hf[i] != w[i]
+            }),
+            "{name}"
+        );
+    }
 }
