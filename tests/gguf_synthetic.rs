@@ -357,6 +357,10 @@ fn malformed_files_give_errors_naming_file_and_tensor() {
     bad[offset_at..offset_at + 8].copy_from_slice(&u64::MAX.to_le_bytes()); // also misaligned
     let (r, p) = open("offset_max.gguf", &bad);
     assert_err(r, &p, &["tensor 'blk.0.w'"]);
+    let mut bad = good.clone();
+    bad[info_at + 7..info_at + 11].copy_from_slice(&5u32.to_le_bytes());
+    let (r, p) = open("dims.gguf", &bad);
+    assert_err(r, &p, &["tensor 'blk.0.w'", "has 5 dimensions (at most 4)"]);
     let ne_at = info_at + 7 + 4;
     let mut bad = good.clone();
     bad[ne_at + 8..ne_at + 16].copy_from_slice(&(u64::MAX / 16).to_le_bytes());

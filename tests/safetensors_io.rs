@@ -122,6 +122,10 @@ fn sharded_checkpoints() {
     for (name, want) in [("a.x", &x), ("a.y", &y), ("b.z", &z)] {
         assert_eq!(&ck.tensor(name, DType::F32, &Device::Cpu).unwrap().to_vec::<f32>().unwrap(), want, "seed {seed}");
     }
+    assert_err(
+        ck.tensor("nope", DType::F32, &Device::Cpu),
+        &["model.safetensors.index.json", "no tensor named 'nope'"],
+    );
 
     write_index(
         dir.path(),

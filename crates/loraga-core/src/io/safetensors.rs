@@ -33,6 +33,8 @@ struct Shard {
 
 /// A checkpoint of one or more safetensors files, opened for reading tensors by name.
 pub struct SafetensorsCheckpoint {
+    /// The file or index that was opened, for messages about the checkpoint as a whole.
+    source: PathBuf,
     shards: Vec<Shard>,
     /// Tensor name → index into `shards`.
     location: BTreeMap<String, usize>,
@@ -53,7 +55,7 @@ impl SafetensorsCheckpoint {
     fn open_file(path: &Path) -> Result<SafetensorsCheckpoint> {
         let shard = open_shard(path)?;
         let location = shard.metadata.tensors().into_keys().map(|name| (name, 0)).collect();
-        Ok(SafetensorsCheckpoint { shards: vec![shard], location })
+        Ok(SafetensorsCheckpoint { source: path.to_path_buf(), shards: vec![shard], location })
     }
 
     fn open_index(index: &Path) -> Result<SafetensorsCheckpoint> {
@@ -95,12 +97,16 @@ impl SafetensorsCheckpoint {
             }
             location.insert(name.clone(), i);
         }
-        Ok(SafetensorsCheckpoint { shards, location })
+        Ok(SafetensorsCheckpoint { source: index.to_path_buf(), shards, location })
     }
 
     /// Every tensor name, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.location.keys().map(|s| s.as_str())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.source
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -109,8 +115,7 @@ impl SafetensorsCheckpoint {
 
     fn info(&self, name: &str) -> Result<(&Shard, &TensorInfo)> {
         let shard = self.location.get(name).map(|&i| &self.shards[i]).ok_or_else(|| {
-            let files: Vec<String> = self.shards.iter().map(|s| s.path.display().to_string()).collect();
-            Error::format(files.join(", "), format!("no tensor named '{name}'"))
+            Error::format(&self.source, format!("no tensor named '{name}' ({} tensors)", self.location.len()))
         })?;
         let info = shard.metadata.info(name).expect("location only lists tensors found in their shard");
         Ok((shard, info))
