@@ -63,6 +63,10 @@ pub enum Error {
     #[error("{0} needs a CUDA GPU, and none is usable: {1}")]
     GpuRequired(&'static str, Box<Error>),
 
+    /// A checkpoint file that is malformed or that we cannot read: `msg` names the tensor or key.
+    #[error("{file}: {msg}")]
+    Format { file: PathBuf, msg: String },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -78,6 +82,15 @@ impl Error {
 
     pub(crate) fn cublas(op: &'static str) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
         move |source| Error::Cublas { op, source }
+    }
+
+    pub(crate) fn format(file: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
+        Error::Format { file: file.into(), msg: msg.into() }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
     }
 
     pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Error {
