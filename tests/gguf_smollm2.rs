@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use loraga_core::io::{GgmlType, GgufFile, unpermute_qk};
 
 fn model_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = loraga_core::testing::repo_path(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(p.is_file(), "{} is missing: run scripts/fetch-smollm2.sh first", p.display());
     p
 }
@@ -120,7 +120,7 @@ fn dequantised_weights_are_sane() {
 #[test]
 fn matches_gguf_py_reference_values() {
     let f = open();
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_gguf_reference.json");
+    let path = loraga_core::testing::repo_path("tests/fixtures/smollm2_gguf_reference.json");
     let text = std::fs::read_to_string(&path).unwrap();
     let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
 
@@ -167,7 +167,7 @@ fn matches_gguf_py_reference_values() {
 #[test]
 fn unpermute_matches_transformers_layout() {
     let f = open();
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_gguf_reference.json");
+    let path = loraga_core::testing::repo_path("tests/fixtures/smollm2_gguf_reference.json");
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let mut checks = vec![];
     for (gguf_name, want) in reference["unpermuted"].as_object().unwrap() {

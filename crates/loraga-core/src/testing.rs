@@ -18,6 +18,15 @@ pub fn rel_error(out: &[f32], reference: &[f64]) -> f64 {
     if den == 0.0 { if num == 0.0 { 0.0 } else { f64::INFINITY } } else { (num / den).sqrt() }
 }
 
+/// A path inside the repository: under `$LORAGA_ROOT` when set (binaries staged to another
+/// machine, see scripts/gpu-run.sh), else under the checkout this crate was built from.
+pub fn repo_path(relative: &str) -> std::path::PathBuf {
+    let root = std::env::var_os("LORAGA_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    root.join(relative)
+}
+
 /// `n` standard-normal samples.
 pub fn randn(rng: &mut impl Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| StandardNormal.sample(rng)).collect()
