@@ -4,6 +4,7 @@
 //! - [`Tensor`] with a [`Storage`] per backend: [`cpu`] (faer; the reference and the fallback)
 //!   and [`cuda`] (hand-written kernels compiled at run time by NVRTC, cached on disk).
 //! - [`gemm`]: the GEMM every op is built from, with its shape rules.
+//! - [`linalg`]: the randomized SVD of LoRA-GA's gradients, and the exact SVD it is tested against.
 //!
 //! Nothing here needs CUDA to build; a machine without a GPU gets clear errors from the CUDA
 //! entry points and a working CPU path.
@@ -14,6 +15,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gemm;
+pub mod linalg;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
