@@ -57,6 +57,12 @@ pub enum Error {
     #[error("{op}: tensors are on different devices ({lhs} and {rhs})")]
     DeviceMismatch { op: &'static str, lhs: String, rhs: String },
 
+    #[error("{op}: layer `{name}` has a non-finite value {value} at [{row}, {col}] (a diverged gradient?)")]
+    NonFinite { op: &'static str, name: String, row: usize, col: usize, value: f32 },
+
+    #[error("{op}: layer `{name}`: {msg}")]
+    Layer { op: &'static str, name: String, msg: String },
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
@@ -91,6 +97,10 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { path, source }
+    }
+
+    pub(crate) fn layer(op: &'static str, name: &str, msg: impl Into<String>) -> Error {
+        Error::Layer { op, name: name.to_string(), msg: msg.into() }
     }
 
     pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Error {

@@ -5,6 +5,7 @@
 //!   and [`cuda`] (hand-written kernels compiled at run time by NVRTC, cached on disk).
 //! - [`gemm`]: the GEMM every op is built from, with its shape rules.
 //! - [`io`]: checkpoint loading (GGUF, safetensors) and adapter saving.
+//! - [`linalg`]: the randomized SVD of LoRA-GA's gradients, and the exact SVD it is tested against.
 //!
 //! Nothing here needs CUDA to build; a machine without a GPU gets clear errors from the CUDA
 //! entry points and a working CPU path.
@@ -16,6 +17,7 @@ pub mod dtype;
 pub mod error;
 pub mod gemm;
 pub mod io;
+pub mod linalg;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
