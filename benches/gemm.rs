@@ -1,17 +1,22 @@
-//! GEMM throughput on the GPU: the naive kernel vs cuBLAS (and, as it lands, the GEMM engine),
-//! bf16 operands and output with fp32 accumulation, at 4096^3 and 8192^3.
+//! GEMM throughput on the GPU: the naive kernel vs cuBLAS vs the Hopper engine, bf16 operands
+//! with fp32 accumulation, `C = A B^T` (PyTorch's x @ W^T), bf16 output. Also the engine's two-K-
+//! source GEMM ([X | U] [W | B]^T) against one GEMM over the combined K.
 //!
-//! Timed with CUDA events around each Criterion iteration batch; the operands rotate over three
+//! Timed with CUDA events around each Criterion iteration batch (Criterion's "elements" are
+//! floating-point operations, so its Gelem/s reads as GFLOP/s); the operands rotate over three
 //! buffer sets so no run finds its inputs in the 60 MB L2. Ends with the markdown summary.
 
-use criterion::{Criterion, SamplingMode, Throughput};
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
 use loraga::summary::{self, Row};
+use loraga_core::cpu::CpuStorage;
+use loraga_core::cuda::gemm_sm90::{self, KSource};
 use loraga_core::cuda::timing::{median, time_iters};
-use loraga_core::cuda::{CudaDevice, GemmPath};
+use loraga_core::cuda::{CudaDevice, CudaStorage, GemmPath};
 use loraga_core::gemm::{Gemm, gemm_cuda};
 use loraga_core::testing::randn;
-use loraga_core::{DType, Device, Tensor};
+use loraga_core::{DType, Device, Result, Storage, Tensor};
 use rand::SeedableRng;
+use std::time::Duration;
 
 fn main() {
     let dev = match CudaDevice::new(0) {
@@ -21,65 +26,137 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let device = Device::Cuda(dev.clone());
-    let mut criterion = Criterion::default().configure_from_args();
+    let mut criterion = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
     let mut rows = Vec::new();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut bench = Bench { dev: dev.clone(), device: Device::Cuda(dev), rng: rand::rngs::StdRng::seed_from_u64(1) };
 
-    for size in [4096usize, 8192] {
-        let (m, n, k) = (size, size, size);
-        let sets: Vec<(Tensor, Tensor)> = (0..3)
-            .map(|_| {
-                let a = Tensor::from_cpu(
-                    loraga_core::cpu::CpuStorage::from_f32_vec(DType::BF16, randn(&mut rng, m * k)),
-                    [m, k].into(),
-                    &device,
-                )
-                .unwrap();
-                let b = Tensor::from_cpu(
-                    loraga_core::cpu::CpuStorage::from_f32_vec(DType::BF16, randn(&mut rng, n * k)),
-                    [n, k].into(),
-                    &device,
-                )
-                .unwrap();
-                (a, b)
-            })
-            .collect();
-        let mut c = Tensor::zeros([m, n], DType::BF16, &device).unwrap();
-        // PyTorch's x @ W^T: W stored [N, K].
+    // (M, N, K, paths): the naive kernel only where issue 2 asks for it (it is ~50x slower).
+    let all = [GemmPath::Cublas, GemmPath::Engine, GemmPath::Naive];
+    let fast = [GemmPath::Cublas, GemmPath::Engine];
+    let shapes: [(usize, usize, usize, &[GemmPath]); 5] = [
+        (4096, 4096, 4096, &all),
+        (8192, 8192, 8192, &all),
+        (8192, 4096, 4096, &fast),
+        (8192, 11008, 4096, &fast),
+        (8192, 4096, 11008, &fast),
+    ];
+    for (m, n, k, paths) in shapes {
+        bench.paths(&mut criterion, &mut rows, m, n, k, paths);
+    }
+    bench.split_k(&mut criterion, &mut rows, 8192, 4096, 4096, 16);
+    criterion.final_summary();
+    summary::emit(
+        "gemm",
+        "GEMM, C = A B^T, bf16 in/out, fp32 accumulation (CUDA events, median per run)",
+        &rows,
+        "cublas",
+    );
+}
+
+struct Bench {
+    dev: CudaDevice,
+    device: Device,
+    rng: rand::rngs::StdRng,
+}
+
+impl Bench {
+    fn bf16(&mut self, rows: usize, cols: usize) -> Tensor {
+        let v = CpuStorage::from_f32_vec(DType::BF16, randn(&mut self.rng, rows * cols));
+        Tensor::from_cpu(v, [rows, cols].into(), &self.device).unwrap()
+    }
+
+    /// Three operand sets of A [m, k] and B [n, k].
+    fn sets(&mut self, m: usize, n: usize, k: usize) -> Vec<(Tensor, Tensor)> {
+        (0..3).map(|_| (self.bf16(m, k), self.bf16(n, k))).collect()
+    }
+
+    fn paths(&mut self, c: &mut Criterion, rows: &mut Vec<Row>, m: usize, n: usize, k: usize, paths: &[GemmPath]) {
+        let sets = self.sets(m, n, k);
+        let mut out = Tensor::zeros([m, n], DType::BF16, &self.device).unwrap();
         let g = Gemm { trans_b: true, ..Gemm::default() };
-        let flops = 2.0 * (m * n * k) as f64;
-        let problem = format!("{m}x{n}x{k} bf16 NT");
-
-        let mut group = criterion.benchmark_group(format!("gemm_bf16_{size}"));
-        group.sampling_mode(SamplingMode::Flat).sample_size(10).throughput(Throughput::Elements(flops as u64));
-        for path in [GemmPath::Cublas, GemmPath::Naive] {
-            let mut per_iter_ms = Vec::new();
-            let mut turn = 0usize;
-            // Warm-up outside the timed region: module load, cuBLAS handle, clocks.
-            for _ in 0..3 {
-                gemm_cuda(path, &g, &sets[0].0, &sets[0].1, &mut c).unwrap();
-            }
-            group.bench_function(path.name(), |bch| {
-                bch.iter_custom(|iters| {
-                    let t = time_iters(&dev, iters, || {
-                        turn = (turn + 1) % sets.len();
-                        gemm_cuda(path, &g, &sets[turn].0, &sets[turn].1, &mut c)
-                    })
-                    .unwrap();
-                    per_iter_ms.push(t.as_secs_f64() * 1e3 / iters as f64);
-                    t
-                })
-            });
+        let problem = format!("{m}x{n}x{k}");
+        let mut group = group(c, &format!("gemm_bf16_{problem}"), 2.0 * (m * n * k) as f64);
+        for &path in paths {
+            let ms =
+                measure(&self.dev, &mut group, path.name(), |i| gemm_cuda(path, &g, &sets[i].0, &sets[i].1, &mut out));
             rows.push(Row {
                 problem: problem.clone(),
                 implementation: path.name().into(),
-                median_ms: median(&mut per_iter_ms),
-                flops,
+                median_ms: ms,
+                flops: 2.0 * (m * n * k) as f64,
             });
         }
         group.finish();
     }
-    criterion.final_summary();
-    summary::emit("gemm", "GEMM, bf16 in/out, fp32 accumulation (CUDA events, median per run)", &rows, "cublas");
+
+    /// [X | U] [W | B]^T with two K sources vs one engine GEMM over K = k + r (and cuBLAS on it).
+    fn split_k(&mut self, c: &mut Criterion, rows: &mut Vec<Row>, m: usize, n: usize, k: usize, r: usize) {
+        let combined = self.sets(m, n, k + r);
+        let parts: Vec<_> =
+            (0..3).map(|_| (self.bf16(m, k), self.bf16(n, k), self.bf16(m, r), self.bf16(n, r))).collect();
+        let mut out = Tensor::zeros([m, n], DType::BF16, &self.device).unwrap();
+        let g = Gemm { trans_b: true, ..Gemm::default() };
+        let flops = 2.0 * (m * n * (k + r)) as f64;
+        let problem = format!("{m}x{n}x({k}+{r})");
+        let mut group = group(c, &format!("gemm_split_k_{m}x{n}x{k}+{r}"), flops);
+        for path in [GemmPath::Cublas, GemmPath::Engine] {
+            let name = format!("{} combined K", path.name());
+            let ms = measure(&self.dev, &mut group, &name, |i| {
+                gemm_cuda(path, &g, &combined[i].0, &combined[i].1, &mut out)
+            });
+            let implementation = if path == GemmPath::Cublas { "cublas".to_string() } else { name };
+            rows.push(Row { problem: problem.clone(), implementation, median_ms: ms, flops });
+        }
+        let ms = measure(&self.dev, &mut group, "engine two sources", |i| {
+            let (x, w, u, b) = &parts[i];
+            let sources = [KSource { a: cuda(x), b: cuda(w), k }, KSource { a: cuda(u), b: cuda(b), k: r }];
+            let Storage::Cuda(o) = out.storage_mut() else { unreachable!() };
+            gemm_sm90::gemm(&sources, m, n, o, 1.0, 0.0)
+        });
+        rows.push(Row { problem, implementation: "engine two sources".into(), median_ms: ms, flops });
+        group.finish();
+    }
+}
+
+fn cuda(t: &Tensor) -> &CudaStorage {
+    match t.storage() {
+        Storage::Cuda(s) => s,
+        Storage::Cpu(_) => unreachable!("bench tensors live on the device"),
+    }
+}
+
+fn group<'a>(c: &'a mut Criterion, name: &str, flops: f64) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sampling_mode(SamplingMode::Flat).sample_size(10).throughput(Throughput::Elements(flops as u64));
+    g
+}
+
+/// Benchmarks `run(set_index)` with CUDA-event timing, rotating over three operand sets, and
+/// returns the median milliseconds per run over Criterion's samples.
+fn measure(
+    dev: &CudaDevice,
+    group: &mut BenchmarkGroup<WallTime>,
+    name: &str,
+    mut run: impl FnMut(usize) -> Result<()>,
+) -> f64 {
+    for i in 0..3 {
+        run(i).unwrap(); // warm-up: module load, handles, clocks
+    }
+    let mut per_iter_ms = Vec::new();
+    let mut turn = 0usize;
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let t = time_iters(dev, iters, || {
+                turn = (turn + 1) % 3;
+                run(turn)
+            })
+            .unwrap();
+            per_iter_ms.push(t.as_secs_f64() * 1e3 / iters as f64);
+            t
+        })
+    });
+    median(&mut per_iter_ms)
 }

@@ -24,6 +24,12 @@ enum Command {
         /// Target architectures, e.g. sm_80 sm_90a.
         #[arg(long = "arch", default_values = ["sm_80", "sm_90a"])]
         arches: Vec<String>,
+        /// Also print ptxas's report per kernel: registers, shared memory, stack, spills.
+        #[arg(long)]
+        resources: bool,
+        /// Write each cubin to DIR/<kernel>-<arch>.cubin (for cuobjdump --dump-sass).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -34,7 +40,7 @@ fn main() -> ExitCode {
             print!("{}", loraga::info::report());
             Ok(())
         }
-        Command::Kernels { arches } => compile_all(&arches),
+        Command::Kernels { arches, resources, out_dir } => compile_all(&arches, resources, out_dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -45,7 +51,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn compile_all(arches: &[String]) -> loraga_core::Result<()> {
+fn compile_all(arches: &[String], resources: bool, out_dir: Option<&std::path::Path>) -> loraga_core::Result<()> {
     let arches: Vec<Arch> = arches.iter().map(|a| Arch::parse(a)).collect::<Result<_, _>>()?;
     let (major, minor) = nvrtc::version()?;
     println!("NVRTC {major}.{minor}");
@@ -53,13 +59,23 @@ fn compile_all(arches: &[String]) -> loraga_core::Result<()> {
     for &arch in &arches {
         for src in kernels::SOURCES {
             let t = Instant::now();
-            let cubin = nvrtc::compile(src, arch)?;
+            let extra: &[&str] = if resources { &["--ptxas-options=-v"] } else { &[] };
+            let (cubin, log) = nvrtc::compile_with_log(src, arch, extra)?;
             println!(
                 "compiled kernels/{} for {arch}: {} bytes of cubin in {:.0} ms",
                 src.file,
                 cubin.len(),
                 t.elapsed().as_secs_f64() * 1e3
             );
+            if resources {
+                println!("{log}");
+            }
+            if let Some(dir) = out_dir {
+                let path = dir.join(format!("{}-{arch}.cubin", src.module));
+                std::fs::create_dir_all(dir)
+                    .and_then(|_| std::fs::write(&path, &cubin))
+                    .map_err(|e| loraga_core::Error::Io { path: path.clone(), source: e })?;
+            }
             count += 1;
         }
     }

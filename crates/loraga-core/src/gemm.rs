@@ -66,13 +66,13 @@ impl Gemm {
 }
 
 /// `c = alpha * op(a) op(b) + beta * c` on whichever backend holds the tensors (the CUDA backend
-/// uses its default path).
+/// uses `GemmPath::Auto`: the engine where it applies, else the naive kernel).
 pub fn gemm(g: &Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor) -> Result<()> {
     let d = g.dims(a.dims(), b.dims(), c.dims())?;
     match (a.storage(), b.storage(), c.storage_mut()) {
         (Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c)) => crate::cpu::gemm::gemm(g, d, a, b, c),
         (Storage::Cuda(a), Storage::Cuda(b), Storage::Cuda(c)) => {
-            crate::cuda::gemm::gemm(crate::cuda::GemmPath::Naive, g, d, a, b, c)
+            crate::cuda::gemm::gemm(crate::cuda::GemmPath::Auto, g, d, a, b, c)
         }
         _ => Err(Error::DeviceMismatch { op: "gemm", lhs: a.device().to_string(), rhs: b.device().to_string() }),
     }

@@ -25,6 +25,7 @@ struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: Arch,
+    sm_count: usize,
     name: String,
     cache: KernelCache,
     modules: Mutex<HashMap<&'static str, (Arc<CudaModule>, ModuleLoad)>>,
@@ -60,11 +61,15 @@ impl CudaDevice {
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(Error::cuda("cuDeviceGetAttribute"))?;
         let name = ctx.name().map_err(Error::cuda("cuDeviceGetName"))?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::cuda("cuDeviceGetAttribute"))? as usize;
         let stream = ctx.default_stream();
         Ok(CudaDevice(Arc::new(Inner {
             ctx,
             stream,
             arch: Arch::for_device(major as u32, minor as u32),
+            sm_count,
             name,
             cache,
             modules: Mutex::new(HashMap::new()),
@@ -83,6 +88,11 @@ impl CudaDevice {
     /// The architecture kernels are compiled for on this device.
     pub fn arch(&self) -> Arch {
         self.0.arch
+    }
+
+    /// Streaming multiprocessors: the grid size of persistent kernels.
+    pub fn sm_count(&self) -> usize {
+        self.0.sm_count
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

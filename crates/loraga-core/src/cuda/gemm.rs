@@ -1,9 +1,10 @@
-//! GEMM on the device, by the paths loraga compares: the naive kernel (`kernels/gemm_naive.cu`)
-//! and cuBLAS. The faster engine joins here as another path.
+//! GEMM on the device, by the paths loraga compares: the naive kernel (`kernels/gemm_naive.cu`),
+//! cuBLAS, and the Hopper engine (`kernels/gemm_sm90.cu`, see gemm_sm90.rs).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
+use super::gemm_sm90::{self, KSource};
 use super::storage::{CudaSlices, CudaStorage};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -17,6 +18,12 @@ pub enum GemmPath {
     /// cuBLAS `cublasGemmEx` with fp32 compute (CUBLAS_COMPUTE_32F: full fp32 for f32 operands,
     /// no TF32), the library baseline.
     Cublas,
+    /// The Hopper GEMM engine: bf16 operands, `x @ W^T` layout (trans_b), K % 8 == 0, sm_90a.
+    /// Anything else is an error naming the reason.
+    Engine,
+    /// The engine where it applies, else the naive kernel: correct everywhere, fast where the
+    /// engine covers the problem. The default of the CUDA backend.
+    Auto,
 }
 
 impl GemmPath {
@@ -24,6 +31,8 @@ impl GemmPath {
         match self {
             GemmPath::Naive => "naive",
             GemmPath::Cublas => "cublas",
+            GemmPath::Engine => "engine",
+            GemmPath::Auto => "auto",
         }
     }
 }
@@ -59,7 +68,29 @@ pub fn gemm(
     match path {
         GemmPath::Naive => naive(g, d, a, b, c),
         GemmPath::Cublas => cublas(g, d, a, b, c),
+        GemmPath::Engine => match engine_refusal(g, d, a, b, c) {
+            None => engine(g, d, a, b, c),
+            Some(why) => Err(Error::InvalidArgument(why)),
+        },
+        GemmPath::Auto => match engine_refusal(g, d, a, b, c) {
+            None => engine(g, d, a, b, c),
+            Some(_) => naive(g, d, a, b, c),
+        },
     }
+}
+
+fn engine_refusal(g: &Gemm, d: GemmDims, a: &CudaStorage, b: &CudaStorage, c: &CudaStorage) -> Option<String> {
+    if g.trans_a || !g.trans_b {
+        return Some(format!(
+            "the GEMM engine takes A [M, K] and B [N, K] (trans_a = false, trans_b = true), got trans_a = {}, trans_b = {}",
+            g.trans_a, g.trans_b
+        ));
+    }
+    gemm_sm90::unsupported(&[KSource { a, b, k: d.k }], d.m, d.n, c)
+}
+
+fn engine(g: &Gemm, d: GemmDims, a: &CudaStorage, b: &CudaStorage, c: &mut CudaStorage) -> Result<()> {
+    gemm_sm90::gemm(&[KSource { a, b, k: d.k }], d.m, d.n, c, g.alpha, g.beta)
 }
 
 /// Row and column strides of op(A) [M, K] and op(B) [K, N] for row-major storage.

@@ -5,6 +5,7 @@ pub mod arch;
 pub mod cache;
 pub mod device;
 pub mod gemm;
+pub mod gemm_sm90;
 pub mod kernels;
 pub mod libs;
 pub mod nvrtc;

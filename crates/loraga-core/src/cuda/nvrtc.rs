@@ -30,6 +30,12 @@ pub fn options(arch: Arch) -> Vec<String> {
 
 /// Compiles one kernel file for `arch` and returns the cubin.
 pub fn compile(src: &KernelSource, arch: Arch) -> Result<Vec<u8>> {
+    compile_with_log(src, arch, &[]).map(|(cubin, _)| cubin)
+}
+
+/// The same with extra NVRTC options (e.g. `--ptxas-options=-v` for the register and spill
+/// report), returning the compile log beside the cubin.
+pub fn compile_with_log(src: &KernelSource, arch: Arch, extra: &[&str]) -> Result<(Vec<u8>, String)> {
     libs::ensure_nvrtc()?;
     let include = libs::cuda_include_dir()?;
     let code = cstring(src.code);
@@ -41,6 +47,7 @@ pub fn compile(src: &KernelSource, arch: Arch) -> Result<Vec<u8>> {
 
     let mut opts = options(arch);
     opts.push(format!("--include-path={}", include.display()));
+    opts.extend(extra.iter().map(|o| o.to_string()));
     let opts: Vec<CString> = opts.iter().map(|o| cstring(o)).collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|c| c.as_ptr()).collect();
 
@@ -64,7 +71,7 @@ pub fn compile(src: &KernelSource, arch: Arch) -> Result<Vec<u8>> {
         let log = program.log().unwrap_or_else(|e| format!("(no log: {e})"));
         return Err(Error::KernelCompile { file: src.file.into(), arch: arch.to_string(), log });
     }
-    program.cubin()
+    Ok((program.cubin()?, program.log()?))
 }
 
 /// Owns an nvrtcProgram and destroys it on every path out.

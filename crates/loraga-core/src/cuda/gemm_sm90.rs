@@ -1,0 +1,163 @@
+//! Host side of the Hopper GEMM engine (`kernels/gemm_sm90.cu`): TMA tensor maps, the persistent
+//! launch, and the checks that keep a launch inside what the kernel handles.
+//!
+//! The engine computes `C = alpha * sum_i A_i B_i^T + beta * C` over one or two "K sources"
+//! (A_i [M, K_i], B_i [N, K_i], bf16, row-major), storing C [M, N] as bf16 or f32.
+
+use cudarc::driver::sys::{
+    self, CUfunction_attribute, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+    CUtensorMapL2promotion, CUtensorMapSwizzle,
+};
+use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::storage::{CudaSlices, CudaStorage};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+// Must match kernels/gemm_sm90.cu.
+const BM: usize = 128;
+const BN: usize = 256;
+const BK: usize = 64;
+const STAGES: usize = 4;
+const THREADS: u32 = 384;
+const SMEM_BYTES: usize = STAGES * (BM + BN) * BK * 2 + 2 * STAGES * 8 + 1024;
+
+/// A CUtensorMap: 128 opaque bytes the driver fills, handed to the kernel by value.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TmaDesc([u64; 16]);
+
+// SAFETY: plain bytes with the layout and alignment of the kernel's `TmaDesc` parameter.
+unsafe impl DeviceRepr for TmaDesc {}
+
+/// One operand pair of the K loop: A [m, k] and B [n, k], both bf16 row-major.
+pub struct KSource<'a> {
+    pub a: &'a CudaStorage,
+    pub b: &'a CudaStorage,
+    pub k: usize,
+}
+
+/// Why the engine cannot take a problem, or None if it can. Callers use this to choose a path.
+pub fn unsupported(sources: &[KSource], m: usize, n: usize, c: &CudaStorage) -> Option<String> {
+    if !c.device.arch().has_wgmma() {
+        return Some(format!("the GEMM engine needs sm_90a (wgmma); this device is {}", c.device.arch()));
+    }
+    if sources.is_empty() || sources.len() > 2 {
+        return Some(format!("the GEMM engine takes 1 or 2 K sources, got {}", sources.len()));
+    }
+    for (i, s) in sources.iter().enumerate() {
+        if s.a.dtype() != DType::BF16 || s.b.dtype() != DType::BF16 {
+            return Some(format!(
+                "K source {i}: the GEMM engine takes bf16 operands, got {} and {}",
+                s.a.dtype(),
+                s.b.dtype()
+            ));
+        }
+        if s.k % 8 != 0 {
+            return Some(format!("K source {i}: K = {} is not a multiple of 8 (TMA needs 16-byte rows)", s.k));
+        }
+        if s.a.len() != m * s.k || s.b.len() != n * s.k {
+            return Some(format!(
+                "K source {i}: buffers of {} and {} elements do not hold A [{m}, {}] and B [{n}, {}]",
+                s.a.len(),
+                s.b.len(),
+                s.k,
+                s.k
+            ));
+        }
+    }
+    if c.len() != m * n {
+        return Some(format!("C holds {} elements, not [{m}, {n}]", c.len()));
+    }
+    if m > i32::MAX as usize || n > i32::MAX as usize {
+        return Some(format!("[{m}, {n}] exceeds 32-bit dimensions"));
+    }
+    None
+}
+
+/// `c = alpha * sum_i a_i b_i^T + beta * c` on the engine.
+pub fn gemm(sources: &[KSource], m: usize, n: usize, c: &mut CudaStorage, alpha: f32, beta: f32) -> Result<()> {
+    if let Some(why) = unsupported(sources, m, n, c) {
+        return Err(Error::InvalidArgument(why));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dev = c.device.clone();
+    let stream = dev.stream();
+    let name = format!("gemm_sm90_bf16_{}", c.dtype());
+    let f = dev.function("gemm_sm90", &name)?;
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM_BYTES as i32)
+        .map_err(Error::cuda("cuFuncSetAttribute"))?;
+
+    let mut maps = Vec::with_capacity(4);
+    let mut k_tiles = [0i32; 2];
+    let mut guards = Vec::new();
+    for (i, s) in sources.iter().enumerate() {
+        let (pa, ga) = bf16_ptr(s.a, stream);
+        let (pb, gb) = bf16_ptr(s.b, stream);
+        guards.push(ga);
+        guards.push(gb);
+        maps.push(tensor_map(pa, m, s.k, BM)?);
+        maps.push(tensor_map(pb, n, s.k, BN)?);
+        k_tiles[i] = s.k.div_ceil(BK) as i32;
+    }
+    if sources.len() == 1 {
+        // The second source is empty (0 K tiles); its maps are never read but must be valid bytes.
+        maps.push(maps[0]);
+        maps.push(maps[1]);
+    }
+
+    let tiles = m.div_ceil(BM) * n.div_ceil(BN);
+    let grid = tiles.min(dev.sm_count()) as u32;
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
+    let (mi, ni, ldc) = (m as i32, n as i32, n as i64);
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&maps[0]).arg(&maps[1]).arg(&k_tiles[0]).arg(&maps[2]).arg(&maps[3]).arg(&k_tiles[1]);
+    match &mut c.slice {
+        CudaSlices::F32(z) => launch.arg(z),
+        CudaSlices::BF16(z) => launch.arg(z),
+    };
+    launch.arg(&mi).arg(&ni).arg(&ldc).arg(&alpha).arg(&beta);
+    // SAFETY: the arguments match gemm_sm90_bf16_<out>; the tensor maps describe live buffers
+    // whose sizes `unsupported` checked; the shared memory size matches the kernel's layout.
+    unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(gemm_sm90)"))?;
+    drop(guards);
+    Ok(())
+}
+
+fn bf16_ptr<'a>(s: &'a CudaStorage, stream: &'a cudarc::driver::CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
+    match &s.slice {
+        CudaSlices::BF16(x) => x.device_ptr(stream),
+        CudaSlices::F32(x) => x.device_ptr(stream),
+    }
+}
+
+/// The tensor map of a bf16 row-major [rows, cols] matrix read in boxes of `box_rows` x 64
+/// elements with 128-byte swizzle; out-of-bounds parts of a box read as zeros.
+fn tensor_map(ptr: u64, rows: usize, cols: usize, box_rows: usize) -> Result<TmaDesc> {
+    let mut map = TmaDesc([0; 16]);
+    let dims = [cols as u64, rows as u64];
+    let strides = [(cols * 2) as u64]; // bytes between rows; the innermost stride is implied
+    let boxes = [BK as u32, box_rows as u32];
+    let elem_strides = [1u32, 1];
+    // SAFETY: every pointer refers to a local array of the rank the call is told (2).
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            (&mut map as *mut TmaDesc).cast(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    r.result().map_err(Error::cuda("cuTensorMapEncodeTiled"))?;
+    Ok(map)
+}

@@ -1,0 +1,282 @@
+// GEMM engine for Hopper (sm_90a): bf16 operands, fp32 accumulation, the GEMM under every
+// hot loraga kernel.
+//
+//   C[m, n] = alpha * sum_k A[m, k] B[n, k]  +  beta * C[m, n]       ("NT": x @ W^T)
+//
+// with the K loop running over up to two operand pairs one after the other ("split K sources"):
+//   C = alpha * ([A1 | A2] [B1 | B2]^T) + beta * C  =  alpha * (A1 B1^T + A2 B2^T) + beta * C
+// so that the LoRA forward X W^T + (s X A^T) B^T is one GEMM over K1 + r.
+//
+// Layouts: A1 [M, K1], B1 [N, K1], A2 [M, K2], B2 [N, K2], all bf16 row-major (K-major), each
+// described by a TMA tensor map built on the host (gemm_engine.rs) with a 64-element (128-byte)
+// box width and 128-byte swizzle; rows must be 16-byte aligned (K % 8 == 0). C is row-major
+// [M, N] with leading dimension ldc, stored as bf16 or f32 (the kernel name's suffix). Ragged
+// M, N, K: TMA zero-fills the parts of a box outside the matrix, and stores are guarded. beta == 0
+// never reads C (BLAS semantics); beta == 1 with an f32 C is in-place accumulation.
+//
+// Structure (version 1):
+// - Persistent: one CTA per SM loops over 128 x 256 output tiles in a grouped order (GROUP_M
+//   tile-rows at a time) so that concurrently running tiles share A and B panels in L2.
+// - Warp-specialized: warpgroup 0 is the producer (one thread issues TMA loads into a 4-stage
+//   shared-memory ring, each stage guarded by a "full" and an "empty" mbarrier); warpgroups 1 and
+//   2 are consumers, each computing 64 x 256 of the tile with wgmma m64n256k16 and keeping one
+//   wgmma group in flight while releasing the previous stage.
+// - setmaxnreg moves registers from the producer (40) to the consumers (232): a consumer holds
+//   128 fp32 accumulators per thread.
+// - Epilogue straight from registers to global memory (pairs of columns per store).
+#include "common.cuh"
+
+// wgmma, setmaxnreg and TMA exist only on sm_90a. Other targets compile the entry points with a
+// trapping body, so every kernel file builds for every arch; the host never launches these there
+// (gemm_sm90.rs checks Arch::has_wgmma first).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LORAGA_SM90A 1
+#endif
+
+#define BM 128
+#define BN 256
+#define BK 64
+#define STAGES 4
+#define CONSUMERS 2
+#define THREADS (128 * (CONSUMERS + 1))
+#define GROUP_M 16
+
+// A CUtensorMap as the driver encodes it: 128 opaque bytes, passed by value.
+struct __align__(64) TmaDesc {
+    unsigned long long opaque[16];
+};
+
+#ifdef LORAGA_SM90A
+
+// Shared memory layout; the base is aligned to 1024 bytes by hand (128-byte swizzle needs it).
+struct Smem {
+    bf16 a[STAGES][BM * BK];
+    bf16 b[STAGES][BN * BK];
+    unsigned long long full[STAGES];
+    unsigned long long empty[STAGES];
+};
+#define STAGE_BYTES ((BM + BN) * BK * 2)
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Waits until the barrier's phase with this parity has completed.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n"
+            ".reg .pred p;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n"
+            "}\n"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+    }
+}
+
+// TMA: copies the box at (c0 = column, c1 = row) of the tensor map into shared memory and
+// signals `bar` with the number of bytes when done.
+__device__ __forceinline__ void tma_load(void* dst, const TmaDesc* map, unsigned long long* bar, int c0, int c1) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+        ::"r"(smem_addr(dst)), "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+        : "memory");
+}
+
+// wgmma shared-memory descriptor for a K-major tile with 128-byte swizzle: 8-row core-matrix
+// groups are 1024 bytes apart (stride byte offset); the leading byte offset is unused (1).
+__device__ __forceinline__ unsigned long long smem_desc(const bf16* p) {
+    unsigned long long addr = smem_addr(p);
+    return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+
+// Keeps the compiler from moving accumulator reads or writes across the asynchronous MMAs.
+__device__ __forceinline__ void fence_accumulators(float* d) {
+#pragma unroll
+    for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// One m64n256k16 warpgroup MMA: d[64 x 256] += A[64 x 16] B[256 x 16]^T, both from shared
+// memory, K-major, 128-byte swizzled. d is this thread's 128-register slice of the accumulator.
+__device__ __forceinline__ void wgmma_m64n256k16(float* d, unsigned long long desc_a, unsigned long long desc_b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred accumulate;\n"
+        "setp.eq.u32 accumulate, 1, 1;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, accumulate, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b));
+}
+
+// Tile t of the grouped order -> (tile row, tile column).
+__device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int& tm, int& tn) {
+    int per_group = GROUP_M * tiles_n;
+    int first_m = (t / per_group) * GROUP_M;
+    int rows = min(tiles_m - first_m, GROUP_M);
+    int in_group = t % per_group;
+    tm = first_m + in_group % rows;
+    tn = in_group / rows;
+}
+
+template <typename Tout>
+__device__ __forceinline__ void store_pair(Tout* C, int M, int N, i64 ldc, int r, int c, float v0, float v1, float alpha, float beta) {
+    if (r >= M) return;
+    Tout* p = C + r * ldc + c;
+    if (c + 1 < N) {
+        float o0 = alpha * v0, o1 = alpha * v1;
+        if (beta != 0.0f) {
+            o0 += beta * to_f32(p[0]);
+            o1 += beta * to_f32(p[1]);
+        }
+        p[0] = from_f32<Tout>(o0);
+        p[1] = from_f32<Tout>(o1);
+    } else if (c < N) {
+        float o0 = alpha * v0;
+        if (beta != 0.0f) o0 += beta * to_f32(p[0]);
+        p[0] = from_f32<Tout>(o0);
+    }
+}
+
+template <typename Tout>
+__device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, const TmaDesc* ta2,
+                          const TmaDesc* tb2, int k2_tiles, Tout* C, int M, int N, i64 ldc, float alpha,
+                          float beta) {
+    extern __shared__ unsigned char smem_raw[];
+    Smem& s = *reinterpret_cast<Smem*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+
+    const int wg = threadIdx.x / 128;
+    const int tiles_m = ceil_div(M, BM), tiles_n = ceil_div(N, BN);
+    const int tiles = tiles_m * tiles_n;
+    const int k_tiles = k1_tiles + k2_tiles;
+
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < STAGES; ++i) {
+            mbar_init(&s.full[i], 1);
+            mbar_init(&s.empty[i], CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (threadIdx.x != 0) return;
+        int it = 0;
+        for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+            int tm, tn;
+            tile_coords(t, tiles_m, tiles_n, tm, tn);
+            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                int st = it % STAGES;
+                if (it >= STAGES) mbar_wait(&s.empty[st], ((it / STAGES) - 1) & 1);
+                mbar_expect_tx(&s.full[st], STAGE_BYTES);
+                bool first = kt < k1_tiles;
+                int k = (first ? kt : kt - k1_tiles) * BK;
+                tma_load(s.a[st], first ? ta1 : ta2, &s.full[st], k, tm * BM);
+                tma_load(s.b[st], first ? tb1 : tb2, &s.full[st], k, tn * BN);
+            }
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int c = wg - 1;  // this consumer's 64-row half of the tile
+    const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+    float d[128];
+    int it = 0;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        int tm, tn;
+        tile_coords(t, tiles_m, tiles_n, tm, tn);
+#pragma unroll
+        for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+        int prev = -1;
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+            int st = it % STAGES;
+            mbar_wait(&s.full[st], (it / STAGES) & 1);
+            fence_accumulators(d);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk)
+                wgmma_m64n256k16(d, smem_desc(s.a[st] + c * 64 * BK + kk * 16), smem_desc(s.b[st] + kk * 16));
+            wgmma_commit();
+            // Keep this k-tile's MMAs in flight; the previous ones are done, so release their stage.
+            wgmma_wait<1>();
+            fence_accumulators(d);
+            if (prev >= 0 && threadIdx.x % 128 == 0) mbar_arrive(&s.empty[prev]);
+            prev = st;
+        }
+        wgmma_wait<0>();
+        fence_accumulators(d);
+        if (prev >= 0 && threadIdx.x % 128 == 0) mbar_arrive(&s.empty[prev]);
+
+        // Accumulator fragment of m64nNk16: register 4g + j holds row (16 warp + lane/4 + 8 (j/2)),
+        // column (8 g + 2 (lane % 4) + j % 2).
+        const int r0 = tm * BM + c * 64 + warp * 16 + lane / 4;
+#pragma unroll
+        for (int g = 0; g < BN / 8; ++g) {
+            int col = tn * BN + g * 8 + 2 * (lane % 4);
+            store_pair(C, M, N, ldc, r0, col, d[4 * g + 0], d[4 * g + 1], alpha, beta);
+            store_pair(C, M, N, ldc, r0 + 8, col, d[4 * g + 2], d[4 * g + 3], alpha, beta);
+        }
+    }
+}
+
+#else
+template <typename Tout>
+__device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, const TmaDesc*, int, Tout*, int, int,
+                          i64, float, float) {
+    __trap();
+}
+#endif  // LORAGA_SM90A
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                    const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                    bf16* C, int M, int N, i64 ldc, float alpha, float beta) {
+    gemm_sm90(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, C, M, N, ldc, alpha, beta);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                   const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                   float* C, int M, int N, i64 ldc, float alpha, float beta) {
+    gemm_sm90(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, C, M, N, ldc, alpha, beta);
+}
