@@ -17,13 +17,16 @@
 // Structure (version 1):
 // - Persistent: one CTA per SM loops over 128 x 256 output tiles in a grouped order (GROUP_M
 //   tile-rows at a time) so that concurrently running tiles share A and B panels in L2.
-// - Warp-specialized: warpgroup 0 is the producer (one thread issues TMA loads into a 4-stage
+// - Warp-specialized: warpgroup 0 is the producer (one thread issues TMA loads into a 3-stage
 //   shared-memory ring, each stage guarded by a "full" and an "empty" mbarrier); warpgroups 1 and
 //   2 are consumers, each computing 64 x 256 of the tile with wgmma m64n256k16 and keeping one
 //   wgmma group in flight while releasing the previous stage.
 // - setmaxnreg moves registers from the producer (40) to the consumers (232): a consumer holds
 //   128 fp32 accumulators per thread.
-// - Epilogue straight from registers to global memory (pairs of columns per store).
+// - Epilogue: for a bf16 output with beta == 0 (activations), registers -> swizzled shared
+//   memory -> TMA store, which overlaps the store with the next tile's MMAs; otherwise (f32
+//   output, beta != 0, N % 8 != 0) straight from registers to global memory, a pair of columns
+//   per store, reading C where beta needs it.
 #include "common.cuh"
 
 // wgmma, setmaxnreg and TMA exist only on sm_90a. Other targets compile the entry points with a
@@ -36,7 +39,7 @@
 #define BM 128
 #define BN 256
 #define BK 64
-#define STAGES 4
+#define STAGES 3
 #define CONSUMERS 2
 #define THREADS (128 * (CONSUMERS + 1))
 #define GROUP_M 16
@@ -52,6 +55,9 @@ struct __align__(64) TmaDesc {
 struct Smem {
     bf16 a[STAGES][BM * BK];
     bf16 b[STAGES][BN * BK];
+    // The bf16 output tile on its way out through TMA: BN / 64 column slabs of [BM][64], each
+    // 128-byte swizzled like the operands so that the fragment writes are free of bank conflicts.
+    bf16 c[BN / 64][BM * 64];
     unsigned long long full[STAGES];
     unsigned long long empty[STAGES];
 };
@@ -97,6 +103,21 @@ __device__ __forceinline__ void tma_load(void* dst, const TmaDesc* map, unsigned
         ::"r"(smem_addr(dst)), "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
         : "memory");
 }
+
+// TMA store of a shared-memory box to (c0 = column, c1 = row) of the tensor map; rows and
+// columns outside the matrix are not written. Completion is tracked per thread in bulk groups.
+__device__ __forceinline__ void tma_store(const TmaDesc* map, const void* src, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
+                 ::"l"(map), "r"(smem_addr(src)), "r"(c0), "r"(c1)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Waits until this thread's earlier TMA stores have read their shared memory (it may be reused).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// Waits until this thread's earlier TMA stores are complete in global memory.
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// Barrier over one consumer warpgroup (ids 1.. ; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_sync(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
 
 // wgmma shared-memory descriptor for a K-major tile with 128-byte swizzle: 8-row core-matrix
 // groups are 1024 bytes apart (stride byte offset); the leading byte offset is unused (1).
@@ -177,8 +198,8 @@ __device__ __forceinline__ void store_pair(Tout* C, int M, int N, i64 ldc, int r
 
 template <typename Tout>
 __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, const TmaDesc* ta2,
-                          const TmaDesc* tb2, int k2_tiles, Tout* C, int M, int N, i64 ldc, float alpha,
-                          float beta) {
+                          const TmaDesc* tb2, int k2_tiles, const TmaDesc* tc, int tma_store_c, Tout* C, int M,
+                          int N, i64 ldc, float alpha, float beta) {
     extern __shared__ unsigned char smem_raw[];
     Smem& s = *reinterpret_cast<Smem*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
 
@@ -249,20 +270,49 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
 
         // Accumulator fragment of m64nNk16: register 4g + j holds row (16 warp + lane/4 + 8 (j/2)),
         // column (8 g + 2 (lane % 4) + j % 2).
-        const int r0 = tm * BM + c * 64 + warp * 16 + lane / 4;
+        if (tma_store_c) {
+            // bf16 output, beta == 0: stage the tile in shared memory and let TMA write it, so the
+            // warpgroup goes on to the next tile's MMAs while the copy engine stores this one.
+            if (threadIdx.x % 128 == 0) bulk_wait_read();  // the previous tile's store is out of smem
+            warpgroup_sync(1 + c);
+            const int lr = c * 64 + warp * 16 + lane / 4;  // row within the tile
 #pragma unroll
-        for (int g = 0; g < BN / 8; ++g) {
-            int col = tn * BN + g * 8 + 2 * (lane % 4);
-            store_pair(C, M, N, ldc, r0, col, d[4 * g + 0], d[4 * g + 1], alpha, beta);
-            store_pair(C, M, N, ldc, r0 + 8, col, d[4 * g + 2], d[4 * g + 3], alpha, beta);
+            for (int g = 0; g < BN / 8; ++g) {
+                // Column 8g + 2 (lane % 4) lives in slab g / 8, 16-byte chunk g % 8, swizzled by row.
+                bf16* slab = s.c[g / 8];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    int row = lr + 8 * h;
+                    int chunk = (g % 8) ^ (row % 8);
+                    __nv_bfloat162 v = __floats2bfloat162_rn(alpha * d[4 * g + 2 * h], alpha * d[4 * g + 2 * h + 1]);
+                    *reinterpret_cast<__nv_bfloat162*>(slab + row * 64 + chunk * 8 + 2 * (lane % 4)) = v;
+                }
+            }
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // make the writes visible to TMA
+            warpgroup_sync(1 + c);
+            if (threadIdx.x % 128 == 0) {
+#pragma unroll
+                for (int j = 0; j < BN / 64; ++j) tma_store(tc, s.c[j] + c * 64 * 64, tn * BN + 64 * j, tm * BM + c * 64);
+                bulk_commit();
+            }
+        } else {
+            const int r0 = tm * BM + c * 64 + warp * 16 + lane / 4;
+#pragma unroll
+            for (int g = 0; g < BN / 8; ++g) {
+                int col = tn * BN + g * 8 + 2 * (lane % 4);
+                store_pair(C, M, N, ldc, r0, col, d[4 * g + 0], d[4 * g + 1], alpha, beta);
+                store_pair(C, M, N, ldc, r0 + 8, col, d[4 * g + 2], d[4 * g + 3], alpha, beta);
+            }
         }
     }
+    // Shared memory must outlive the last TMA store that reads it.
+    if (threadIdx.x % 128 == 0) bulk_wait_all();
 }
 
 #else
 template <typename Tout>
-__device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, const TmaDesc*, int, Tout*, int, int,
-                          i64, float, float) {
+__device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, const TmaDesc*, int, const TmaDesc*,
+                          int, Tout*, int, int, i64, float, float) {
     __trap();
 }
 #endif  // LORAGA_SM90A
@@ -270,13 +320,15 @@ __device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, c
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                     const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                    const __grid_constant__ TmaDesc tc, int tma_store_c,
                     bf16* C, int M, int N, i64 ldc, float alpha, float beta) {
-    gemm_sm90(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, C, M, N, ldc, alpha, beta);
+    gemm_sm90(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                    const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                   const __grid_constant__ TmaDesc tc, int tma_store_c,
                    float* C, int M, int N, i64 ldc, float alpha, float beta) {
-    gemm_sm90(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, C, M, N, ldc, alpha, beta);
+    gemm_sm90(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
 }
