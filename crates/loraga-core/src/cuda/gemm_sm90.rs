@@ -112,7 +112,7 @@ pub fn gemm(sources: &[KSource], m: usize, n: usize, c: &mut CudaStorage, alpha:
     // bf16 output without beta leaves through TMA (overlapped with the next tile); the rest is
     // stored from registers. TMA needs 16-byte rows, so N % 8 == 0.
     let (c_map, tma_store_c) = match &c.slice {
-        CudaSlices::BF16(x) if beta == 0.0 && n % 8 == 0 => {
+        CudaSlices::BF16(x) if beta == 0.0 && n.is_multiple_of(8) => {
             // The read guard records nothing: event tracking is off (one stream per device).
             let (pc, _) = x.device_ptr(stream);
             (tensor_map(pc, m, n, 64)?, 1i32)
