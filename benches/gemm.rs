@@ -36,6 +36,7 @@ fn main() {
     // (M, N, K, paths): the naive kernel only where issue 2 asks for it (it is ~50x slower).
     let all = [GemmPath::Cublas, GemmPath::Engine, GemmPath::Naive];
     let fast = [GemmPath::Cublas, GemmPath::Engine];
+    let nt = Gemm { trans_b: true, ..Gemm::default() };
     let shapes: [(usize, usize, usize, &[GemmPath]); 5] = [
         (4096, 4096, 4096, &all),
         (8192, 8192, 8192, &all),
@@ -44,8 +45,15 @@ fn main() {
         (8192, 4096, 11008, &fast),
     ];
     for (m, n, k, paths) in shapes {
-        bench.paths(&mut criterion, &mut rows, m, n, k, paths);
+        bench.paths(&mut criterion, &mut rows, m, n, k, nt, DType::BF16, paths);
     }
+    // The backward's layouts: dX = dY W (plain B) and dW = dY^T X (A transposed), the latter also
+    // accumulated in place into an fp32 gradient (beta = 1), as LoRA-GA's estimation does.
+    let nn = Gemm::default();
+    let tn = Gemm { trans_a: true, ..Gemm::default() };
+    bench.paths(&mut criterion, &mut rows, 8192, 4096, 4096, nn, DType::BF16, &fast);
+    bench.paths(&mut criterion, &mut rows, 4096, 4096, 8192, tn, DType::BF16, &fast);
+    bench.paths(&mut criterion, &mut rows, 4096, 4096, 8192, Gemm { beta: 1.0, ..tn }, DType::F32, &fast);
     bench.split_k(&mut criterion, &mut rows, 8192, 4096, 4096, 16);
     criterion.final_summary();
     summary::emit(
@@ -68,26 +76,38 @@ impl Bench {
         Tensor::from_cpu(v, [rows, cols].into(), &self.device).unwrap()
     }
 
-    /// Three operand sets of A [m, k] and B [n, k].
+    /// Three operand sets of A [m, k] and B [n, k] (the x @ W^T layout).
     fn sets(&mut self, m: usize, n: usize, k: usize) -> Vec<(Tensor, Tensor)> {
         (0..3).map(|_| (self.bf16(m, k), self.bf16(n, k))).collect()
     }
 
-    fn paths(&mut self, c: &mut Criterion, rows: &mut Vec<Row>, m: usize, n: usize, k: usize, paths: &[GemmPath]) {
-        let sets = self.sets(m, n, k);
-        let mut out = Tensor::zeros([m, n], DType::BF16, &self.device).unwrap();
-        let g = Gemm { trans_b: true, ..Gemm::default() };
-        let problem = format!("{m}x{n}x{k}");
-        let mut group = group(c, &format!("gemm_bf16_{problem}"), 2.0 * (m * n * k) as f64);
+    #[allow(clippy::too_many_arguments)]
+    fn paths(
+        &mut self,
+        c: &mut Criterion,
+        rows: &mut Vec<Row>,
+        m: usize,
+        n: usize,
+        k: usize,
+        g: Gemm,
+        out: DType,
+        paths: &[GemmPath],
+    ) {
+        let a_dims = if g.trans_a { (k, m) } else { (m, k) };
+        let b_dims = if g.trans_b { (n, k) } else { (k, n) };
+        let sets: Vec<_> = (0..3).map(|_| (self.bf16(a_dims.0, a_dims.1), self.bf16(b_dims.0, b_dims.1))).collect();
+        let mut c_out = Tensor::zeros([m, n], out, &self.device).unwrap();
+        let layout = format!("{}{}", if g.trans_a { "T" } else { "N" }, if g.trans_b { "T" } else { "N" });
+        let accumulate = if g.beta != 0.0 { ", C += (f32)" } else { "" };
+        let problem = format!("{m}x{n}x{k} {layout}{accumulate}");
+        let flops = 2.0 * (m * n * k) as f64;
+        let mut group =
+            group(c, &format!("gemm_bf16_{m}x{n}x{k}_{layout}{}", if g.beta != 0.0 { "_acc" } else { "" }), flops);
         for &path in paths {
-            let ms =
-                measure(&self.dev, &mut group, path.name(), |i| gemm_cuda(path, &g, &sets[i].0, &sets[i].1, &mut out));
-            rows.push(Row {
-                problem: problem.clone(),
-                implementation: path.name().into(),
-                median_ms: ms,
-                flops: 2.0 * (m * n * k) as f64,
+            let ms = measure(&self.dev, &mut group, path.name(), |i| {
+                gemm_cuda(path, &g, &sets[i].0, &sets[i].1, &mut c_out)
             });
+            rows.push(Row { problem: problem.clone(), implementation: path.name().into(), median_ms: ms, flops });
         }
         group.finish();
     }
@@ -114,7 +134,7 @@ impl Bench {
             let (x, w, u, b) = &parts[i];
             let sources = [KSource { a: cuda(x), b: cuda(w), k }, KSource { a: cuda(u), b: cuda(b), k: r }];
             let Storage::Cuda(o) = out.storage_mut() else { unreachable!() };
-            gemm_sm90::gemm(&sources, m, n, o, 1.0, 0.0)
+            gemm_sm90::gemm(&g, &sources, m, n, o)
         });
         rows.push(Row { problem, implementation: "engine two sources".into(), median_ms: ms, flops });
         group.finish();

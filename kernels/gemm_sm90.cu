@@ -1,15 +1,22 @@
 // GEMM engine for Hopper (sm_90a): bf16 operands, fp32 accumulation, the GEMM under every
 // hot loraga kernel.
 //
-//   C[m, n] = alpha * sum_k A[m, k] B[n, k]  +  beta * C[m, n]       ("NT": x @ W^T)
+//   C[m, n] = alpha * sum_k opA[m, k] opB[k, n]  +  beta * C[m, n]
 //
 // with the K loop running over up to two operand pairs one after the other ("split K sources"):
-//   C = alpha * ([A1 | A2] [B1 | B2]^T) + beta * C  =  alpha * (A1 B1^T + A2 B2^T) + beta * C
-// so that the LoRA forward X W^T + (s X A^T) B^T is one GEMM over K1 + r.
+//   C = alpha * ([A1 | A2] [B1 | B2]) + beta * C  =  alpha * (A1 B1 + A2 B2) + beta * C
+// so that the LoRA forward X W^T + (s X A^T) B^T is one GEMM over K1 + r, and likewise the
+// backward dY W + (s dY B) A.
 //
-// Layouts: A1 [M, K1], B1 [N, K1], A2 [M, K2], B2 [N, K2], all bf16 row-major (K-major), each
-// described by a TMA tensor map built on the host (gemm_engine.rs) with a 64-element (128-byte)
-// box width and 128-byte swizzle; rows must be 16-byte aligned (K % 8 == 0). C is row-major
+// Layouts (all bf16 row-major in memory; the entry name gemm_sm90_<ta><tb>_bf16_<out> says which):
+//   nt: A [M, K], B [N, K]   (opB = B^T: x @ W^T)       both operands K-major
+//   nn: A [M, K], B [K, N]   (dY @ W)                    B MN-major
+//   tn: A [K, M], B [K, N]   (dY^T @ X, weight gradient)  both MN-major
+//   tt: A [K, M], B [N, K]                               A MN-major
+// Each operand is described by a TMA tensor map built on the host (gemm_sm90.rs) with 128-byte
+// swizzle: K-major operands in boxes of 64 K x rows, MN-major ones in boxes of 64 MN x 64 K (one
+// 128-byte "stripe" per box, the layout wgmma reads with its transpose bit set). The contiguous
+// dimension of every operand must have 16-byte rows (a multiple of 8 elements). C is row-major
 // [M, N] with leading dimension ldc, stored as bf16 or f32 (the kernel name's suffix). Ragged
 // M, N, K: TMA zero-fills the parts of a box outside the matrix, and stores are guarded. beta == 0
 // never reads C (BLAS semantics); beta == 1 with an f32 C is in-place accumulation.
@@ -119,12 +126,19 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 // Barrier over one consumer warpgroup (ids 1.. ; 0 is __syncthreads).
 __device__ __forceinline__ void warpgroup_sync(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
 
-// wgmma shared-memory descriptor for a K-major tile with 128-byte swizzle: 8-row core-matrix
-// groups are 1024 bytes apart (stride byte offset); the leading byte offset is unused (1).
-__device__ __forceinline__ unsigned long long smem_desc(const bf16* p) {
+// wgmma shared-memory descriptors, 128-byte swizzle. Bits: start address >> 4, leading byte
+// offset >> 4 at 16, stride byte offset >> 4 at 32, swizzle mode at 62.
+__device__ __forceinline__ unsigned long long smem_desc(const bf16* p, unsigned lbo, unsigned sbo) {
     unsigned long long addr = smem_addr(p);
-    return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+    return ((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32) |
+           (1ull << 62);
 }
+// K-major tile (rows of 64 K elements = 128 bytes): 8-row groups are 1024 bytes apart; the
+// leading offset is unused (1 unit).
+__device__ __forceinline__ unsigned long long desc_k_major(const bf16* p) { return smem_desc(p, 16, 1024); }
+// MN-major tile stored as 128-byte stripes of 64 MN elements x BK rows of K: the next stripe
+// along MN is BK * 128 bytes on (leading offset), the next 8 K rows 1024 bytes (stride offset).
+__device__ __forceinline__ unsigned long long desc_mn_major(const bf16* p) { return smem_desc(p, BK * 128, 1024); }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -137,8 +151,10 @@ __device__ __forceinline__ void fence_accumulators(float* d) {
     for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// One m64n256k16 warpgroup MMA: d[64 x 256] += A[64 x 16] B[256 x 16]^T, both from shared
-// memory, K-major, 128-byte swizzled. d is this thread's 128-register slice of the accumulator.
+// One m64n256k16 warpgroup MMA: d[64 x 256] += A[64 x 16] B[16 x 256], both from shared
+// memory, 128-byte swizzled. d is this thread's 128-register slice of the accumulator.
+// TRANS_A / TRANS_B = 1 read that operand MN-major.
+template <int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n256k16(float* d, unsigned long long desc_a, unsigned long long desc_b) {
     asm volatile(
         "{\n"
@@ -146,7 +162,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, unsigned long long de
         "setp.eq.u32 accumulate, 1, 1;\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-        "%128, %129, accumulate, 1, 1, 0, 0;\n"
+        "%128, %129, accumulate, 1, 1, %130, %131;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -164,7 +180,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, unsigned long long de
           "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
           "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(desc_a), "l"(desc_b));
+        : "l"(desc_a), "l"(desc_b), "n"(TRANS_A), "n"(TRANS_B));
 }
 
 // Tile t of the grouped order -> (tile row, tile column).
@@ -196,7 +212,7 @@ __device__ __forceinline__ void store_pair(Tout* C, int M, int N, i64 ldc, int r
     }
 }
 
-template <typename Tout>
+template <bool A_MN, bool B_MN, typename Tout>
 __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, const TmaDesc* ta2,
                           const TmaDesc* tb2, int k2_tiles, const TmaDesc* tc, int tma_store_c, Tout* C, int M,
                           int N, i64 ldc, float alpha, float beta) {
@@ -231,8 +247,20 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
                 mbar_expect_tx(&s.full[st], STAGE_BYTES);
                 bool first = kt < k1_tiles;
                 int k = (first ? kt : kt - k1_tiles) * BK;
-                tma_load(s.a[st], first ? ta1 : ta2, &s.full[st], k, tm * BM);
-                tma_load(s.b[st], first ? tb1 : tb2, &s.full[st], k, tn * BN);
+                const TmaDesc* ta = first ? ta1 : ta2;
+                const TmaDesc* tb = first ? tb1 : tb2;
+                if (A_MN) {
+#pragma unroll
+                    for (int j = 0; j < BM / 64; ++j) tma_load(s.a[st] + j * 64 * BK, ta, &s.full[st], tm * BM + 64 * j, k);
+                } else {
+                    tma_load(s.a[st], ta, &s.full[st], k, tm * BM);
+                }
+                if (B_MN) {
+#pragma unroll
+                    for (int j = 0; j < BN / 64; ++j) tma_load(s.b[st] + j * 64 * BK, tb, &s.full[st], tn * BN + 64 * j, k);
+                } else {
+                    tma_load(s.b[st], tb, &s.full[st], k, tn * BN);
+                }
             }
         }
         return;
@@ -255,8 +283,14 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
             fence_accumulators(d);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk)
-                wgmma_m64n256k16(d, smem_desc(s.a[st] + c * 64 * BK + kk * 16), smem_desc(s.b[st] + kk * 16));
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                // This consumer's 64 rows of A are rows c*64.. of a K-major tile, or stripe c of an
+                // MN-major one; each k16 step moves 16 elements along K.
+                unsigned long long da = A_MN ? desc_mn_major(s.a[st] + c * 64 * BK + kk * 16 * 64)
+                                             : desc_k_major(s.a[st] + c * 64 * BK + kk * 16);
+                unsigned long long db = B_MN ? desc_mn_major(s.b[st] + kk * 16 * 64) : desc_k_major(s.b[st] + kk * 16);
+                wgmma_m64n256k16<A_MN, B_MN>(d, da, db);
+            }
             wgmma_commit();
             // Keep this k-tile's MMAs in flight; the previous ones are done, so release their stage.
             wgmma_wait<1>();
@@ -310,25 +344,75 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
 }
 
 #else
-template <typename Tout>
+template <bool A_MN, bool B_MN, typename Tout>
 __device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, const TmaDesc*, int, const TmaDesc*,
                           int, Tout*, int, int, i64, float, float) {
     __trap();
 }
 #endif  // LORAGA_SM90A
 
+// One entry point per layout (see the top) and output type.
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                    const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                    const __grid_constant__ TmaDesc tc, int tma_store_c,
-                    bf16* C, int M, int N, i64 ldc, float alpha, float beta) {
-    gemm_sm90(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+gemm_sm90_nt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                       const __grid_constant__ TmaDesc tc, int tma_store_c, bf16* C, int M, int N, i64 ldc, float alpha,
+                       float beta) {
+    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                   const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                   const __grid_constant__ TmaDesc tc, int tma_store_c,
-                   float* C, int M, int N, i64 ldc, float alpha, float beta) {
-    gemm_sm90(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+gemm_sm90_nt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                      const __grid_constant__ TmaDesc tc, int tma_store_c, float* C, int M, int N, i64 ldc, float alpha,
+                      float beta) {
+    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_nn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                       const __grid_constant__ TmaDesc tc, int tma_store_c, bf16* C, int M, int N, i64 ldc, float alpha,
+                       float beta) {
+    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_nn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                      const __grid_constant__ TmaDesc tc, int tma_store_c, float* C, int M, int N, i64 ldc, float alpha,
+                      float beta) {
+    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_tn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                       const __grid_constant__ TmaDesc tc, int tma_store_c, bf16* C, int M, int N, i64 ldc, float alpha,
+                       float beta) {
+    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_tn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                      const __grid_constant__ TmaDesc tc, int tma_store_c, float* C, int M, int N, i64 ldc, float alpha,
+                      float beta) {
+    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_tt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                       const __grid_constant__ TmaDesc tc, int tma_store_c, bf16* C, int M, int N, i64 ldc, float alpha,
+                       float beta) {
+    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_tt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                      const __grid_constant__ TmaDesc tc, int tma_store_c, float* C, int M, int N, i64 ldc, float alpha,
+                      float beta) {
+    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
 }

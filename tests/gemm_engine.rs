@@ -18,39 +18,59 @@ fn gpu() -> Device {
     Device::Cuda(CudaDevice::new(0).expect("this test needs a CUDA GPU"))
 }
 
+/// Ragged M, N and K; most shapes are aligned for every layout (M, N, K multiples of 8) but not
+/// for the tiles (128 x 256 x 64), and a few are not aligned for some layouts.
 const SHAPES: &[(usize, usize, usize)] = &[
-    (1, 1, 8),
+    (8, 8, 8),
     (128, 256, 64),
-    (129, 257, 72),
-    (300, 70, 520),
+    (136, 264, 72),
+    (304, 72, 520),
     (1000, 600, 8),
-    (77, 1031, 1000),
+    (80, 1032, 1000),
     (2048, 2304, 1024),
-    (517, 4096, 136),
+    (520, 4096, 136),
+    (129, 257, 72),
+    (77, 1031, 1000),
+    (1, 1, 8),
 ];
+
+/// Every layout: (trans_a, trans_b) as in `Gemm`.
+const LAYOUTS: [(bool, bool); 4] = [(false, true), (false, false), (true, false), (true, true)];
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn engine_matches_f64_reference() {
+fn engine_matches_f64_reference_in_every_layout() {
     let dev = gpu();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xe9);
-    let gemms = [
-        Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 },
-        Gemm { trans_a: false, trans_b: true, alpha: 0.75, beta: 1.0 },
-        Gemm { trans_a: false, trans_b: true, alpha: -2.0, beta: 0.5 },
-    ];
-    for (dout, bound) in [(DType::F32, 1e-5), (DType::BF16, 4e-3)] {
-        for g in gemms {
-            for &(m, n, k) in SHAPES {
-                let p = problem(&mut rng, GemmDims { m, n, k }, g, DType::BF16);
-                let (a, b) = p.operands(&dev);
-                let mut c = p.output(&dev, dout);
-                gemm_cuda(GemmPath::Engine, &g, &a, &b, &mut c).unwrap();
-                let err = rel_error(&c.to_f32_vec().unwrap(), &p.reference);
-                assert!(err <= bound, "bf16->{dout} {g:?} ({m}, {n}, {k}): rel. error {err:.2e} > {bound:.0e}");
+    let mut checked = 0;
+    for (trans_a, trans_b) in LAYOUTS {
+        let gemms = [
+            Gemm { trans_a, trans_b, alpha: 1.0, beta: 0.0 },
+            Gemm { trans_a, trans_b, alpha: 0.75, beta: 1.0 },
+            Gemm { trans_a, trans_b, alpha: -2.0, beta: 0.5 },
+        ];
+        for (dout, bound) in [(DType::F32, 1e-5), (DType::BF16, 4e-3)] {
+            for g in gemms {
+                for &(m, n, k) in SHAPES {
+                    let p = problem(&mut rng, GemmDims { m, n, k }, g, DType::BF16);
+                    let (a, b) = p.operands(&dev);
+                    let mut c = p.output(&dev, dout);
+                    // The contiguous dimension of each operand must be a multiple of 8.
+                    let aligned = [(k, !trans_a || trans_b), (m, trans_a), (n, !trans_b)];
+                    if aligned.iter().any(|&(v, applies)| applies && v % 8 != 0) {
+                        let e = gemm_cuda(GemmPath::Engine, &g, &a, &b, &mut c).unwrap_err().to_string();
+                        assert!(e.contains("not a multiple of 8"), "{e}");
+                        continue;
+                    }
+                    gemm_cuda(GemmPath::Engine, &g, &a, &b, &mut c).unwrap();
+                    let err = rel_error(&c.to_f32_vec().unwrap(), &p.reference);
+                    assert!(err <= bound, "bf16->{dout} {g:?} ({m}, {n}, {k}): rel. error {err:.2e} > {bound:.0e}");
+                    checked += 1;
+                }
             }
         }
     }
+    assert!(checked >= 4 * 6 * 6, "only {checked} engine cases ran");
 }
 
 #[test]
@@ -92,27 +112,30 @@ fn cuda(t: &Tensor) -> &CudaStorage {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn two_k_sources_equal_the_concatenated_gemm() {
-    // [X | U] [W | B]^T = X W^T + U B^T, with a ragged first K so the sources meet mid-tile.
+    // The LoRA forward [X | U] [W | B]^T (trans_b) and backward [dY | V] [W ; A] (plain B), with a
+    // ragged first K so the sources meet mid-tile.
     let dev = gpu();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for &(m, n, k1, k2) in &[(300, 520, 200, 16), (1024, 768, 4096, 64), (65, 257, 8, 128)] {
-        let (x, x64) = bf16_tensor(&mut rng, m, k1, &dev);
-        let (w, w64) = bf16_tensor(&mut rng, n, k1, &dev);
-        let (u, u64_) = bf16_tensor(&mut rng, m, k2, &dev);
-        let (bm, b64) = bf16_tensor(&mut rng, n, k2, &dev);
-        let mut reference = vec![0.0f64; m * n];
-        let nt = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
-        let d = |k| GemmDims { m, n, k };
-        loraga_core::cpu::gemm::gemm_f64(&nt, d(k1), &x64, &w64, &mut reference);
-        let nt_acc = Gemm { beta: 1.0, ..nt };
-        loraga_core::cpu::gemm::gemm_f64(&nt_acc, d(k2), &u64_, &b64, &mut reference);
+    for trans_b in [true, false] {
+        for &(m, n, k1, k2) in &[(300, 520, 200, 16), (1024, 768, 4096, 64), (65, 256, 8, 128)] {
+            let b_dims = |k: usize| if trans_b { (n, k) } else { (k, n) };
+            let (x, x64) = bf16_tensor(&mut rng, m, k1, &dev);
+            let (w, w64) = bf16_tensor(&mut rng, b_dims(k1).0, b_dims(k1).1, &dev);
+            let (u, u64_) = bf16_tensor(&mut rng, m, k2, &dev);
+            let (bm, b64) = bf16_tensor(&mut rng, b_dims(k2).0, b_dims(k2).1, &dev);
+            let mut reference = vec![0.0f64; m * n];
+            let g = Gemm { trans_a: false, trans_b, alpha: 1.0, beta: 0.0 };
+            let d = |k| GemmDims { m, n, k };
+            loraga_core::cpu::gemm::gemm_f64(&g, d(k1), &x64, &w64, &mut reference);
+            loraga_core::cpu::gemm::gemm_f64(&Gemm { beta: 1.0, ..g }, d(k2), &u64_, &b64, &mut reference);
 
-        let mut c = Tensor::full([m, n], DType::F32, f32::NAN, &dev).unwrap();
-        let sources = [KSource { a: cuda(&x), b: cuda(&w), k: k1 }, KSource { a: cuda(&u), b: cuda(&bm), k: k2 }];
-        let Storage::Cuda(cs) = c.storage_mut() else { unreachable!() };
-        gemm_sm90::gemm(&sources, m, n, cs, 1.0, 0.0).unwrap();
-        let err = rel_error(&c.to_f32_vec().unwrap(), &reference);
-        assert!(err <= 1e-5, "({m}, {n}, {k1}+{k2}): rel. error {err:.2e}");
+            let mut c = Tensor::full([m, n], DType::F32, f32::NAN, &dev).unwrap();
+            let sources = [KSource { a: cuda(&x), b: cuda(&w), k: k1 }, KSource { a: cuda(&u), b: cuda(&bm), k: k2 }];
+            let Storage::Cuda(cs) = c.storage_mut() else { unreachable!() };
+            gemm_sm90::gemm(&g, &sources, m, n, cs).unwrap();
+            let err = rel_error(&c.to_f32_vec().unwrap(), &reference);
+            assert!(err <= 1e-5, "trans_b = {trans_b} ({m}, {n}, {k1}+{k2}): rel. error {err:.2e}");
+        }
     }
 }
 
@@ -130,13 +153,13 @@ fn engine_refuses_what_it_cannot_do_and_auto_falls_back() {
     assert!(e.contains("not a multiple of 8"), "{e}");
     gemm_cuda(GemmPath::Auto, &g, &a, &b, &mut c).unwrap();
     assert!(rel_error(&c.to_f32_vec().unwrap(), &p.reference) <= 1e-5);
-    // A plain (not transposed) B is a layout the engine does not take yet.
+    // A plain B [K, N] is read along N: N = 90 is not a multiple of 8.
     let nn = Gemm { trans_b: false, ..g };
-    let p = problem(&mut rng, GemmDims { m: 64, n: 64, k: 64 }, nn, DType::BF16);
+    let p = problem(&mut rng, GemmDims { m: 64, n: 90, k: 64 }, nn, DType::BF16);
     let (a, b) = p.operands(&dev);
     let mut c = p.output(&dev, DType::F32);
     let e = gemm_cuda(GemmPath::Engine, &nn, &a, &b, &mut c).unwrap_err().to_string();
-    assert!(e.contains("trans_b = true"), "{e}");
+    assert!(e.contains("N = 90 is not a multiple of 8"), "{e}");
     // f32 operands go to the naive kernel under Auto.
     let p = problem(&mut rng, GemmDims { m: 64, n: 64, k: 64 }, g, DType::F32);
     let (a, b) = p.operands(&dev);

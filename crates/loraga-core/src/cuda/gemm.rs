@@ -18,8 +18,8 @@ pub enum GemmPath {
     /// cuBLAS `cublasGemmEx` with fp32 compute (CUBLAS_COMPUTE_32F: full fp32 for f32 operands,
     /// no TF32), the library baseline.
     Cublas,
-    /// The Hopper GEMM engine: bf16 operands, `x @ W^T` layout (trans_b), K % 8 == 0, sm_90a.
-    /// Anything else is an error naming the reason.
+    /// The Hopper GEMM engine: bf16 operands, any transposes, sm_90a, each operand's contiguous
+    /// dimension a multiple of 8. Anything else is an error naming the reason.
     Engine,
     /// The engine where it applies, else the naive kernel: correct everywhere, fast where the
     /// engine covers the problem. The default of the CUDA backend.
@@ -80,17 +80,11 @@ pub fn gemm(
 }
 
 fn engine_refusal(g: &Gemm, d: GemmDims, a: &CudaStorage, b: &CudaStorage, c: &CudaStorage) -> Option<String> {
-    if g.trans_a || !g.trans_b {
-        return Some(format!(
-            "the GEMM engine takes A [M, K] and B [N, K] (trans_a = false, trans_b = true), got trans_a = {}, trans_b = {}",
-            g.trans_a, g.trans_b
-        ));
-    }
-    gemm_sm90::unsupported(&[KSource { a, b, k: d.k }], d.m, d.n, c)
+    gemm_sm90::unsupported(g, &[KSource { a, b, k: d.k }], d.m, d.n, c)
 }
 
 fn engine(g: &Gemm, d: GemmDims, a: &CudaStorage, b: &CudaStorage, c: &mut CudaStorage) -> Result<()> {
-    gemm_sm90::gemm(&[KSource { a, b, k: d.k }], d.m, d.n, c, g.alpha, g.beta)
+    gemm_sm90::gemm(g, &[KSource { a, b, k: d.k }], d.m, d.n, c)
 }
 
 /// Row and column strides of op(A) [M, K] and op(B) [K, N] for row-major storage.

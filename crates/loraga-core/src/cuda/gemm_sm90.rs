@@ -1,8 +1,9 @@
 //! Host side of the Hopper GEMM engine (`kernels/gemm_sm90.cu`): TMA tensor maps, the persistent
 //! launch, and the checks that keep a launch inside what the kernel handles.
 //!
-//! The engine computes `C = alpha * sum_i A_i B_i^T + beta * C` over one or two "K sources"
-//! (A_i [M, K_i], B_i [N, K_i], bf16, row-major), storing C [M, N] as bf16 or f32.
+//! The engine computes `C = alpha * sum_i op(A_i) op(B_i) + beta * C` over one or two "K sources"
+//! (bf16, row-major; `Gemm::trans_a` / `trans_b` say how each is stored, as everywhere in loraga),
+//! storing C [M, N] as bf16 or f32.
 
 use cudarc::driver::sys::{
     self, CUfunction_attribute, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
@@ -13,6 +14,7 @@ use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use super::storage::{CudaSlices, CudaStorage};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::gemm::Gemm;
 
 // Must match kernels/gemm_sm90.cu.
 const BM: usize = 128;
@@ -31,7 +33,8 @@ struct TmaDesc([u64; 16]);
 // SAFETY: plain bytes with the layout and alignment of the kernel's `TmaDesc` parameter.
 unsafe impl DeviceRepr for TmaDesc {}
 
-/// One operand pair of the K loop: A [m, k] and B [n, k], both bf16 row-major.
+/// One operand pair of the K loop: op(A) [m, k] and op(B) [k, n], bf16, stored as the GEMM's
+/// transpose flags say (A [m, k] or [k, m]; B [k, n] or [n, k]).
 pub struct KSource<'a> {
     pub a: &'a CudaStorage,
     pub b: &'a CudaStorage,
@@ -39,7 +42,7 @@ pub struct KSource<'a> {
 }
 
 /// Why the engine cannot take a problem, or None if it can. Callers use this to choose a path.
-pub fn unsupported(sources: &[KSource], m: usize, n: usize, c: &CudaStorage) -> Option<String> {
+pub fn unsupported(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &CudaStorage) -> Option<String> {
     if !c.device.arch().has_wgmma() {
         return Some(format!("the GEMM engine needs sm_90a (wgmma); this device is {}", c.device.arch()));
     }
@@ -54,8 +57,15 @@ pub fn unsupported(sources: &[KSource], m: usize, n: usize, c: &CudaStorage) -> 
                 s.b.dtype()
             ));
         }
-        if s.k % 8 != 0 {
-            return Some(format!("K source {i}: K = {} is not a multiple of 8 (TMA needs 16-byte rows)", s.k));
+        // TMA needs the contiguous dimension of every operand in 16-byte rows.
+        let contiguous = [("K", s.k, !g.trans_a || g.trans_b), ("M", m, g.trans_a), ("N", n, !g.trans_b)];
+        for (what, v, applies) in contiguous {
+            if applies && !v.is_multiple_of(8) {
+                return Some(format!(
+                    "K source {i}: {what} = {v} is not a multiple of 8 (with trans_a = {}, trans_b = {} it is an operand's contiguous dimension, and TMA needs 16-byte rows)",
+                    g.trans_a, g.trans_b
+                ));
+            }
         }
         if s.a.len() != m * s.k || s.b.len() != n * s.k {
             return Some(format!(
@@ -76,9 +86,10 @@ pub fn unsupported(sources: &[KSource], m: usize, n: usize, c: &CudaStorage) -> 
     None
 }
 
-/// `c = alpha * sum_i a_i b_i^T + beta * c` on the engine.
-pub fn gemm(sources: &[KSource], m: usize, n: usize, c: &mut CudaStorage, alpha: f32, beta: f32) -> Result<()> {
-    if let Some(why) = unsupported(sources, m, n, c) {
+/// `c = alpha * sum_i op(a_i) op(b_i) + beta * c` on the engine, with `g`'s transposes and scales.
+pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStorage) -> Result<()> {
+    let (alpha, beta) = (g.alpha, g.beta);
+    if let Some(why) = unsupported(g, sources, m, n, c) {
         return Err(Error::InvalidArgument(why));
     }
     if m == 0 || n == 0 {
@@ -86,7 +97,8 @@ pub fn gemm(sources: &[KSource], m: usize, n: usize, c: &mut CudaStorage, alpha:
     }
     let dev = c.device.clone();
     let stream = dev.stream();
-    let name = format!("gemm_sm90_bf16_{}", c.dtype());
+    let layout = format!("{}{}", if g.trans_a { "t" } else { "n" }, if g.trans_b { "t" } else { "n" });
+    let name = format!("gemm_sm90_{layout}_bf16_{}", c.dtype());
     let f = dev.function("gemm_sm90", &name)?;
     f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM_BYTES as i32)
         .map_err(Error::cuda("cuFuncSetAttribute"))?;
@@ -99,8 +111,9 @@ pub fn gemm(sources: &[KSource], m: usize, n: usize, c: &mut CudaStorage, alpha:
         let (pb, gb) = bf16_ptr(s.b, stream);
         guards.push(ga);
         guards.push(gb);
-        maps.push(tensor_map(pa, m, s.k, BM)?);
-        maps.push(tensor_map(pb, n, s.k, BN)?);
+        // K-major operands load in boxes of [tile rows, 64 K]; MN-major ones in [64 K, 64 MN].
+        maps.push(if g.trans_a { tensor_map(pa, s.k, m, BK)? } else { tensor_map(pa, m, s.k, BM)? });
+        maps.push(if g.trans_b { tensor_map(pb, n, s.k, BN)? } else { tensor_map(pb, s.k, n, BK)? });
         k_tiles[i] = s.k.div_ceil(BK) as i32;
     }
     if sources.len() == 1 {
@@ -132,7 +145,7 @@ pub fn gemm(sources: &[KSource], m: usize, n: usize, c: &mut CudaStorage, alpha:
         CudaSlices::BF16(z) => launch.arg(z),
     };
     launch.arg(&mi).arg(&ni).arg(&ldc).arg(&alpha).arg(&beta);
-    // SAFETY: the arguments match gemm_sm90_bf16_<out>; the tensor maps describe live buffers
+    // SAFETY: the arguments match gemm_sm90_<layout>_bf16_<out>; the tensor maps describe live buffers
     // whose sizes `unsupported` checked; the shared memory size matches the kernel's layout.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(gemm_sm90)"))?;
     drop(guards);
