@@ -30,10 +30,10 @@
 //   wgmma group in flight while releasing the previous stage.
 // - setmaxnreg moves registers from the producer (40) to the consumers (232): a consumer holds
 //   128 fp32 accumulators per thread.
-// - Epilogue: for a bf16 output with beta == 0 (activations), registers -> swizzled shared
-//   memory -> TMA store, which overlaps the store with the next tile's MMAs; otherwise (f32
-//   output, beta != 0, N % 8 != 0) straight from registers to global memory, a pair of columns
-//   per store, reading C where beta needs it.
+// - Epilogue: registers -> swizzled shared memory -> TMA, which overlaps the store with the next
+//   tile's MMAs: a store for beta == 0 (bf16 activations, f32 results), TMA's in-place add for an
+//   f32 C with beta == 1 (gradient accumulation). Otherwise (other betas, rows not 16-byte
+//   aligned) straight from registers to global memory, a pair of columns per store.
 #include "common.cuh"
 
 // wgmma, setmaxnreg and TMA exist only on sm_90a. Other targets compile the entry points with a
@@ -69,6 +69,11 @@ struct Smem {
     unsigned long long empty[STAGES];
 };
 #define STAGE_BYTES ((BM + BN) * BK * 2)
+
+// How the epilogue writes C (chosen by the host, gemm_sm90.rs):
+#define EPI_DIRECT 0     // from registers, any beta, any N
+#define EPI_TMA_STORE 1  // through shared memory and TMA; beta == 0; 16-byte rows
+#define EPI_TMA_ADD 2    // f32 only: TMA's in-place add, C += alpha * A B; beta == 1
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return (unsigned)__cvta_generic_to_shared(p);
@@ -115,6 +120,12 @@ __device__ __forceinline__ void tma_load(void* dst, const TmaDesc* map, unsigned
 // columns outside the matrix are not written. Completion is tracked per thread in bulk groups.
 __device__ __forceinline__ void tma_store(const TmaDesc* map, const void* src, int c0, int c1) {
     asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
+                 ::"l"(map), "r"(smem_addr(src)), "r"(c0), "r"(c1)
+                 : "memory");
+}
+// TMA in-place add of an f32 shared-memory box into (c0, c1) of the tensor map.
+__device__ __forceinline__ void tma_reduce_add(const TmaDesc* map, const void* src, int c0, int c1) {
+    asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3}], [%1];"
                  ::"l"(map), "r"(smem_addr(src)), "r"(c0), "r"(c1)
                  : "memory");
 }
@@ -214,7 +225,7 @@ __device__ __forceinline__ void store_pair(Tout* C, int M, int N, i64 ldc, int r
 
 template <bool A_MN, bool B_MN, typename Tout>
 __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, const TmaDesc* ta2,
-                          const TmaDesc* tb2, int k2_tiles, const TmaDesc* tc, int tma_store_c, Tout* C, int M,
+                          const TmaDesc* tb2, int k2_tiles, const TmaDesc* tc, int epilogue, Tout* C, int M,
                           int N, i64 ldc, float alpha, float beta) {
     extern __shared__ unsigned char smem_raw[];
     Smem& s = *reinterpret_cast<Smem*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
@@ -304,7 +315,15 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
 
         // Accumulator fragment of m64nNk16: register 4g + j holds row (16 warp + lane/4 + 8 (j/2)),
         // column (8 g + 2 (lane % 4) + j % 2).
-        if (tma_store_c) {
+        if (epilogue == EPI_DIRECT) {
+            const int r0 = tm * BM + c * 64 + warp * 16 + lane / 4;
+#pragma unroll
+            for (int g = 0; g < BN / 8; ++g) {
+                int col = tn * BN + g * 8 + 2 * (lane % 4);
+                store_pair(C, M, N, ldc, r0, col, d[4 * g + 0], d[4 * g + 1], alpha, beta);
+                store_pair(C, M, N, ldc, r0 + 8, col, d[4 * g + 2], d[4 * g + 3], alpha, beta);
+            }
+        } else if constexpr (sizeof(Tout) == 2) {
             // bf16 output, beta == 0: stage the tile in shared memory and let TMA write it, so the
             // warpgroup goes on to the next tile's MMAs while the copy engine stores this one.
             if (threadIdx.x % 128 == 0) bulk_wait_read();  // the previous tile's store is out of smem
@@ -330,12 +349,40 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
                 bulk_commit();
             }
         } else {
-            const int r0 = tm * BM + c * 64 + warp * 16 + lane / 4;
+            // f32 output (a store when beta == 0, TMA's in-place add when beta == 1: gradient
+            // accumulation). Each consumer's 64 x 256 half goes out in two 64 x 128 rounds through
+            // its 32 KB share of the staging area, as four [64][32] slabs with 128-byte swizzle.
+            float* stage = reinterpret_cast<float*>(&s.c[0][0]) + c * 64 * 128;
+            const int lr = warp * 16 + lane / 4;  // row within this consumer's half
 #pragma unroll
-            for (int g = 0; g < BN / 8; ++g) {
-                int col = tn * BN + g * 8 + 2 * (lane % 4);
-                store_pair(C, M, N, ldc, r0, col, d[4 * g + 0], d[4 * g + 1], alpha, beta);
-                store_pair(C, M, N, ldc, r0 + 8, col, d[4 * g + 2], d[4 * g + 3], alpha, beta);
+            for (int h = 0; h < 2; ++h) {
+                if (threadIdx.x % 128 == 0) bulk_wait_read();  // the previous round is out of smem
+                warpgroup_sync(1 + c);
+#pragma unroll
+                for (int gg = 0; gg < 16; ++gg) {
+                    const int g = 16 * h + gg;
+                    int col = 8 * gg + 2 * (lane % 4);  // 0..127 within the round
+                    float* slab = stage + (col / 32) * 64 * 32;
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        int row = lr + 8 * hh;
+                        int chunk = ((col % 32) / 4) ^ (row % 8);
+                        *reinterpret_cast<float2*>(slab + row * 32 + chunk * 4 + col % 4) =
+                            make_float2(alpha * d[4 * g + 2 * hh], alpha * d[4 * g + 2 * hh + 1]);
+                    }
+                }
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                warpgroup_sync(1 + c);
+                if (threadIdx.x % 128 == 0) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float* src = stage + j * 64 * 32;
+                        int c0 = tn * BN + 128 * h + 32 * j, c1 = tm * BM + 64 * c;
+                        if (epilogue == EPI_TMA_ADD) tma_reduce_add(tc, src, c0, c1);
+                        else tma_store(tc, src, c0, c1);
+                    }
+                    bulk_commit();
+                }
             }
         }
     }
@@ -356,63 +403,63 @@ __device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, c
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_nt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                        const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                       const __grid_constant__ TmaDesc tc, int tma_store_c, bf16* C, int M, int N, i64 ldc, float alpha,
+                       const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_nt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                      const __grid_constant__ TmaDesc tc, int tma_store_c, float* C, int M, int N, i64 ldc, float alpha,
+                      const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_nn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                        const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                       const __grid_constant__ TmaDesc tc, int tma_store_c, bf16* C, int M, int N, i64 ldc, float alpha,
+                       const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_nn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                      const __grid_constant__ TmaDesc tc, int tma_store_c, float* C, int M, int N, i64 ldc, float alpha,
+                      const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_tn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                        const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                       const __grid_constant__ TmaDesc tc, int tma_store_c, bf16* C, int M, int N, i64 ldc, float alpha,
+                       const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_tn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                      const __grid_constant__ TmaDesc tc, int tma_store_c, float* C, int M, int N, i64 ldc, float alpha,
+                      const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_tt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                        const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                       const __grid_constant__ TmaDesc tc, int tma_store_c, bf16* C, int M, int N, i64 ldc, float alpha,
+                       const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_tt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
-                      const __grid_constant__ TmaDesc tc, int tma_store_c, float* C, int M, int N, i64 ldc, float alpha,
+                      const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, tma_store_c, C, M, N, ldc, alpha, beta);
+    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }

@@ -112,8 +112,9 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
         guards.push(ga);
         guards.push(gb);
         // K-major operands load in boxes of [tile rows, 64 K]; MN-major ones in [64 K, 64 MN].
-        maps.push(if g.trans_a { tensor_map(pa, s.k, m, BK)? } else { tensor_map(pa, m, s.k, BM)? });
-        maps.push(if g.trans_b { tensor_map(pb, n, s.k, BN)? } else { tensor_map(pb, s.k, n, BK)? });
+        let bf = Elem::Bf16;
+        maps.push(if g.trans_a { tensor_map(pa, s.k, m, BK, bf)? } else { tensor_map(pa, m, s.k, BM, bf)? });
+        maps.push(if g.trans_b { tensor_map(pb, n, s.k, BN, bf)? } else { tensor_map(pb, s.k, n, BK, bf)? });
         k_tiles[i] = s.k.div_ceil(BK) as i32;
     }
     if sources.len() == 1 {
@@ -122,15 +123,18 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
         maps.push(maps[1]);
     }
 
-    // bf16 output without beta leaves through TMA (overlapped with the next tile); the rest is
-    // stored from registers. TMA needs 16-byte rows, so N % 8 == 0.
-    let (c_map, tma_store_c) = match &c.slice {
+    // The epilogue (kernels/gemm_sm90.cu, EPI_*): through TMA where beta allows it and C's rows are
+    // 16-byte aligned, else from registers.
+    // The read guard records nothing: event tracking is off (one stream per device).
+    let (c_map, epilogue) = match &c.slice {
         CudaSlices::BF16(x) if beta == 0.0 && n.is_multiple_of(8) => {
-            // The read guard records nothing: event tracking is off (one stream per device).
-            let (pc, _) = x.device_ptr(stream);
-            (tensor_map(pc, m, n, 64)?, 1i32)
+            (tensor_map(x.device_ptr(stream).0, m, n, 64, Elem::Bf16)?, EPI_TMA_STORE)
         }
-        _ => (maps[0], 0i32),
+        CudaSlices::F32(x) if (beta == 0.0 || beta == 1.0) && n.is_multiple_of(4) => {
+            let mode = if beta == 0.0 { EPI_TMA_STORE } else { EPI_TMA_ADD };
+            (tensor_map(x.device_ptr(stream).0, m, n, 64, Elem::F32)?, mode)
+        }
+        _ => (maps[0], EPI_DIRECT),
     };
 
     let tiles = m.div_ceil(BM) * n.div_ceil(BN);
@@ -139,7 +143,7 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
     let (mi, ni, ldc) = (m as i32, n as i32, n as i64);
     let mut launch = stream.launch_builder(&f);
     launch.arg(&maps[0]).arg(&maps[1]).arg(&k_tiles[0]).arg(&maps[2]).arg(&maps[3]).arg(&k_tiles[1]);
-    launch.arg(&c_map).arg(&tma_store_c);
+    launch.arg(&c_map).arg(&epilogue);
     match &mut c.slice {
         CudaSlices::F32(z) => launch.arg(z),
         CudaSlices::BF16(z) => launch.arg(z),
@@ -159,19 +163,35 @@ fn bf16_ptr<'a>(s: &'a CudaStorage, stream: &'a cudarc::driver::CudaStream) -> (
     }
 }
 
-/// The tensor map of a bf16 row-major [rows, cols] matrix moved in boxes of `box_rows` x 64
-/// elements with 128-byte swizzle; out-of-bounds parts of a box read as zeros and are not stored.
-fn tensor_map(ptr: u64, rows: usize, cols: usize, box_rows: usize) -> Result<TmaDesc> {
+// Must match EPI_* in kernels/gemm_sm90.cu.
+const EPI_DIRECT: i32 = 0;
+const EPI_TMA_STORE: i32 = 1;
+const EPI_TMA_ADD: i32 = 2;
+
+#[derive(Clone, Copy)]
+enum Elem {
+    Bf16,
+    F32,
+}
+
+/// The tensor map of a row-major [rows, cols] matrix moved in boxes of `box_rows` rows x 128 bytes
+/// (64 bf16 or 32 f32) with 128-byte swizzle; out-of-bounds parts of a box read as zeros and are
+/// not written.
+fn tensor_map(ptr: u64, rows: usize, cols: usize, box_rows: usize, elem: Elem) -> Result<TmaDesc> {
+    let (size, dtype) = match elem {
+        Elem::Bf16 => (2, CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16),
+        Elem::F32 => (4, CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32),
+    };
     let mut map = TmaDesc([0; 16]);
     let dims = [cols as u64, rows as u64];
-    let strides = [(cols * 2) as u64]; // bytes between rows; the innermost stride is implied
-    let boxes = [BK as u32, box_rows as u32];
+    let strides = [(cols * size) as u64]; // bytes between rows; the innermost stride is implied
+    let boxes = [(128 / size) as u32, box_rows as u32];
     let elem_strides = [1u32, 1];
     // SAFETY: every pointer refers to a local array of the rank the call is told (2).
     let r = unsafe {
         sys::cuTensorMapEncodeTiled(
             (&mut map as *mut TmaDesc).cast(),
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            dtype,
             2,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
