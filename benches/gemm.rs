@@ -6,15 +6,17 @@
 //! floating-point operations, so its Gelem/s reads as GFLOP/s); the operands rotate over three
 //! buffer sets so no run finds its inputs in the 60 MB L2. Ends with the markdown summary.
 
-use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
+mod common;
+
+use common::{group, measure};
+use criterion::Criterion;
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cuda::gemm_sm90::{self, KSource};
-use loraga_core::cuda::timing::{median, time_iters};
 use loraga_core::cuda::{CudaDevice, CudaStorage, GemmPath};
 use loraga_core::gemm::{Gemm, gemm_cuda};
 use loraga_core::testing::randn;
-use loraga_core::{DType, Device, Result, Storage, Tensor};
+use loraga_core::{DType, Device, Storage, Tensor};
 use rand::SeedableRng;
 use std::time::Duration;
 
@@ -146,37 +148,4 @@ fn cuda(t: &Tensor) -> &CudaStorage {
         Storage::Cuda(s) => s,
         Storage::Cpu(_) => unreachable!("bench tensors live on the device"),
     }
-}
-
-fn group<'a>(c: &'a mut Criterion, name: &str, flops: f64) -> BenchmarkGroup<'a, WallTime> {
-    let mut g = c.benchmark_group(name);
-    g.sampling_mode(SamplingMode::Flat).sample_size(10).throughput(Throughput::Elements(flops as u64));
-    g
-}
-
-/// Benchmarks `run(set_index)` with CUDA-event timing, rotating over three operand sets, and
-/// returns the median milliseconds per run over Criterion's samples.
-fn measure(
-    dev: &CudaDevice,
-    group: &mut BenchmarkGroup<WallTime>,
-    name: &str,
-    mut run: impl FnMut(usize) -> Result<()>,
-) -> f64 {
-    for i in 0..3 {
-        run(i).unwrap(); // warm-up: module load, handles, clocks
-    }
-    let mut per_iter_ms = Vec::new();
-    let mut turn = 0usize;
-    group.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let t = time_iters(dev, iters, || {
-                turn = (turn + 1) % 3;
-                run(turn)
-            })
-            .unwrap();
-            per_iter_ms.push(t.as_secs_f64() * 1e3 / iters as f64);
-            t
-        })
-    });
-    median(&mut per_iter_ms)
 }

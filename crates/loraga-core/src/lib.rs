@@ -18,6 +18,7 @@ pub mod error;
 pub mod gemm;
 pub mod io;
 pub mod linalg;
+pub mod lora;
 pub mod shape;
 pub mod storage;
 pub mod tensor;

@@ -1,0 +1,42 @@
+//! Shared by the benches: a Criterion group set up for GPU work, and CUDA-event timing of one
+//! implementation over rotating input sets.
+
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
+use loraga_core::Result;
+use loraga_core::cuda::CudaDevice;
+use loraga_core::cuda::timing::{median, time_iters};
+
+/// A group with Flat sampling (every sample the same number of runs) of 10 samples; Criterion's
+/// "elements" are the floating-point operations of one run, so its Gelem/s reads as GFLOP/s.
+pub fn group<'a>(c: &'a mut Criterion, name: &str, flops: f64) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sampling_mode(SamplingMode::Flat).sample_size(10).throughput(Throughput::Elements(flops as u64));
+    g
+}
+
+/// Benchmarks `run(set_index)` with CUDA-event timing, rotating over three operand sets, and
+/// returns the median milliseconds per run over Criterion's samples.
+pub fn measure(
+    dev: &CudaDevice,
+    group: &mut BenchmarkGroup<WallTime>,
+    name: &str,
+    mut run: impl FnMut(usize) -> Result<()>,
+) -> f64 {
+    for i in 0..3 {
+        run(i).unwrap(); // warm-up: module load, handles, clocks
+    }
+    let mut per_iter_ms = Vec::new();
+    let mut turn = 0usize;
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let t = time_iters(dev, iters, || {
+                turn = (turn + 1) % 3;
+                run(turn)
+            })
+            .unwrap();
+            per_iter_ms.push(t.as_secs_f64() * 1e3 / iters as f64);
+            t
+        })
+    });
+    median(&mut per_iter_ms)
+}
