@@ -24,6 +24,8 @@
 // Structure (version 1):
 // - Persistent: one CTA per SM loops over 128 x 256 output tiles in a grouped order (GROUP_M
 //   tile-rows at a time) so that concurrently running tiles share A and B panels in L2.
+// - Split K for skinny f32 products (LoRA's dA, dB): with k_splits > 1 each tile's K loop is cut
+//   into slices that run as separate work units and add into C with TMA's in-place add.
 // - Warp-specialized: warpgroup 0 is the producer (one thread issues TMA loads into a 3-stage
 //   shared-memory ring, each stage guarded by a "full" and an "empty" mbarrier); warpgroups 1 and
 //   2 are consumers, each computing 64 x 256 of the tile with wgmma m64n256k16 and keeping one
@@ -225,7 +227,7 @@ __device__ __forceinline__ void store_pair(Tout* C, int M, int N, i64 ldc, int r
 
 template <bool A_MN, bool B_MN, typename Tout>
 __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, const TmaDesc* ta2,
-                          const TmaDesc* tb2, int k2_tiles, const TmaDesc* tc, int epilogue, Tout* C, int M,
+                          const TmaDesc* tb2, int k2_tiles, int k_splits, const TmaDesc* tc, int epilogue, Tout* C, int M,
                           int N, i64 ldc, float alpha, float beta) {
     extern __shared__ unsigned char smem_raw[];
     Smem& s = *reinterpret_cast<Smem*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
@@ -234,6 +236,9 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
     const int tiles_m = ceil_div(M, BM), tiles_n = ceil_div(N, BN);
     const int tiles = tiles_m * tiles_n;
     const int k_tiles = k1_tiles + k2_tiles;
+    // Split K: work unit u is K slice u % k_splits of tile u / k_splits; slices add into C.
+    const int units = tiles * k_splits;
+    const int k_per_split = ceil_div(k_tiles, k_splits);
 
     if (threadIdx.x == 0) {
         for (int i = 0; i < STAGES; ++i) {
@@ -249,10 +254,11 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         if (threadIdx.x != 0) return;
         int it = 0;
-        for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        for (int u = blockIdx.x; u < units; u += gridDim.x) {
             int tm, tn;
-            tile_coords(t, tiles_m, tiles_n, tm, tn);
-            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+            tile_coords(u / k_splits, tiles_m, tiles_n, tm, tn);
+            const int kt_end = min(k_tiles, (u % k_splits + 1) * k_per_split);
+            for (int kt = (u % k_splits) * k_per_split; kt < kt_end; ++kt, ++it) {
                 int st = it % STAGES;
                 if (it >= STAGES) mbar_wait(&s.empty[st], ((it / STAGES) - 1) & 1);
                 mbar_expect_tx(&s.full[st], STAGE_BYTES);
@@ -282,13 +288,15 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
     const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
     float d[128];
     int it = 0;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
         int tm, tn;
-        tile_coords(t, tiles_m, tiles_n, tm, tn);
+        tile_coords(u / k_splits, tiles_m, tiles_n, tm, tn);
+        const int kt_begin = (u % k_splits) * k_per_split, kt_end = min(k_tiles, kt_begin + k_per_split);
+        if (kt_begin >= kt_end && k_splits > 1) continue;  // an empty slice adds nothing
 #pragma unroll
         for (int i = 0; i < 128; ++i) d[i] = 0.0f;
         int prev = -1;
-        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        for (int kt = kt_begin; kt < kt_end; ++kt, ++it) {
             int st = it % STAGES;
             mbar_wait(&s.full[st], (it / STAGES) & 1);
             fence_accumulators(d);
@@ -392,7 +400,7 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
 
 #else
 template <bool A_MN, bool B_MN, typename Tout>
-__device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, const TmaDesc*, int, const TmaDesc*,
+__device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, const TmaDesc*, int, int, const TmaDesc*,
                           int, Tout*, int, int, i64, float, float) {
     __trap();
 }
@@ -402,64 +410,64 @@ __device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, c
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_nt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_nt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_nn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_nn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_tn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_tn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_tt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90_tt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }

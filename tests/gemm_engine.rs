@@ -167,3 +167,28 @@ fn engine_refuses_what_it_cannot_do_and_auto_falls_back() {
     gemm_cuda(GemmPath::Auto, &g, &a, &b, &mut c).unwrap();
     assert!(rel_error(&c.to_f32_vec().unwrap(), &p.reference) <= 1e-5);
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn skinny_f32_products_split_k_and_still_match() {
+    // Few output tiles and a long K: the engine splits K over the idle SMs and adds the slices
+    // into C (zeroed first when beta == 0), as for LoRA's dA [r, K] and dB [N, r].
+    let dev = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    for &(m, n, k, trans_a, trans_b) in &[
+        (16, 1024, 4096, true, false),
+        (1024, 16, 4096, true, false),
+        (8, 520, 2048, false, true),
+        (64, 4096, 8192, true, false),
+    ] {
+        for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0)] {
+            let g = Gemm { trans_a, trans_b, alpha, beta };
+            let p = problem(&mut rng, GemmDims { m, n, k }, g, DType::BF16);
+            let (a, b) = p.operands(&dev);
+            let mut c = p.output(&dev, DType::F32);
+            gemm_cuda(GemmPath::Engine, &g, &a, &b, &mut c).unwrap();
+            let err = rel_error(&c.to_f32_vec().unwrap(), &p.reference);
+            assert!(err <= 1e-5, "{g:?} ({m}, {n}, {k}): rel. error {err:.2e}");
+        }
+    }
+}

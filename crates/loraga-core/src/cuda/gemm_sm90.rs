@@ -137,12 +137,29 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
         _ => (maps[0], EPI_DIRECT),
     };
 
+    // Skinny f32 products (fewer tiles than half the SMs, long K) split K across the idle SMs and
+    // add their slices into C; with beta == 0, C is zeroed first.
     let tiles = m.div_ceil(BM) * n.div_ceil(BN);
-    let grid = tiles.min(dev.sm_count()) as u32;
+    let total_k_tiles = (k_tiles[0] + k_tiles[1]) as usize;
+    let mut k_splits = 1usize;
+    if epilogue != EPI_DIRECT && c.dtype() == DType::F32 && tiles * 2 <= dev.sm_count() {
+        k_splits = (dev.sm_count() / tiles).min(total_k_tiles / 4).max(1);
+    }
+    let mut epilogue = epilogue;
+    if k_splits > 1 && epilogue == EPI_TMA_STORE {
+        match &mut c.slice {
+            CudaSlices::F32(x) => stream.memset_zeros(x).map_err(Error::cuda("cuMemsetD8"))?,
+            CudaSlices::BF16(_) => unreachable!("split K is only chosen for f32 outputs"),
+        }
+        epilogue = EPI_TMA_ADD;
+    }
+    let units = tiles * k_splits;
+    let k_splits = k_splits as i32;
+    let grid = units.min(dev.sm_count()) as u32;
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
     let (mi, ni, ldc) = (m as i32, n as i32, n as i64);
     let mut launch = stream.launch_builder(&f);
-    launch.arg(&maps[0]).arg(&maps[1]).arg(&k_tiles[0]).arg(&maps[2]).arg(&maps[3]).arg(&k_tiles[1]);
+    launch.arg(&maps[0]).arg(&maps[1]).arg(&k_tiles[0]).arg(&maps[2]).arg(&maps[3]).arg(&k_tiles[1]).arg(&k_splits);
     launch.arg(&c_map).arg(&epilogue);
     match &mut c.slice {
         CudaSlices::F32(z) => launch.arg(z),
