@@ -18,7 +18,7 @@ pub mod error;
 pub mod gemm;
 pub mod io;
 pub mod linalg;
-pub mod lora;
+pub mod lora_linear;
 pub mod shape;
 pub mod storage;
 pub mod tensor;

@@ -6,7 +6,7 @@ use loraga_core::cpu::CpuStorage;
 use loraga_core::cpu::gemm::gemm_f64;
 use loraga_core::cuda::CudaDevice;
 use loraga_core::gemm::{Gemm, GemmDims};
-use loraga_core::lora::{self, Lora, LoraPath};
+use loraga_core::lora_linear::{self as lora, Lora, LoraPath};
 use loraga_core::testing::{randn, rel_error};
 use loraga_core::{DType, Device, Tensor};
 use rand::SeedableRng;

@@ -14,7 +14,7 @@ use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cuda::{CudaDevice, GemmPath};
 use loraga_core::gemm::{Gemm, gemm_cuda};
-use loraga_core::lora::{self, Forward, Grads, Lora, LoraPath};
+use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
 use loraga_core::testing::randn;
 use loraga_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -97,7 +97,7 @@ fn main() {
     g.finish();
 
     c.final_summary();
-    summary::emit("lora", "LoRA layer, bf16, fp32 accumulation (CUDA events, median per run)", &rows, "cublas");
+    summary::emit("lora_linear", "LoRA layer, bf16, fp32 accumulation (CUDA events, median per run)", &rows, "cublas");
 }
 
 fn row(problem: &str, implementation: &str, median_ms: f64, flops: f64) -> Row {
