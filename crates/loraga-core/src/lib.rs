@@ -10,6 +10,7 @@
 //! Nothing here needs CUDA to build; a machine without a GPU gets clear errors from the CUDA
 //! entry points and a working CPU path.
 
+pub mod autograd;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
