@@ -19,6 +19,8 @@ pub mod error;
 pub mod gemm;
 pub mod io;
 pub mod linalg;
+pub mod lora;
+pub mod model;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
