@@ -25,6 +25,7 @@ pub mod shape;
 pub mod storage;
 pub mod tensor;
 pub mod testing;
+pub mod tokenizer;
 
 pub use device::Device;
 pub use dtype::{DType, WithDType};
