@@ -189,3 +189,18 @@ fn whole_model_gradients_match_finite_differences() {
         check_model_grads(&model, &mut p, &names);
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn ops_on_cuda_tensors_are_a_clear_error_not_a_panic() {
+    // The tape's ops are CPU-only for now; a CUDA tensor must say so by name.
+    let dev = Device::cuda(0).unwrap();
+    let mut tape = Tape::new();
+    let x = tape.constant(Tensor::zeros([2, 3], loraga_core::DType::F32, &dev).unwrap());
+    let w = tape.constant(Tensor::zeros([4, 3], loraga_core::DType::F32, &dev).unwrap());
+    let e = tape.linear(x, w).unwrap_err();
+    assert!(matches!(e, loraga_core::Error::NotOnCuda("linear")), "{e}");
+    let norm = tape.constant(Tensor::zeros([3], loraga_core::DType::F32, &dev).unwrap());
+    assert!(tape.rms_norm(x, norm, 1e-5).unwrap_err().to_string().contains("not yet implemented on CUDA: rms_norm"));
+    assert!(tape.silu(x).unwrap_err().to_string().contains("not yet implemented on CUDA: silu"));
+}

@@ -6,6 +6,10 @@
 //! - [`gemm`]: the GEMM every op is built from, with its shape rules.
 //! - [`io`]: checkpoint loading (GGUF, safetensors) and adapter saving.
 //! - [`linalg`]: the randomized SVD of LoRA-GA's gradients, and the exact SVD it is tested against.
+//! - [`autograd`]: the reverse-mode tape, named parameters and the per-parameter gradient hook.
+//! - [`model`]: Llama (`LlamaForCausalLM`) on the tape, loaded from safetensors or GGUF.
+//! - [`lora`]: LoRA layers with PEFT's names and scaling.
+//! - [`tokenizer`]: text to ids, from `tokenizer.json` or a GGUF file's metadata.
 //!
 //! Nothing here needs CUDA to build; a machine without a GPU gets clear errors from the CUDA
 //! entry points and a working CPU path.

@@ -192,3 +192,63 @@ impl Llama {
         Ok((model, params))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(json: serde_json::Value) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        (dir, path)
+    }
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 50, "rope_theta": 500000.0})
+    }
+
+    #[test]
+    fn hf_config_defaults_and_both_rope_spellings() {
+        let (_d, p) = write_config(base());
+        let c = LlamaConfig::from_hf_json(&p).unwrap();
+        assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta, c.tie_word_embeddings), (4, 16, 500000.0, false));
+        let mut v = base();
+        v["rope_parameters"] = serde_json::json!({"rope_theta": 1234.0, "rope_type": "default"});
+        let (_d, p) = write_config(v);
+        assert_eq!(LlamaConfig::from_hf_json(&p).unwrap().rope_theta, 1234.0);
+    }
+
+    #[test]
+    fn hf_config_errors_name_the_key() {
+        let cases = [
+            ("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 8.0}), "RoPE type 'llama3'"),
+            ("attention_bias", serde_json::json!(true), "'attention_bias' is true"),
+            ("hidden_act", serde_json::json!("gelu"), "hidden_act 'gelu'"),
+            ("num_key_value_heads", serde_json::json!(3), "4 heads do not share 3"),
+            ("vocab_size", serde_json::json!("many"), "'vocab_size' is \"many\""),
+        ];
+        for (key, value, want) in cases {
+            let mut v = base();
+            v[key] = value;
+            let (_d, p) = write_config(v);
+            let e = LlamaConfig::from_hf_json(&p).unwrap_err().to_string();
+            assert!(e.contains(want), "{key}: {e}");
+        }
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        let (_d, p) = write_config(v);
+        assert!(LlamaConfig::from_hf_json(&p).unwrap_err().to_string().contains("'hidden_size' is missing"));
+    }
+
+    #[test]
+    fn gguf_names_follow_llama_cpp() {
+        assert_eq!(gguf_name("model.embed_tokens.weight").unwrap(), "token_embd.weight");
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert_eq!(gguf_name("model.layers.7.self_attn.o_proj.weight").unwrap(), "blk.7.attn_output.weight");
+        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight").unwrap(), "blk.0.ffn_norm.weight");
+        assert_eq!(gguf_name("model.layers.29.mlp.down_proj.weight").unwrap(), "blk.29.ffn_down.weight");
+        assert!(gguf_name("model.layers.1.self_attn.rotary_emb.inv_freq").is_err());
+    }
+}
