@@ -2,9 +2,13 @@
 //! config.json, padding invariance, LoRA starting as the base model, and finite-difference
 //! checks of the whole model's gradients (LoRA A/B, a norm, a base weight), tied and untied.
 
+mod common;
+
+use common::gguf_writer::{gguf_bytes, tensor};
 use loraga_core::autograd::{HookAction, Params, Tape};
-use loraga_core::io::save_safetensors;
+use loraga_core::io::{GgmlType, GgufValue, permute_qk, save_safetensors};
 use loraga_core::lora::{LoraConfig, LoraTarget, lora_a_name, lora_b_name};
+use loraga_core::model::llama_load::gguf_name;
 use loraga_core::model::{Batch, Llama, LlamaConfig};
 use loraga_core::testing::{randn, rel_error};
 use loraga_core::{Device, Tensor};
@@ -88,6 +92,47 @@ fn safetensors_round_trip_loads_the_same_model() {
         save_safetensors(dir.path().join("model.safetensors"), &some, None).unwrap();
         let e = Llama::load_safetensors(dir.path().join("config.json"), dir.path()).err().unwrap().to_string();
         assert!(e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+    }
+}
+
+/// The model written as llama.cpp's converter would (GGUF names, q/k rows permuted for
+/// interleaved RoPE, F32), loaded back: un-permuting must restore the same model.
+#[test]
+fn gguf_load_renames_unpermutes_and_detects_tying() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for tied in [false, true] {
+        let c = config(tied);
+        let p = random_params(&c, &mut rng);
+        let mut tensors = Vec::new();
+        for (name, shape) in c.weight_shapes() {
+            let v = p.get(&name).unwrap().to_vec::<f32>().unwrap();
+            let v = match name.rsplit('.').nth(1) {
+                Some("q_proj") => permute_qk(&v, shape[0], shape[1], c.num_attention_heads).unwrap(),
+                Some("k_proj") => permute_qk(&v, shape[0], shape[1], c.num_key_value_heads).unwrap(),
+                _ => v,
+            };
+            let ne: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            tensors.push(tensor(&gguf_name(&name).unwrap(), &ne, GgmlType::F32, bytes));
+        }
+        let kvs = [
+            ("general.architecture", GgufValue::String("llama".into())),
+            ("llama.embedding_length", GgufValue::U32(16)),
+            ("llama.feed_forward_length", GgufValue::U32(24)),
+            ("llama.block_count", GgufValue::U32(2)),
+            ("llama.attention.head_count", GgufValue::U32(4)),
+            ("llama.attention.head_count_kv", GgufValue::U32(2)),
+            ("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(1e-5)),
+            ("llama.rope.freq_base", GgufValue::F32(10000.0)),
+            ("llama.context_length", GgufValue::U32(64)),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        std::fs::write(&path, gguf_bytes(3, &kvs, &tensors)).unwrap();
+        let (model, loaded) = Llama::load_gguf(&path).unwrap();
+        assert_eq!(model.config, c);
+        let direct = Llama::new(c).unwrap();
+        assert_eq!(logits_and_loss(&model, &loaded, &batch()), logits_and_loss(&direct, &p, &batch()));
     }
 }
 
