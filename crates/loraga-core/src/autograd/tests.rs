@@ -186,3 +186,19 @@ fn errors_name_the_problem() {
     let y = tape.add(x, x).unwrap();
     assert!(tape.backward(y, &mut p, None).unwrap_err().to_string().contains("one element"));
 }
+
+#[test]
+fn rope_rotates_halves_as_hugging_face() {
+    // head_dim 4 at position 1, theta 10000: angles [1, 0.01] for pairs (0, 2) and (1, 3).
+    let table = Arc::new(RopeTable::new(4, 2, 10000.0).unwrap());
+    let mut tape = Tape::new();
+    let x = tape.constant(t(vec![1.0, 2.0, 3.0, 4.0], &[1, 4]));
+    let y = tape.rope(x, &table, &[1]).unwrap();
+    let (c1, s1, c2, s2) = (1f32.cos(), 1f32.sin(), 0.01f32.cos(), 0.01f32.sin());
+    let want = [1.0 * c1 - 3.0 * s1, 2.0 * c2 - 4.0 * s2, 3.0 * c1 + 1.0 * s1, 4.0 * c2 + 2.0 * s2];
+    let got = tape.value(y).to_vec::<f32>().unwrap();
+    assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{got:?} vs {want:?}");
+    let y0 = tape.rope(x, &table, &[0]).unwrap();
+    assert_eq!(tape.value(y0).to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0], "position 0 is the identity");
+    assert!(tape.rope(x, &table, &[2]).unwrap_err().to_string().contains("position 2"));
+}
