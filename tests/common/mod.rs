@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod gguf_writer;
+
 use half::bf16;
 use loraga_core::cpu::CpuStorage;
 use loraga_core::gemm::{Gemm, GemmDims};

@@ -63,6 +63,11 @@ pub enum Error {
     #[error("{op}: layer `{name}`: {msg}")]
     Layer { op: &'static str, name: String, msg: String },
 
+    /// An op that has a CPU implementation but no CUDA one yet: an honest "not there", not a
+    /// silent fallback (moving tensors between devices is the caller's decision).
+    #[error("not yet implemented on CUDA: {0} (it runs on the CPU; move the tensors there)")]
+    NotOnCuda(&'static str),
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 

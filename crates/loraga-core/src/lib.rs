@@ -6,10 +6,17 @@
 //! - [`gemm`]: the GEMM every op is built from, with its shape rules.
 //! - [`io`]: checkpoint loading (GGUF, safetensors) and adapter saving.
 //! - [`linalg`]: the randomized SVD of LoRA-GA's gradients, and the exact SVD it is tested against.
+//! - [`autograd`]: the reverse-mode tape, named parameters and the per-parameter gradient hook.
+//! - [`model`]: Llama (`LlamaForCausalLM`) on the tape, loaded from safetensors or GGUF.
+//! - [`lora`]: LoRA layers with PEFT's names and scaling.
+//! - [`lora_linear`]: the LoRA linear layer's forward, backward and weight-gradient accumulation
+//!   on the GEMM engine (fused), cuBLAS or the naive kernel.
+//! - [`tokenizer`]: text to ids, from `tokenizer.json` or a GGUF file's metadata.
 //!
 //! Nothing here needs CUDA to build; a machine without a GPU gets clear errors from the CUDA
 //! entry points and a working CPU path.
 
+pub mod autograd;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
@@ -18,11 +25,14 @@ pub mod error;
 pub mod gemm;
 pub mod io;
 pub mod linalg;
+pub mod lora;
 pub mod lora_linear;
+pub mod model;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
 pub mod testing;
+pub mod tokenizer;
 
 pub use device::Device;
 pub use dtype::{DType, WithDType};

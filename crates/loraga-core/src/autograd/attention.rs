@@ -1,0 +1,152 @@
+//! Grouped-query causal self-attention with a padding mask, written out plainly for the CPU:
+//! scores, masked softmax, weighted sum. Query head h reads key/value head h / (n_heads /
+//! n_kv_heads), as transformers' `repeat_kv` arranges them.
+//!
+//!   P = softmax(Q K^T / sqrt(head_dim) + mask),   O = P V
+//!
+//! Key j is visible to query i of the same sequence when j <= i and key j is not padding. A
+//! query that sees no key at all (a padding token on the left) gets a zero output and zero
+//! gradients: it never reaches a loss that ignores padding.
+
+use super::data::{dims2, f32s, tensor};
+use super::tape::{Tape, Var};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// The shape of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    fn check(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&[bool]>) -> Result<()> {
+        let s = self;
+        let rows = s.batch * s.seq;
+        let bad = |msg: String| Err(Error::shape("attention", msg));
+        if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
+            return bad(format!("{} query heads do not share {} key/value heads evenly", s.n_heads, s.n_kv_heads));
+        }
+        if dims2(q, "attention", "q")? != (rows, s.n_heads * s.head_dim) {
+            return bad(format!("q is {:?}, expected [{rows}, {}]", q.dims(), s.n_heads * s.head_dim));
+        }
+        for (what, t) in [("k", k), ("v", v)] {
+            if dims2(t, "attention", what)? != (rows, s.n_kv_heads * s.head_dim) {
+                return bad(format!("{what} is {:?}, expected [{rows}, {}]", t.dims(), s.n_kv_heads * s.head_dim));
+            }
+        }
+        if let Some(m) = mask
+            && m.len() != rows
+        {
+            return bad(format!("the padding mask has {} entries for {rows} tokens", m.len()));
+        }
+        Ok(())
+    }
+}
+
+/// Row offset of token (b, i), and column offset of head h, in a [batch * seq, heads * d] matrix.
+struct Index {
+    s: AttentionShape,
+}
+
+impl Index {
+    fn q(&self, b: usize, i: usize, h: usize) -> usize {
+        (b * self.s.seq + i) * self.s.n_heads * self.s.head_dim + h * self.s.head_dim
+    }
+    fn kv(&self, b: usize, j: usize, h: usize) -> usize {
+        let g = h / (self.s.n_heads / self.s.n_kv_heads);
+        (b * self.s.seq + j) * self.s.n_kv_heads * self.s.head_dim + g * self.s.head_dim
+    }
+    /// Row i of the probabilities of (b, h), [seq] long.
+    fn p(&self, b: usize, h: usize, i: usize) -> usize {
+        ((b * self.s.n_heads + h) * self.s.seq + i) * self.s.seq
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+impl Tape {
+    /// Attention over q [batch*seq, n_heads*head_dim] and k, v [batch*seq, n_kv_heads*head_dim].
+    /// `key_mask[token]` is false for padding (None: no padding). Output as q.
+    pub fn attention(&mut self, q: Var, k: Var, v: Var, s: AttentionShape, key_mask: Option<&[bool]>) -> Result<Var> {
+        let (qv, kv, vv) = (self.value(q), self.value(k), self.value(v));
+        s.check(qv, kv, vv, key_mask)?;
+        let (qs, ks, vs) = (f32s(qv, "attention")?, f32s(kv, "attention")?, f32s(vv, "attention")?);
+        let (d, ix) = (s.head_dim, Index { s });
+        let scale = 1.0 / (d as f32).sqrt();
+        let visible = |b: usize, j: usize| key_mask.is_none_or(|m| m[b * s.seq + j]);
+        let mut probs = vec![0.0f32; s.batch * s.n_heads * s.seq * s.seq];
+        let mut out = vec![0.0f32; qs.len()];
+        for b in 0..s.batch {
+            for h in 0..s.n_heads {
+                for i in 0..s.seq {
+                    let qi = &qs[ix.q(b, i, h)..ix.q(b, i, h) + d];
+                    let p = &mut probs[ix.p(b, h, i)..ix.p(b, h, i) + s.seq];
+                    let mut max = f32::NEG_INFINITY;
+                    for j in (0..=i).filter(|&j| visible(b, j)) {
+                        p[j] = dot(qi, &ks[ix.kv(b, j, h)..ix.kv(b, j, h) + d]) * scale;
+                        max = max.max(p[j]);
+                    }
+                    if max == f32::NEG_INFINITY {
+                        continue; // no visible key: zero output
+                    }
+                    let mut sum = 0.0f32;
+                    for j in (0..=i).filter(|&j| visible(b, j)) {
+                        p[j] = (p[j] - max).exp();
+                        sum += p[j];
+                    }
+                    let o = &mut out[ix.q(b, i, h)..ix.q(b, i, h) + d];
+                    for j in (0..=i).filter(|&j| visible(b, j)) {
+                        p[j] /= sum;
+                        let vj = &vs[ix.kv(b, j, h)..ix.kv(b, j, h) + d];
+                        o.iter_mut().zip(vj).for_each(|(o, v)| *o += p[j] * v);
+                    }
+                }
+            }
+        }
+        let y = tensor(out, qv.dims())?;
+        let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], needs: &[bool]| {
+            let (g, qs, ks, vs) = (
+                f32s(dy, "attention")?,
+                f32s(inp[0], "attention")?,
+                f32s(inp[1], "attention")?,
+                f32s(inp[2], "attention")?,
+            );
+            let (mut dq, mut dk, mut dv) = (vec![0.0f32; qs.len()], vec![0.0f32; ks.len()], vec![0.0f32; vs.len()]);
+            let mut dp = vec![0.0f32; s.seq];
+            for b in 0..s.batch {
+                for h in 0..s.n_heads {
+                    for i in 0..s.seq {
+                        let p = &probs[ix.p(b, h, i)..ix.p(b, h, i) + s.seq];
+                        let gi = &g[ix.q(b, i, h)..ix.q(b, i, h) + d];
+                        // dP_ij = dO_i . v_j; dS_ij = P_ij (dP_ij - sum_l P_il dP_il).
+                        let mut rowdot = 0.0f32;
+                        for j in 0..=i {
+                            dp[j] = if p[j] == 0.0 { 0.0 } else { dot(gi, &vs[ix.kv(b, j, h)..ix.kv(b, j, h) + d]) };
+                            rowdot += p[j] * dp[j];
+                        }
+                        let qi = ix.q(b, i, h);
+                        for j in (0..=i).filter(|&j| p[j] != 0.0) {
+                            let kj = ix.kv(b, j, h);
+                            let ds = p[j] * (dp[j] - rowdot) * scale;
+                            for t in 0..d {
+                                dv[kj + t] += p[j] * gi[t];
+                                dq[qi + t] += ds * ks[kj + t];
+                                dk[kj + t] += ds * qs[qi + t];
+                            }
+                        }
+                    }
+                }
+            }
+            let wrap = |need: bool, v: Vec<f32>, t: &Tensor| need.then(|| tensor(v, t.dims())).transpose();
+            Ok(vec![wrap(needs[0], dq, inp[0])?, wrap(needs[1], dk, inp[1])?, wrap(needs[2], dv, inp[2])?])
+        });
+        Ok(self.push_op("attention", y, &[q, k, v], back))
+    }
+}

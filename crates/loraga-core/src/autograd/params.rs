@@ -1,0 +1,146 @@
+//! Named parameters: the model's weights (frozen or trainable) and their accumulated gradients.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::data::add_assign;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+pub struct Param {
+    name: String,
+    /// Shared with the tapes that use it, so recording a forward pass copies no weights.
+    value: Arc<Tensor>,
+    trainable: bool,
+    grad: Option<Tensor>,
+}
+
+impl Param {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+
+    pub fn trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// The gradient summed over every backward pass since the last [`Params::zero_grad`].
+    pub fn grad(&self) -> Option<&Tensor> {
+        self.grad.as_ref()
+    }
+}
+
+/// Parameters by name, in insertion order.
+#[derive(Default)]
+pub struct Params {
+    list: Vec<Param>,
+    index: HashMap<String, usize>,
+}
+
+impl Params {
+    pub fn new() -> Params {
+        Params::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Adds a parameter; a name that is already there is an error (two weights with one name
+    /// would silently shadow each other).
+    pub fn insert(&mut self, name: impl Into<String>, value: Tensor, trainable: bool) -> Result<()> {
+        let name = name.into();
+        if self.index.contains_key(&name) {
+            return Err(Error::layer("Params::insert", &name, "a parameter with this name already exists"));
+        }
+        self.index.insert(name.clone(), self.list.len());
+        self.list.push(Param { name, value: Arc::new(value), trainable, grad: None });
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn param(&self, name: &str) -> Result<&Param> {
+        self.index
+            .get(name)
+            .map(|&i| &self.list[i])
+            .ok_or_else(|| Error::layer("Params", name, format!("no such parameter ({} parameters)", self.list.len())))
+    }
+
+    fn param_mut(&mut self, name: &str) -> Result<&mut Param> {
+        let n = self.list.len();
+        match self.index.get(name) {
+            Some(&i) => Ok(&mut self.list[i]),
+            None => Err(Error::layer("Params", name, format!("no such parameter ({n} parameters)"))),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        Ok(self.param(name)?.value())
+    }
+
+    pub(crate) fn shared(&self, name: &str) -> Result<Arc<Tensor>> {
+        Ok(self.param(name)?.value.clone())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Param> {
+        self.list.iter()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.list.iter().map(|p| p.name.as_str())
+    }
+
+    pub fn set_trainable(&mut self, name: &str, trainable: bool) -> Result<()> {
+        self.param_mut(name)?.trainable = trainable;
+        Ok(())
+    }
+
+    /// Replaces a parameter's value (an optimizer step, an initialisation); the shape must stay.
+    pub fn set_value(&mut self, name: &str, value: Tensor) -> Result<()> {
+        let p = self.param_mut(name)?;
+        if p.value.dims() != value.dims() {
+            return Err(Error::layer(
+                "Params::set_value",
+                name,
+                format!("new value has shape {:?}, the parameter is {:?}", value.dims(), p.value.dims()),
+            ));
+        }
+        p.value = Arc::new(value);
+        Ok(())
+    }
+
+    pub fn grad(&self, name: &str) -> Result<Option<&Tensor>> {
+        Ok(self.param(name)?.grad())
+    }
+
+    /// Takes the accumulated gradient out, leaving none.
+    pub fn take_grad(&mut self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.param_mut(name)?.grad.take())
+    }
+
+    /// Forgets every accumulated gradient (the start of an optimizer step's micro-batches).
+    pub fn zero_grad(&mut self) {
+        self.list.iter_mut().for_each(|p| p.grad = None);
+    }
+
+    /// Adds `g` into the parameter's gradient: the first one is stored as is.
+    pub(crate) fn accumulate_grad(&mut self, name: &str, g: Tensor) -> Result<()> {
+        let p = self.param_mut(name)?;
+        match &mut p.grad {
+            None => p.grad = Some(g),
+            Some(acc) => add_assign(acc, &g, name)?,
+        }
+        Ok(())
+    }
+}

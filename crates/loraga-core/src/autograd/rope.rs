@@ -1,0 +1,93 @@
+//! Rotary position embeddings in Hugging Face Llama's half-split layout: dimension i of a head
+//! pairs with i + head_dim/2 (`rotate_half`), not llama.cpp's adjacent pairs; GGUF q/k weights
+//! are un-permuted on load (`crate::io::unpermute_qk`) so that this layout applies to them too.
+//!
+//!   out = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
+//!
+//! with angle(pos, i) = pos * theta^(-2i / head_dim) for i < head_dim/2, repeated for both halves.
+
+use std::sync::Arc;
+
+use super::data::{dims2, f32s, tensor};
+use super::tape::{Tape, Var};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// cos and sin of every angle for positions 0..max_positions, [max_positions, head_dim].
+pub struct RopeTable {
+    pub head_dim: usize,
+    pub max_positions: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// The default (unscaled) RoPE of Hugging Face Llama. The inverse frequencies and the
+    /// products pos * inv_freq are rounded to f32 as transformers does.
+    pub fn new(head_dim: usize, max_positions: usize, theta: f32) -> Result<RopeTable> {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(Error::InvalidArgument(format!("rope: head_dim must be even and positive, got {head_dim}")));
+        }
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let (mut cos, mut sin) = (vec![0.0; max_positions * head_dim], vec![0.0; max_positions * head_dim]);
+        for p in 0..max_positions {
+            for i in 0..head_dim {
+                let angle = (p as f32 * inv_freq[i % half]) as f64;
+                cos[p * head_dim + i] = angle.cos() as f32;
+                sin[p * head_dim + i] = angle.sin() as f32;
+            }
+        }
+        Ok(RopeTable { head_dim, max_positions, cos, sin })
+    }
+}
+
+/// Rotates each head of each row by its position; `sign` -1 applies the inverse rotation (the
+/// backward pass: the rotation is orthogonal, so its gradient is the rotation by -angle).
+fn rotate(x: &[f32], t: &RopeTable, positions: &[u32], width: usize, sign: f32) -> Vec<f32> {
+    let (d, half) = (t.head_dim, t.head_dim / 2);
+    let mut out = vec![0.0f32; x.len()];
+    for (r, &p) in positions.iter().enumerate() {
+        let (cos, sin) = (&t.cos[p as usize * d..(p as usize + 1) * d], &t.sin[p as usize * d..(p as usize + 1) * d]);
+        for h in 0..width / d {
+            let base = r * width + h * d;
+            for i in 0..half {
+                let (x1, x2) = (x[base + i], x[base + i + half]);
+                out[base + i] = x1 * cos[i] - sign * x2 * sin[i];
+                out[base + i + half] = x2 * cos[i + half] + sign * x1 * sin[i + half];
+            }
+        }
+    }
+    out
+}
+
+impl Tape {
+    /// RoPE on x [rows, n_heads * head_dim]; row r is at position `positions[r]`.
+    pub fn rope(&mut self, x: Var, table: &Arc<RopeTable>, positions: &[u32]) -> Result<Var> {
+        let xv = self.value(x);
+        let (rows, width) = dims2(xv, "rope", "x")?;
+        if !width.is_multiple_of(table.head_dim) || positions.len() != rows {
+            return Err(Error::shape(
+                "rope",
+                format!(
+                    "x is {:?}: width must be a multiple of head_dim {} and there must be one position per row (got {})",
+                    xv.dims(),
+                    table.head_dim,
+                    positions.len()
+                ),
+            ));
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= table.max_positions) {
+            return Err(Error::InvalidArgument(format!(
+                "rope: position {p} is past the table's {} positions",
+                table.max_positions
+            )));
+        }
+        let y = tensor(rotate(f32s(xv, "rope")?, table, positions, width, 1.0), &[rows, width])?;
+        let (table, positions) = (table.clone(), positions.to_vec());
+        let back = Box::new(move |dy: &Tensor, _: &[&Tensor], _: &[bool]| {
+            Ok(vec![Some(tensor(rotate(f32s(dy, "rope")?, &table, &positions, width, -1.0), &[rows, width])?)])
+        });
+        Ok(self.push_op("rope", y, &[x], back))
+    }
+}

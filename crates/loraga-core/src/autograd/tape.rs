@@ -1,0 +1,202 @@
+//! The tape: every op appends its output and a backward closure; [`Tape::backward`] walks it in
+//! reverse. Recording order is a topological order, so when the walk reaches a node, every node
+//! that used it has already sent it its gradient: the gradient is final there, and that is when
+//! a parameter's hook fires.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::data::add_assign;
+use super::params::Params;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// A value recorded on a [`Tape`]: an index, valid for that tape only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Var(usize);
+
+/// Maps (gradient of the output, input values, which inputs need a gradient) to one gradient per
+/// input; `None` where none is needed.
+pub(crate) type BackwardFn = Box<dyn FnOnce(&Tensor, &[&Tensor], &[bool]) -> Result<Vec<Option<Tensor>>>>;
+
+/// What a gradient hook wants done with the gradient it was shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookAction {
+    /// Add it into the parameter's accumulated gradient as usual.
+    Keep,
+    /// The hook consumed it: drop it now (LoRA-GA's estimation pass).
+    Drop,
+}
+
+/// Called once per trainable parameter per backward pass, with the parameter's name and its
+/// gradient from this pass, as soon as that gradient is final.
+pub type GradHook<'a> = dyn FnMut(&str, &Tensor) -> Result<HookAction> + 'a;
+
+enum Kind {
+    /// An input that is not a named parameter (gradients returned in [`LeafGrads`]).
+    Leaf,
+    Param(String),
+    Op {
+        inputs: Vec<Var>,
+        backward: BackwardFn,
+    },
+}
+
+struct Node {
+    op: &'static str,
+    value: Arc<Tensor>,
+    requires_grad: bool,
+    kind: Kind,
+}
+
+#[derive(Default)]
+pub struct Tape {
+    nodes: Vec<Node>,
+    /// A parameter is recorded once per tape, at its first use, so its gradient is complete
+    /// (summed over every use, e.g. a tied embedding) when the hook sees it.
+    params: HashMap<String, Var>,
+}
+
+/// Gradients of the non-parameter leaves that asked for one (inputs in gradient checks).
+#[derive(Debug, Default)]
+pub struct LeafGrads(HashMap<Var, Tensor>);
+
+impl LeafGrads {
+    pub fn get(&self, v: Var) -> Option<&Tensor> {
+        self.0.get(&v)
+    }
+}
+
+impl Tape {
+    pub fn new() -> Tape {
+        Tape::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// An input; with `requires_grad` its gradient comes back from [`Tape::backward`].
+    pub fn leaf(&mut self, value: Tensor, requires_grad: bool) -> Var {
+        self.push(Node { op: "leaf", value: Arc::new(value), requires_grad, kind: Kind::Leaf })
+    }
+
+    /// An input that needs no gradient.
+    pub fn constant(&mut self, value: Tensor) -> Var {
+        self.leaf(value, false)
+    }
+
+    /// The named parameter, recorded at its first use on this tape. It needs a gradient when it
+    /// is trainable.
+    pub fn param(&mut self, params: &Params, name: &str) -> Result<Var> {
+        if let Some(&v) = self.params.get(name) {
+            return Ok(v);
+        }
+        let p = params.param(name)?;
+        let node = Node {
+            op: "param",
+            value: params.shared(name)?,
+            requires_grad: p.trainable(),
+            kind: Kind::Param(name.into()),
+        };
+        let v = self.push(node);
+        self.params.insert(name.to_string(), v);
+        Ok(v)
+    }
+
+    pub fn value(&self, v: Var) -> &Tensor {
+        &self.nodes[v.0].value
+    }
+
+    pub fn requires_grad(&self, v: Var) -> bool {
+        self.nodes[v.0].requires_grad
+    }
+
+    fn push(&mut self, node: Node) -> Var {
+        self.nodes.push(node);
+        Var(self.nodes.len() - 1)
+    }
+
+    /// Records an op's output. The closure is kept only if some input needs a gradient.
+    pub(crate) fn push_op(&mut self, op: &'static str, value: Tensor, inputs: &[Var], backward: BackwardFn) -> Var {
+        let requires_grad = inputs.iter().any(|&v| self.requires_grad(v));
+        let kind = if requires_grad { Kind::Op { inputs: inputs.to_vec(), backward } } else { Kind::Leaf };
+        self.push(Node { op, value: Arc::new(value), requires_grad, kind })
+    }
+
+    /// Backpropagates from a scalar `loss` (any shape with one element), seeding it with 1.
+    pub fn backward(self, loss: Var, params: &mut Params, hook: Option<&mut GradHook>) -> Result<LeafGrads> {
+        let n = self.value(loss).shape().elem_count();
+        if n != 1 {
+            return Err(Error::shape("backward", format!("the loss must have one element, it has {n}")));
+        }
+        let seed = super::data::tensor(vec![1.0], self.value(loss).dims())?;
+        self.backward_with(loss, seed, params, hook)
+    }
+
+    /// Backpropagates `seed` (the gradient of some scalar with respect to `root`). Trainable
+    /// parameters' gradients go to `hook` if given, and into `params` unless the hook drops them.
+    /// The tape is consumed: each node's value is freed as soon as the walk has passed it.
+    pub fn backward_with(
+        mut self,
+        root: Var,
+        seed: Tensor,
+        params: &mut Params,
+        mut hook: Option<&mut GradHook>,
+    ) -> Result<LeafGrads> {
+        super::data::expect_shape(&seed, self.value(root).dims(), "backward", "the seed gradient")?;
+        self.nodes.truncate(root.0 + 1);
+        let mut grads: Vec<Option<Tensor>> = (0..self.nodes.len()).map(|_| None).collect();
+        grads[root.0] = Some(seed);
+        let mut leaves = LeafGrads::default();
+        while let Some(node) = self.nodes.pop() {
+            let i = self.nodes.len();
+            let Some(g) = grads[i].take() else { continue };
+            if !node.requires_grad {
+                continue;
+            }
+            match node.kind {
+                Kind::Leaf => {
+                    leaves.0.insert(Var(i), g);
+                }
+                Kind::Param(name) => {
+                    let action = match hook.as_mut() {
+                        Some(h) => h(&name, &g)?,
+                        None => HookAction::Keep,
+                    };
+                    if action == HookAction::Keep {
+                        params.accumulate_grad(&name, g)?;
+                    }
+                }
+                Kind::Op { inputs, backward } => {
+                    let values: Vec<Arc<Tensor>> = inputs.iter().map(|v| self.nodes[v.0].value.clone()).collect();
+                    let refs: Vec<&Tensor> = values.iter().map(|v| v.as_ref()).collect();
+                    let needs: Vec<bool> = inputs.iter().map(|v| self.nodes[v.0].requires_grad).collect();
+                    let input_grads = backward(&g, &refs, &needs)?;
+                    for ((v, ig), need) in inputs.iter().zip(input_grads).zip(needs) {
+                        let Some(ig) = ig else { continue };
+                        if !need {
+                            continue;
+                        }
+                        let input = &self.nodes[v.0];
+                        if ig.dims() != input.value.dims() {
+                            return Err(Error::shape(
+                                node.op,
+                                format!("backward produced {:?} for an input of {:?}", ig.dims(), input.value.dims()),
+                            ));
+                        }
+                        match &mut grads[v.0] {
+                            slot @ None => *slot = Some(ig),
+                            Some(acc) => add_assign(acc, &ig, node.op)?,
+                        }
+                    }
+                }
+            }
+        }
+        Ok(leaves)
+    }
+}
