@@ -2,11 +2,9 @@
 //! with rsLoRA): logits, loss and every LoRA A/B gradient, f32, relative error <= 1e-4. Also the
 //! SmolLM2 tokenizer's ids against transformers' tokenizer for the same GGUF.
 //!
-//! The fixtures come from `scripts/fixtures/llama_parity.py`, run where torch, transformers and
-//! peft exist (the GPU machine). This file builds only with `--features parity-fixtures`, and
-//! then a missing fixture fails the test: it never skips.
-
-#![cfg(feature = "parity-fixtures")]
+//! The fixtures in tests/fixtures/llama/ and tests/fixtures/smollm2_tokens.json were written by
+//! `scripts/fixtures/llama_parity.py` on the GPU machine (torch 2.11, transformers 5.17,
+//! peft 0.21; run on its CPU in f32) on 2026-11-28. A missing fixture fails the test.
 
 use std::path::PathBuf;
 
