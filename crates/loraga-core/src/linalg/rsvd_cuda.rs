@@ -38,10 +38,14 @@
 //! solves and the small products stay full precision).
 //!
 //! Syncs (host waits on the device), per layer: one per CholeskyQR pass (the Gram's download;
-//! 2 per orth normally, 2·niter + 2 orths), one for the final q × q SVD's inputs (the last Gram),
-//! and one for the results' download. A batch adds one sync up front for all its NaN/Inf checks
-//! (a device reduction over every layer, read back once). Between layers there is no other sync;
-//! the GPU idles while the host factors each q × q Gram (µs at q = 32, ms at q = 512).
+//! normally 2 per orth and 2·niter + 2 orths, so 20 at niter = 4), and one for the results'
+//! download. The R of the last orth is already on the host, so the q × q SVD adds none. The
+//! uploads of R and of the small factors are from pageable memory, which the driver stages
+//! before returning (no wait on the device). A batch adds one sync up front for all its NaN/Inf
+//! checks (one device reduction per layer, read back together). Between layers there is no
+//! other sync, but the GPU idles while the host factors each q × q Gram (µs at q = 32, ms at
+//! q = 512); moving Cholesky to the device or overlapping two layers on two streams is the next
+//! step if the bench shows that gap.
 //!
 //! Ω is generated on the host (ChaCha8, so CPU and GPU paths see the same Ω) and cached on the
 //! device per (rows, q, seed) by a [`CudaRsvd`] plan, so repeated calls pay for it once.
