@@ -624,3 +624,33 @@ pub(crate) fn widen_bf16(s: &CudaStorage) -> Result<CudaStorage> {
     }
     Ok(CudaStorage { slice: CudaSlices::F32(out), device: dev.clone() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cholesky_gives_an_upper_factor_and_refuses_indefinite_grams() {
+        let x = Mat::from_fn(7, 4, |i, j| ((i * 5 + j * 3) % 7) as f64 - 2.5 + if i == j { 4.0 } else { 0.0 });
+        let g = x.transpose() * &x;
+        let r = cholesky_upper(&g).expect("positive definite");
+        assert!((0..4).all(|j| (j + 1..4).all(|i| r[(i, j)] == 0.0)), "not upper triangular");
+        assert!((r.transpose() * &r - &g).norm_l2() <= 1e-12 * g.norm_l2());
+
+        let mut bad = g.clone();
+        bad[(3, 3)] = -1.0;
+        assert!(cholesky_upper(&bad).is_none());
+        assert!(cholesky_upper(&Mat::zeros(3, 3)).is_none());
+    }
+
+    #[test]
+    fn the_shift_rescues_a_singular_gram_but_not_a_zero_one() {
+        // Rank 1: u uᵀ is singular, G + sI is not.
+        let g = Mat::from_fn(3, 3, |i, j| ((i + 1) * (j + 1)) as f64);
+        let gs = shifted(&g).expect("non-zero trace");
+        assert!((gs[(0, 0)] - g[(0, 0)] - SHIFT * 14.0).abs() < 1e-15);
+        assert!(cholesky_upper(&g).is_none());
+        assert!(cholesky_upper(&gs).is_some());
+        assert!(shifted(&Mat::zeros(3, 3)).is_none());
+    }
+}
