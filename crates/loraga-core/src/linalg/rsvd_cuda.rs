@@ -653,4 +653,13 @@ mod tests {
         assert!(cholesky_upper(&gs).is_some());
         assert!(shifted(&Mat::zeros(3, 3)).is_none());
     }
+
+    #[test]
+    fn the_householder_fallback_orthonormalises_a_zero_block() {
+        // What Orth::householder relies on for X = 0 (a zero gradient): an orthonormal Q, R = 0.
+        let qr = Mat::<f64>::zeros(48, 8).qr();
+        let q = qr.compute_thin_Q();
+        assert!(q.is_all_finite() && qr.thin_R().norm_l2() == 0.0);
+        assert!((q.transpose() * &q - Mat::<f64>::identity(8, 8)).norm_l2() < 1e-12);
+    }
 }
