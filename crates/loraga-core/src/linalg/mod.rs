@@ -1,14 +1,17 @@
-//! Dense linear algebra on host matrices: the randomized SVD that LoRA-GA runs on every target
-//! layer's gradient ([`rsvd`]), and the exact SVD the tests hold it against ([`svd`]).
+//! Dense linear algebra: the randomized SVD that LoRA-GA runs on every target layer's gradient,
+//! on the host ([`rsvd`]) and on the GPU ([`rsvd_cuda`], same config, Ω and result type), and
+//! the exact SVD the tests hold them against ([`svd`]).
 //!
 //! Inputs are row-major f32 matrices borrowed as [`MatrixRef`], the layout tensors use, so a CPU
 //! [`crate::Tensor`] is read without a copy. Work happens in f64 (see [`rsvd`] for why); results
 //! come back as f32 in a [`TruncatedSvd`].
 
 pub mod rsvd;
+pub mod rsvd_cuda;
 pub mod svd;
 
 pub use rsvd::{RsvdConfig, gaussian_test_matrix, svd_lowrank, svd_lowrank_batch, svd_lowrank_tensor};
+pub use rsvd_cuda::{CudaMatrixRef, CudaRsvd, GemmMath, svd_lowrank_batch_cuda, svd_lowrank_cuda};
 pub use svd::{TruncatedSvd, svd_exact};
 
 use faer::Mat;

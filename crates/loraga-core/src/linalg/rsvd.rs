@@ -21,8 +21,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
+use super::rsvd_cuda::{CudaMatrixRef, svd_lowrank_cuda, widen_bf16};
 use super::{MatrixRef, TruncatedSvd};
 use crate::cpu::CpuStorage;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
@@ -124,21 +126,21 @@ pub fn svd_lowrank_batch(items: &[(&str, MatrixRef<'_>)], cfg: &RsvdConfig) -> R
     results.into_iter().collect()
 }
 
-/// [`svd_lowrank`] of a 2-D tensor. bf16 is widened to f32 first, like LoRA-GA's `grad.float()`.
-/// CUDA tensors are refused until the GPU path exists, rather than silently copied to the host.
+/// [`svd_lowrank`] of a 2-D tensor, on the tensor's device: CPU tensors here, CUDA tensors by
+/// [`super::rsvd_cuda`] in full fp32. bf16 is widened to f32 first (on its device), like
+/// LoRA-GA's `grad.float()`.
 pub fn svd_lowrank_tensor(name: &str, a: &Tensor, cfg: &RsvdConfig) -> Result<TruncatedSvd> {
     let (m, n) = a.shape().dims2(OP, name)?;
     match a.storage() {
         Storage::Cpu(CpuStorage::F32(v)) => svd_lowrank(name, MatrixRef::new(v, m, n)?, cfg),
         Storage::Cpu(other) => svd_lowrank(name, MatrixRef::new(&other.to_f32_vec(), m, n)?, cfg),
-        Storage::Cuda(_) => Err(Error::layer(
-            OP,
-            name,
-            format!(
-                "tensor is on {}, and the randomized SVD runs only on the CPU so far; \
-                 copy it with `to_device(&Device::Cpu)`",
-                a.device()
-            ),
-        )),
+        Storage::Cuda(s) if s.dtype() == DType::F32 => svd_lowrank_cuda(name, CudaMatrixRef::new(s, m, n)?, cfg),
+        Storage::Cuda(s) => {
+            if m == 0 || n == 0 {
+                return Err(Error::shape(OP, format!("layer `{name}` is empty: shape [{m}, {n}]")));
+            }
+            let wide = widen_bf16(s)?;
+            svd_lowrank_cuda(name, CudaMatrixRef::new(&wide, m, n)?, cfg)
+        }
     }
 }

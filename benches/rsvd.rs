@@ -1,0 +1,136 @@
+//! The GPU randomized SVD (`loraga_core::linalg::rsvd_cuda`) at LoRA-GA's sizes, niter = 4:
+//! 4096x4096 and 11008x4096 with q = 32, 128, 512 (full fp32, and TF32 products), then the
+//! 224 layer shapes of a Llama-2-7B (q, k, v, o 4096x4096; gate, up 11008x4096; down
+//! 4096x11008; x 32 layers) at r = 8 and 32 (q = 4r, k = 2r), total time per batch.
+//!
+//! Timed with CUDA events around each run; a run includes its host syncs and the host-side
+//! q x q factorisations (the GPU idles during those, and the events see it), so these are
+//! end-to-end times. Ω is drawn once per (shape, q) by the reusable plan, outside the timing.
+//! Inputs are Gaussian (timing only; accuracy is tests/rsvd_cuda.rs's job) and rotate over
+//! three matrices per shape (two per shape in the batch, which does not fit three copies of
+//! 224 layers' worth of different matrices cheaply: each matrix is over the 60 MB L2 anyway).
+//! Compare with `python3 scripts/bench/torch_svd_lowrank.py` run on the same machine.
+//! cuSOLVER's `cusolverDnXgesvdr` is not in this run (not wired up yet).
+
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
+use loraga::summary::{self, Row};
+use loraga_core::cpu::CpuStorage;
+use loraga_core::cuda::timing::{median, median_ms, time_iters};
+use loraga_core::cuda::{CudaDevice, CudaStorage};
+use loraga_core::linalg::{CudaMatrixRef, CudaRsvd, GemmMath, RsvdConfig};
+use loraga_core::testing::randn;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use std::time::Duration;
+
+const NITER: usize = 4;
+
+fn main() {
+    let dev = match CudaDevice::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("the rsvd bench needs a CUDA GPU: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut criterion = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut rows = Vec::new();
+
+    for (m, n) in [(4096, 4096), (11008, 4096)] {
+        let inputs: Vec<CudaStorage> = (0..3).map(|_| gaussian(&dev, &mut rng, m, n)).collect();
+        for q in [32, 128, 512] {
+            let flops = ((2 * NITER + 2) * 2 * m * n * q) as f64;
+            let problem = format!("{m}x{n} q={q}");
+            let cfg = RsvdConfig::new(q, q, NITER, 7);
+            let mut group = group(&mut criterion, &format!("rsvd_{m}x{n}_q{q}"), flops);
+            for (math, label) in [(GemmMath::Fp32, "loraga fp32"), (GemmMath::Tf32, "loraga tf32")] {
+                let mut plan = CudaRsvd::new(&dev, math);
+                let ms = measure(&dev, &mut group, label, |i| {
+                    plan.run("bench", CudaMatrixRef::new(&inputs[i], m, n)?, &cfg).map(drop)
+                });
+                rows.push(Row { problem: problem.clone(), implementation: label.into(), median_ms: ms, flops });
+            }
+            group.finish();
+        }
+    }
+    criterion.final_summary();
+
+    // The Llama-2-7B batch: 32 layers x (4 of 4096x4096, 2 of 11008x4096, 1 of 4096x11008).
+    let shapes = [(4096, 4096), (11008, 4096), (4096, 11008)];
+    let pool: Vec<Vec<CudaStorage>> =
+        shapes.iter().map(|&(m, n)| (0..2).map(|_| gaussian(&dev, &mut rng, m, n)).collect()).collect();
+    let kinds = [("q", 0), ("k", 0), ("v", 0), ("o", 0), ("gate", 1), ("up", 1), ("down", 2)];
+    let names: Vec<(String, usize, usize)> = (0..32)
+        .flat_map(|l| {
+            kinds.iter().enumerate().map(move |(j, &(kind, s))| (format!("layers.{l}.{kind}"), s, (l + j) % 2))
+        })
+        .collect();
+    let items: Vec<(&str, CudaMatrixRef)> = names
+        .iter()
+        .map(|(name, s, copy)| {
+            let (m, n) = shapes[*s];
+            (name.as_str(), CudaMatrixRef::new(&pool[*s][*copy], m, n).unwrap())
+        })
+        .collect();
+    for r in [8, 32] {
+        let cfg = RsvdConfig::lora_ga(r, 7);
+        let flops: f64 = items.iter().map(|(_, a)| ((2 * NITER + 2) * 2 * a.rows() * a.cols() * 4 * r) as f64).sum();
+        let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
+        let ms = median_ms(&dev, 1, 3, || plan.run_batch(&items, &cfg).map(drop)).unwrap();
+        eprintln!("Llama-2-7B 224 layers, r = {r}: {ms:.1} ms");
+        rows.push(Row {
+            problem: format!("Llama-2-7B 224 layers r={r} q={}", 4 * r),
+            implementation: "loraga fp32 batch".into(),
+            median_ms: ms,
+            flops,
+        });
+    }
+
+    summary::emit(
+        "rsvd",
+        "randomized SVD, niter = 4, f32 (CUDA events, median per run; torch.svd_lowrank: scripts/bench/torch_svd_lowrank.py)",
+        &rows,
+        "loraga fp32",
+    );
+}
+
+fn gaussian(dev: &CudaDevice, rng: &mut StdRng, m: usize, n: usize) -> CudaStorage {
+    CudaStorage::from_cpu(dev, &CpuStorage::F32(randn(rng, m * n))).unwrap()
+}
+
+fn group<'a>(c: &'a mut Criterion, name: &str, flops: f64) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sampling_mode(SamplingMode::Flat).sample_size(10).throughput(Throughput::Elements(flops as u64));
+    g
+}
+
+/// Benchmarks `run(input_index)` with CUDA-event timing, rotating over three inputs, and returns
+/// the median milliseconds per run over Criterion's samples.
+fn measure(
+    dev: &CudaDevice,
+    group: &mut BenchmarkGroup<WallTime>,
+    name: &str,
+    mut run: impl FnMut(usize) -> loraga_core::Result<()>,
+) -> f64 {
+    for i in 0..3 {
+        run(i).unwrap(); // warm-up: module load, cuBLAS handle, workspace, Ω
+    }
+    let mut per_iter_ms = Vec::new();
+    let mut turn = 0usize;
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let t = time_iters(dev, iters, || {
+                turn = (turn + 1) % 3;
+                run(turn)
+            })
+            .unwrap();
+            per_iter_ms.push(t.as_secs_f64() * 1e3 / iters as f64);
+            t
+        })
+    });
+    median(&mut per_iter_ms)
+}

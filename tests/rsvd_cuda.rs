@@ -1,0 +1,305 @@
+//! GPU randomized SVD (`loraga_core::linalg::rsvd_cuda`) against the exact SVD and the CPU path
+//! with the same Ω, on matrices with a known, decaying spectrum. Every test needs a CUDA GPU and
+//! fails without one (run with `--include-ignored`). Inputs are fresh each run: the seed comes
+//! from the clock (or LORAGA_TEST_SEED to replay a failure) and is printed.
+//!
+//! Tolerances are the CPU test's (tests/rsvd_cpu.rs explains them): the top q/2 singular values
+//! within 1e-3 relative of the exact SVD, ‖UᵀU − I‖_max and ‖VᵀV − I‖_max ≤ 1e-5, the rank-q/2
+//! error within 1.005x of the best and the rank-q error within 1.06x. Against the CPU path (f64,
+//! same Ω) the rank-q error must be within 1.005x: the same algorithm in f32 may not be worse.
+
+use faer::Mat;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use loraga_core::cpu::CpuStorage;
+use loraga_core::cuda::{CudaDevice, CudaStorage};
+use loraga_core::linalg::*;
+use loraga_core::testing::randn;
+use loraga_core::{Device, Tensor};
+
+fn test_seed() -> u64 {
+    let seed = std::env::var("LORAGA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    eprintln!("LORAGA_TEST_SEED={seed}");
+    seed
+}
+
+fn gpu() -> CudaDevice {
+    CudaDevice::new(0).expect("this test needs a CUDA GPU")
+}
+
+fn upload(dev: &CudaDevice, data: &[f32]) -> CudaStorage {
+    CudaStorage::from_cpu(dev, &CpuStorage::F32(data.to_vec())).expect("upload")
+}
+
+/// Columns of a random matrix with orthonormal columns, [rows, cols], rows ≥ cols.
+fn random_orthonormal(rng: &mut impl Rng, rows: usize, cols: usize) -> Mat<f64> {
+    let g = randn(rng, rows * cols);
+    Mat::from_fn(rows, cols, |i, j| g[i * cols + j] as f64).qr().compute_thin_Q()
+}
+
+/// U diag(σ) Vᵀ with random orthonormal U, V, rounded to f32 row-major.
+fn with_spectrum(rng: &mut impl Rng, m: usize, n: usize, sigma: impl Fn(usize) -> f64) -> Vec<f32> {
+    let c = m.min(n);
+    let mut u = random_orthonormal(rng, m, c);
+    let v = random_orthonormal(rng, n, c);
+    for j in 0..c {
+        let s = sigma(j + 1);
+        u.col_mut(j).iter_mut().for_each(|x| *x *= s);
+    }
+    let a = u * v.transpose();
+    (0..m * n).map(|idx| a[(idx / n, idx % n)] as f32).collect()
+}
+
+fn harmonic(i: usize) -> f64 {
+    1.0 / i as f64
+}
+
+fn inverse_square(i: usize) -> f64 {
+    1.0 / (i * i) as f64
+}
+
+fn inverse_cube(i: usize) -> f64 {
+    1.0 / (i * i * i) as f64
+}
+
+const S_REL_TOL: f64 = 1e-3;
+const ORTHO_TOL: f64 = 1e-5;
+const RANK_HALF_Q_RATIO: f64 = 1.005;
+const RANK_Q_RATIO: f64 = 1.06;
+const VS_CPU_RATIO: f64 = 1.005;
+
+struct Case {
+    m: usize,
+    n: usize,
+    q: usize,
+    decay: fn(usize) -> f64,
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decaying_spectra_match_the_exact_svd_and_the_cpu_path() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let cases = [
+        Case { m: 300, n: 217, q: 8, decay: harmonic },
+        Case { m: 300, n: 217, q: 32, decay: inverse_square },
+        Case { m: 217, n: 300, q: 32, decay: harmonic },
+        Case { m: 300, n: 217, q: 128, decay: harmonic },
+        Case { m: 1024, n: 4096, q: 128, decay: harmonic },
+        Case { m: 4096, n: 1024, q: 32, decay: harmonic },
+        Case { m: 4096, n: 1024, q: 8, decay: inverse_cube },
+        Case { m: 1024, n: 4096, q: 32, decay: inverse_square },
+    ];
+    for c in cases {
+        let what = format!("{}x{} q={}", c.m, c.n, c.q);
+        let data = with_spectrum(&mut rng, c.m, c.n, c.decay);
+        let a = MatrixRef::new(&data, c.m, c.n).unwrap();
+        let storage = upload(&dev, &data);
+        let cfg = RsvdConfig::new(c.q, c.q, 4, rng.random());
+        let got = svd_lowrank_cuda("case", CudaMatrixRef::new(&storage, c.m, c.n).unwrap(), &cfg).unwrap();
+        let cpu = svd_lowrank("case", a, &cfg).unwrap();
+        let exact = svd_exact("case", a, c.q).unwrap();
+        assert_eq!((got.rows(), got.cols(), got.k()), (c.m, c.n, c.q), "{what}");
+        assert!(got.s().windows(2).all(|w| w[0] >= w[1]), "{what}: not descending: {:?}", got.s());
+
+        let k = c.q / 2;
+        for j in 0..k {
+            let (g, e) = (got.s()[j] as f64, exact.s()[j] as f64);
+            assert!(((g - e) / e).abs() <= S_REL_TOL, "{what}: sigma_{j} = {g}, exact {e}");
+        }
+        let (ou, ov) = (got.u_orthogonality_error(), got.v_orthogonality_error());
+        eprintln!("{what}: |U'U - I| = {ou:e}, |V'V - I| = {ov:e}");
+        assert!(ou <= ORTHO_TOL && ov <= ORTHO_TOL, "{what}: |U'U - I| = {ou:e}, |V'V - I| = {ov:e}");
+
+        let err = |s: &TruncatedSvd, k: usize| s.truncated(k).reconstruction_error(a).unwrap();
+        let (rk, rq) = (err(&got, k) / err(&exact, k), err(&got, c.q) / err(&exact, c.q));
+        let vs_cpu = err(&got, c.q) / err(&cpu, c.q);
+        eprintln!("{what}: rank-{k} ratio {rk}, rank-q ratio {rq}, vs CPU {vs_cpu}");
+        assert!(rk <= RANK_HALF_Q_RATIO, "{what}: rank-{k} error is {rk}x the best");
+        assert!(rq <= RANK_Q_RATIO, "{what}: rank-{} error is {rq}x the best", c.q);
+        assert!(vs_cpu <= VS_CPU_RATIO, "{what}: rank-q error is {vs_cpu}x the CPU path's");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tf32_products_still_find_the_top_subspace() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let (m, n, q) = (1024, 768, 32);
+    let data = with_spectrum(&mut rng, m, n, harmonic);
+    let a = MatrixRef::new(&data, m, n).unwrap();
+    let storage = upload(&dev, &data);
+    let cfg = RsvdConfig::new(q, q / 2, 4, rng.random());
+    let got =
+        CudaRsvd::new(&dev, GemmMath::Tf32).run("tf32", CudaMatrixRef::new(&storage, m, n).unwrap(), &cfg).unwrap();
+    let exact = svd_exact("tf32", a, q / 2).unwrap();
+    // TF32 rounds the products' operands to 10-bit mantissas (~5e-4): looser than fp32.
+    for j in 0..q / 2 {
+        let (g, e) = (got.s()[j] as f64, exact.s()[j] as f64);
+        assert!(((g - e) / e).abs() <= 1e-2, "sigma_{j} = {g}, exact {e}");
+    }
+    assert!(got.u_orthogonality_error() <= ORTHO_TOL && got.v_orthogonality_error() <= ORTHO_TOL);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn same_seed_is_bit_identical_and_another_seed_is_not() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let data = randn(&mut rng, 520 * 390);
+    let storage = upload(&dev, &data);
+    let a = CudaMatrixRef::new(&storage, 520, 390).unwrap();
+    let seed = rng.random();
+    let cfg = RsvdConfig::new(32, 16, 4, seed);
+    let first = svd_lowrank_cuda("a", a, &cfg).unwrap();
+    assert_eq!(first, svd_lowrank_cuda("a", a, &cfg).unwrap());
+    let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
+    assert_eq!(first, plan.run("a", a, &cfg).unwrap());
+    assert_eq!(first, plan.run("a", a, &cfg).unwrap(), "a reused plan");
+    let other = RsvdConfig { seed: seed ^ 1, ..cfg.clone() };
+    assert_ne!(first, svd_lowrank_cuda("a", a, &other).unwrap());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn batched_equals_one_by_one() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let shapes = [(130, 70), (45, 160), (12, 9), (96, 96), (700, 300)];
+    let names = ["q_proj", "up_proj", "tiny", "o_proj", "down_proj"];
+    let data: Vec<Vec<f32>> = shapes.iter().map(|&(m, n)| randn(&mut rng, m * n)).collect();
+    let storages: Vec<CudaStorage> = data.iter().map(|d| upload(&dev, d)).collect();
+    let items: Vec<(&str, CudaMatrixRef)> = (0..shapes.len())
+        .map(|i| (names[i], CudaMatrixRef::new(&storages[i], shapes[i].0, shapes[i].1).unwrap()))
+        .collect();
+    // r = 4 wants q = 16; the 12x9 layer clamps to q = 9, k = 8, as LoRA-GA's min(4r, min(shape)).
+    let cfg = RsvdConfig::lora_ga(4, rng.random());
+    let batch = svd_lowrank_batch_cuda(&items, &cfg).unwrap();
+    assert_eq!(batch.len(), shapes.len());
+    for (i, ((name, a), got)) in items.iter().zip(&batch).enumerate() {
+        assert_eq!(got, &svd_lowrank_cuda(name, *a, &cfg).unwrap(), "{name}");
+        let host = MatrixRef::new(&data[i], shapes[i].0, shapes[i].1).unwrap();
+        let cpu = svd_lowrank(name, host, &cfg).unwrap();
+        let ratio = got.reconstruction_error(host).unwrap() / cpu.reconstruction_error(host).unwrap();
+        assert!((ratio - 1.0).abs() < 1e-3, "{name}: error {ratio}x the CPU path's");
+    }
+    assert_eq!(batch[2].k(), 8);
+    assert!(svd_lowrank_batch_cuda(&[], &cfg).unwrap().is_empty());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bad_inputs_are_errors_that_name_the_layer() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let mut data = randn(&mut rng, 20 * 10);
+    let cfg = RsvdConfig::new(4, 2, 4, 7);
+    let err = |data: &[f32], m, n, cfg: &RsvdConfig| {
+        let s = upload(&dev, data);
+        svd_lowrank_cuda("layers.3.mlp.up_proj", CudaMatrixRef::new(&s, m, n).unwrap(), cfg).unwrap_err().to_string()
+    };
+
+    data[5 * 10 + 7] = f32::NAN;
+    data[6 * 10] = f32::INFINITY;
+    let e = err(&data, 20, 10, &cfg);
+    assert!(e.contains("layers.3.mlp.up_proj") && e.contains("NaN at [5, 7]"), "{e}");
+    data[5 * 10 + 7] = 1.0;
+    let e = err(&data, 20, 10, &cfg);
+    assert!(e.contains("inf at [6, 0]"), "{e}");
+    data[6 * 10] = 1.0;
+
+    let e = err(&data, 20, 10, &RsvdConfig::new(11, 2, 4, 7));
+    assert!(e.contains("layers.3.mlp.up_proj") && e.contains("q = 11 must be in 1..=10"), "{e}");
+    let e = err(&data, 20, 10, &RsvdConfig::new(4, 5, 4, 7));
+    assert!(e.contains("k = 5 must be in 1..=q (q = 4)"), "{e}");
+    let e = err(&data, 20, 10, &RsvdConfig::new(0, 0, 4, 7));
+    assert!(e.contains("q = 0"), "{e}");
+
+    let s = upload(&dev, &data);
+    let e = CudaMatrixRef::new(&s, 21, 10).err().unwrap().to_string();
+    assert!(e.contains("200 elements do not fill [21, 10]"), "{e}");
+
+    // A batch reports the first bad layer in input order.
+    let mut nan = data.clone();
+    nan[0] = f32::NAN;
+    let (good, bad) = (upload(&dev, &data), upload(&dev, &nan));
+    let items = [
+        ("good", CudaMatrixRef::new(&good, 20, 10).unwrap()),
+        ("first_bad", CudaMatrixRef::new(&bad, 20, 10).unwrap()),
+        ("second_bad", CudaMatrixRef::new(&bad, 10, 20).unwrap()),
+    ];
+    let e = svd_lowrank_batch_cuda(&items, &cfg).unwrap_err().to_string();
+    assert!(e.contains("first_bad"), "{e}");
+
+    // The tensor path (bf16 widened on the device) checks q the same way.
+    let t = Tensor::from_vec(vec![half::bf16::from_f32(1.0); 6], [2, 3], &Device::Cuda(dev.clone())).unwrap();
+    let e = svd_lowrank_tensor("w", &t, &RsvdConfig::new(3, 3, 4, 7)).unwrap_err().to_string();
+    assert!(e.contains("`w`") && e.contains("q = 3 must be in 1..=2"), "{e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn ill_conditioned_rank_deficient_and_zero_inputs_still_factor() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    // Rank 3 asked for q = 8, a geometric spectrum down to 1e-16 (shifted CholeskyQR), and zero
+    // (the Householder fallback): the bases must stay orthonormal past the numerical rank.
+    let low_rank = with_spectrum(&mut rng, 50, 40, |i| if i <= 3 { 1.0 / i as f64 } else { 0.0 });
+    let geometric = with_spectrum(&mut rng, 300, 217, |i| 10f64.powf(-(i as f64) / 2.0));
+    let zero = vec![0.0f32; 64 * 48];
+    for (what, data, m, n, q) in
+        [("low_rank", &low_rank, 50, 40, 8), ("geometric", &geometric, 300, 217, 32), ("zero", &zero, 64, 48, 8)]
+    {
+        let a = MatrixRef::new(data, m, n).unwrap();
+        let s = upload(&dev, data);
+        let norm = data.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        for niter in [0, 4] {
+            let got = svd_lowrank_cuda(
+                what,
+                CudaMatrixRef::new(&s, m, n).unwrap(),
+                &RsvdConfig::new(q, q, niter, rng.random()),
+            )
+            .unwrap();
+            let (ou, ov) = (got.u_orthogonality_error(), got.v_orthogonality_error());
+            assert!(ou <= ORTHO_TOL && ov <= ORTHO_TOL, "{what} niter {niter}: {ou:e} {ov:e}");
+            let e = got.reconstruction_error(a).unwrap();
+            assert!(e <= 1e-5 * norm.max(1.0), "{what} niter {niter}: error {e}, |A| = {norm}");
+            if what != "zero" {
+                let exact = svd_exact(what, a, 3).unwrap();
+                for j in 0..3 {
+                    let (g, x) = (got.s()[j] as f64, exact.s()[j] as f64);
+                    assert!(((g - x) / x).abs() <= S_REL_TOL, "{what} niter {niter}: sigma_{j} = {g}, exact {x}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_tensors_are_factored_on_the_device_bf16_widened() {
+    let dev = gpu();
+    let device = Device::Cuda(dev.clone());
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let data = randn(&mut rng, 60 * 33);
+    let cfg = RsvdConfig::new(12, 6, 4, rng.random());
+    let s = upload(&dev, &data);
+    let want = svd_lowrank_cuda("w", CudaMatrixRef::new(&s, 60, 33).unwrap(), &cfg).unwrap();
+    let t = Tensor::from_vec(data.clone(), [60, 33], &device).unwrap();
+    assert_eq!(svd_lowrank_tensor("w", &t, &cfg).unwrap(), want);
+
+    let bf: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let widened: Vec<f32> = bf.iter().map(|x| x.to_f32()).collect();
+    let s = upload(&dev, &widened);
+    let want = svd_lowrank_cuda("w", CudaMatrixRef::new(&s, 60, 33).unwrap(), &cfg).unwrap();
+    let t = Tensor::from_vec(bf, [60, 33], &device).unwrap();
+    assert_eq!(svd_lowrank_tensor("w", &t, &cfg).unwrap(), want);
+
+    let t = Tensor::from_vec(data, [2, 30, 33], &device).unwrap();
+    let e = svd_lowrank_tensor("stacked", &t, &cfg).unwrap_err().to_string();
+    assert!(e.contains("stacked must be a matrix"), "{e}");
+}
