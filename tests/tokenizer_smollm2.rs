@@ -1,6 +1,8 @@
 //! The byte-level BPE rebuilt from SmolLM2's GGUF metadata: round trips on English and GSM8K
 //! text, special tokens, digits split one by one (SmolLM's pre-tokenizer), and a tokenizer.json
-//! written from it loading back the same. Needs `scripts/fetch-smollm2.sh` (fails without it).
+//! written from it loading back the same, and token ids equal to transformers' tokenizer for the
+//! same GGUF (tests/fixtures/smollm2_tokens.json, written by scripts/fixtures/llama_parity.py on
+//! the GPU machine). Needs `scripts/fetch-smollm2.sh` (fails without it).
 
 use loraga_core::io::GgufFile;
 use loraga_core::testing::repo_path;
@@ -76,4 +78,18 @@ fn tokenizer_json_round_trip() {
     }
     let e = Tokenizer::from_file(dir.path().join("missing.json")).err().unwrap().to_string();
     assert!(e.contains("missing.json"), "{e}");
+}
+
+#[test]
+fn token_ids_match_transformers() {
+    let path = repo_path("tests/fixtures/smollm2_tokens.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let fx: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let tok = tokenizer();
+    let strings = fx["ids"].as_object().unwrap();
+    assert!(strings.len() >= 5, "only {} strings in the fixture", strings.len());
+    for (text, ids) in strings {
+        let want: Vec<u32> = ids.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text).unwrap(), want, "{text:?}");
+    }
 }
