@@ -12,10 +12,13 @@
 //! Compare with `python3 scripts/bench/torch_svd_lowrank.py` run on the same machine.
 //! cuSOLVER's `cusolverDnXgesvdr` is not in this run (not wired up yet).
 
-use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
+mod common;
+
+use common::{group, measure};
+use criterion::Criterion;
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
-use loraga_core::cuda::timing::{median, median_ms, time_iters};
+use loraga_core::cuda::timing::median_ms;
 use loraga_core::cuda::{CudaDevice, CudaStorage};
 use loraga_core::linalg::{CudaMatrixRef, CudaRsvd, GemmMath, RsvdConfig};
 use loraga_core::testing::randn;
@@ -100,37 +103,4 @@ fn main() {
 
 fn gaussian(dev: &CudaDevice, rng: &mut StdRng, m: usize, n: usize) -> CudaStorage {
     CudaStorage::from_cpu(dev, &CpuStorage::F32(randn(rng, m * n))).unwrap()
-}
-
-fn group<'a>(c: &'a mut Criterion, name: &str, flops: f64) -> BenchmarkGroup<'a, WallTime> {
-    let mut g = c.benchmark_group(name);
-    g.sampling_mode(SamplingMode::Flat).sample_size(10).throughput(Throughput::Elements(flops as u64));
-    g
-}
-
-/// Benchmarks `run(input_index)` with CUDA-event timing, rotating over three inputs, and returns
-/// the median milliseconds per run over Criterion's samples.
-fn measure(
-    dev: &CudaDevice,
-    group: &mut BenchmarkGroup<WallTime>,
-    name: &str,
-    mut run: impl FnMut(usize) -> loraga_core::Result<()>,
-) -> f64 {
-    for i in 0..3 {
-        run(i).unwrap(); // warm-up: module load, cuBLAS handle, workspace, Ω
-    }
-    let mut per_iter_ms = Vec::new();
-    let mut turn = 0usize;
-    group.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let t = time_iters(dev, iters, || {
-                turn = (turn + 1) % 3;
-                run(turn)
-            })
-            .unwrap();
-            per_iter_ms.push(t.as_secs_f64() * 1e3 / iters as f64);
-            t
-        })
-    });
-    median(&mut per_iter_ms)
 }
