@@ -83,3 +83,25 @@ fn device_gemm_rejects_bad_inputs_with_clear_errors() {
     let e = gemm(&Gemm::default(), &a, &cpu_b, &mut c).unwrap_err().to_string();
     assert!(e.contains("different devices"), "{e}");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cublaslt_matches_f64_reference_for_bf16() {
+    let dev = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x17);
+    for g in variants() {
+        for &s in SHAPES {
+            let p = problem(&mut rng, dims(s), g, DType::BF16);
+            let (a, b) = p.operands(&dev);
+            let mut c = p.output(&dev, DType::BF16);
+            gemm_cuda(GemmPath::CublasLt, &g, &a, &b, &mut c).unwrap();
+            let err = rel_error(&c.to_f32_vec().unwrap(), &p.reference);
+            assert!(err <= 4e-3, "{g:?} {s:?}: rel. error {err:.2e}");
+        }
+    }
+    let p = problem(&mut rng, dims((8, 8, 8)), Gemm::default(), DType::F32);
+    let (a, b) = p.operands(&dev);
+    let mut c = p.output(&dev, DType::F32);
+    let e = gemm_cuda(GemmPath::CublasLt, &Gemm::default(), &a, &b, &mut c).unwrap_err().to_string();
+    assert!(e.contains("bf16"), "{e}");
+}

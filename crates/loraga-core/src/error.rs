@@ -48,6 +48,13 @@ pub enum Error {
         source: cudarc::cublas::result::CublasError,
     },
 
+    #[error("cuBLASLt call {op} failed: {source}")]
+    CublasLt {
+        op: &'static str,
+        #[source]
+        source: cudarc::cublaslt::result::CublasError,
+    },
+
     #[error("{op}: shape mismatch: {msg}")]
     Shape { op: &'static str, msg: String },
 
@@ -93,6 +100,10 @@ impl Error {
 
     pub(crate) fn cublas(op: &'static str) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
         move |source| Error::Cublas { op, source }
+    }
+
+    pub(crate) fn cublaslt(op: &'static str) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> Error {
+        move |source| Error::CublasLt { op, source }
     }
 
     pub(crate) fn format(file: impl Into<PathBuf>, msg: impl Into<String>) -> Error {

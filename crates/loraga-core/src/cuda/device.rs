@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use cudarc::cublas::CudaBlas;
+use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, sys};
 use cudarc::nvrtc::Ptx;
 
@@ -30,6 +31,7 @@ struct Inner {
     cache: KernelCache,
     modules: Mutex<HashMap<&'static str, (Arc<CudaModule>, ModuleLoad)>>,
     blas: OnceLock<CudaBlas>,
+    blas_lt: OnceLock<CudaBlasLT>,
 }
 
 /// How a module was obtained, and how long it took (for reports and the cache measurements).
@@ -74,6 +76,7 @@ impl CudaDevice {
             cache,
             modules: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
+            blas_lt: OnceLock::new(),
         })))
     }
 
@@ -155,6 +158,18 @@ impl CudaDevice {
         libs::ensure_cublas()?;
         let blas = CudaBlas::new(self.0.stream.clone()).map_err(Error::cublas("cublasCreate"))?;
         Ok(self.0.blas.get_or_init(|| blas))
+    }
+}
+
+impl CudaDevice {
+    /// The device's cuBLASLt handle (with its 32 MB workspace), bound to its stream.
+    pub fn cublaslt(&self) -> Result<&CudaBlasLT> {
+        if let Some(b) = self.0.blas_lt.get() {
+            return Ok(b);
+        }
+        libs::ensure_cublaslt()?;
+        let lt = CudaBlasLT::new(self.0.stream.clone()).map_err(Error::cublaslt("cublasLtCreate"))?;
+        Ok(self.0.blas_lt.get_or_init(|| lt))
     }
 }
 

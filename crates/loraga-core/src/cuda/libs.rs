@@ -116,6 +116,19 @@ pub fn ensure_cublas() -> Result<()> {
     Err(Error::NoCublas { searched: dirs })
 }
 
+pub fn ensure_cublaslt() -> Result<()> {
+    // SAFETY: only tries to open the library.
+    let present = || unsafe { cudarc::cublaslt::sys::is_culib_present() };
+    if present() {
+        return Ok(());
+    }
+    let dirs = lib_dirs();
+    if preload("libcublasLt.so.13", &dirs) && present() {
+        return Ok(());
+    }
+    Err(Error::NoCublas { searched: dirs })
+}
+
 /// The folder holding `cuda_bf16.h`, which NVRTC needs to compile our kernels.
 pub fn cuda_include_dir() -> Result<PathBuf> {
     let mut candidates = Vec::new();
