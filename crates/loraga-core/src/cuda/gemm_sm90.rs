@@ -50,6 +50,9 @@ pub fn unsupported(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &CudaSt
         return Some(format!("the GEMM engine takes 1 or 2 K sources, got {}", sources.len()));
     }
     for (i, s) in sources.iter().enumerate() {
+        if s.a.device != c.device || s.b.device != c.device {
+            return Some(format!("K source {i}: operands and C are on different devices"));
+        }
         if s.a.dtype() != DType::BF16 || s.b.dtype() != DType::BF16 {
             return Some(format!(
                 "K source {i}: the GEMM engine takes bf16 operands, got {} and {}",
