@@ -19,7 +19,7 @@ pub enum Error {
     )]
     NoNvrtc { searched: Vec<PathBuf> },
 
-    #[error("cuBLAS not found: libcublas.so.13 is not on the loader path and not in {searched:?}")]
+    #[error("cuBLAS not found: libcublas.so.13 or libcublasLt.so.13 is not on the loader path and not in {searched:?}")]
     NoCublas { searched: Vec<PathBuf> },
 
     #[error(

@@ -88,45 +88,36 @@ pub fn ensure_driver() -> Result<()> {
     if unsafe { cudarc::driver::sys::is_culib_present() } { Ok(()) } else { Err(Error::NoDriver) }
 }
 
-pub fn ensure_nvrtc() -> Result<()> {
-    // SAFETY: only tries to open the library.
-    let present = || unsafe { cudarc::nvrtc::sys::is_culib_present() };
+/// Makes sure cudarc will be able to open a library by name: it is on the loader path already,
+/// or `files` (dependencies first) are opened by full path from a CUDA installation we can find.
+/// On failure, the folders searched.
+fn ensure(present: fn() -> bool, files: &[&str]) -> std::result::Result<(), Vec<PathBuf>> {
     if present() {
         return Ok(());
     }
     let dirs = lib_dirs();
-    if preload("libnvrtc.so.13", &dirs) && present() {
-        return Ok(());
+    for f in files {
+        preload(f, &dirs);
     }
-    Err(Error::NoNvrtc { searched: dirs })
+    if present() { Ok(()) } else { Err(dirs) }
+}
+
+// SAFETY (each `is_culib_present` below): it only tries to open the library.
+
+pub fn ensure_nvrtc() -> Result<()> {
+    ensure(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }, &["libnvrtc.so.13"])
+        .map_err(|searched| Error::NoNvrtc { searched })
 }
 
 pub fn ensure_cublas() -> Result<()> {
-    // SAFETY: only tries to open the library.
-    let present = || unsafe { cudarc::cublas::sys::is_culib_present() };
-    if present() {
-        return Ok(());
-    }
-    let dirs = lib_dirs();
     // libcublas needs libcublasLt beside it.
-    preload("libcublasLt.so.13", &dirs);
-    if preload("libcublas.so.13", &dirs) && present() {
-        return Ok(());
-    }
-    Err(Error::NoCublas { searched: dirs })
+    ensure(|| unsafe { cudarc::cublas::sys::is_culib_present() }, &["libcublasLt.so.13", "libcublas.so.13"])
+        .map_err(|searched| Error::NoCublas { searched })
 }
 
 pub fn ensure_cublaslt() -> Result<()> {
-    // SAFETY: only tries to open the library.
-    let present = || unsafe { cudarc::cublaslt::sys::is_culib_present() };
-    if present() {
-        return Ok(());
-    }
-    let dirs = lib_dirs();
-    if preload("libcublasLt.so.13", &dirs) && present() {
-        return Ok(());
-    }
-    Err(Error::NoCublas { searched: dirs })
+    ensure(|| unsafe { cudarc::cublaslt::sys::is_culib_present() }, &["libcublasLt.so.13"])
+        .map_err(|searched| Error::NoCublas { searched })
 }
 
 /// The folder holding `cuda_bf16.h`, which NVRTC needs to compile our kernels.
