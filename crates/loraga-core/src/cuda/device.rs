@@ -30,9 +30,13 @@ struct Inner {
     name: String,
     cache: KernelCache,
     modules: Mutex<HashMap<&'static str, (Arc<CudaModule>, ModuleLoad)>>,
+    functions: Mutex<HashMap<(&'static str, String), LoadedFunction>>,
     blas: OnceLock<CudaBlas>,
     blas_lt: OnceLock<CudaBlasLT>,
 }
+
+/// A resolved kernel and the dynamic shared memory it has been allowed so far.
+type LoadedFunction = (CudaFunction, usize);
 
 /// How a module was obtained, and how long it took (for reports and the cache measurements).
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +79,7 @@ impl CudaDevice {
             name,
             cache,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             blas_lt: OnceLock::new(),
         })))
@@ -122,8 +127,27 @@ impl CudaDevice {
     /// Kernel `name` from `kernels/<module>.cu`, compiled (or taken from the disk cache) and
     /// loaded on first use, then kept for the life of the device.
     pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        self.function_with_shared_memory(module, name, 0)
+    }
+
+    /// The same for a kernel launched with `bytes` of dynamic shared memory: the limit above the
+    /// default 48 KB is raised once, when a launch first needs it, not on every launch.
+    pub fn function_with_shared_memory(&self, module: &'static str, name: &str, bytes: usize) -> Result<CudaFunction> {
+        let mut functions = self.0.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((f, allowed)) = functions.get_mut(&(module, name.to_string())) {
+            if *allowed < bytes {
+                set_shared_memory(f, bytes)?;
+                *allowed = bytes;
+            }
+            return Ok(f.clone());
+        }
         let (m, _) = self.module(module)?;
-        m.load_function(name).map_err(|_| Error::UnknownKernel { module: module.into(), name: name.into() })
+        let f = m.load_function(name).map_err(|_| Error::UnknownKernel { module: module.into(), name: name.into() })?;
+        if bytes > 0 {
+            set_shared_memory(&f, bytes)?;
+        }
+        functions.insert((module, name.to_string()), (f.clone(), bytes));
+        Ok(f)
     }
 
     /// Loads (or returns the loaded) module and says how it was obtained.
@@ -171,6 +195,11 @@ impl CudaDevice {
         let lt = CudaBlasLT::new(self.0.stream.clone()).map_err(Error::cublaslt("cublasLtCreate"))?;
         Ok(self.0.blas_lt.get_or_init(|| lt))
     }
+}
+
+fn set_shared_memory(f: &CudaFunction, bytes: usize) -> Result<()> {
+    let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    f.set_attribute(attr, bytes as i32).map_err(Error::cuda("cuFuncSetAttribute"))
 }
 
 impl std::fmt::Debug for CudaDevice {

@@ -6,8 +6,8 @@
 //! storing C [M, N] as bf16 or f32.
 
 use cudarc::driver::sys::{
-    self, CUfunction_attribute, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
-    CUtensorMapL2promotion, CUtensorMapSwizzle,
+    self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
+    CUtensorMapSwizzle,
 };
 use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -102,9 +102,7 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
     let stream = dev.stream();
     let layout = format!("{}{}", if g.trans_a { "t" } else { "n" }, if g.trans_b { "t" } else { "n" });
     let name = format!("gemm_sm90_{layout}_bf16_{}", c.dtype());
-    let f = dev.function("gemm_sm90", &name)?;
-    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM_BYTES as i32)
-        .map_err(Error::cuda("cuFuncSetAttribute"))?;
+    let f = dev.function_with_shared_memory("gemm_sm90", &name, SMEM_BYTES)?;
 
     let mut maps = Vec::with_capacity(4);
     let mut k_tiles = [0i32; 2];
