@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{group, measure};
+use common::{group, measure, setup};
 use criterion::Criterion;
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
@@ -18,20 +18,9 @@ use loraga_core::gemm::{Gemm, gemm_cuda};
 use loraga_core::testing::randn;
 use loraga_core::{DType, Device, Storage, Tensor};
 use rand::SeedableRng;
-use std::time::Duration;
 
 fn main() {
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("the gemm bench needs a CUDA GPU: {e}");
-            std::process::exit(1);
-        }
-    };
-    let mut criterion = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
+    let (dev, mut criterion) = setup("gemm");
     let mut rows = Vec::new();
     let mut bench = Bench { dev: dev.clone(), device: Device::Cuda(dev), rng: rand::rngs::StdRng::seed_from_u64(1) };
 

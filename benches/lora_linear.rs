@@ -8,31 +8,19 @@
 
 mod common;
 
-use common::{group, measure};
-use criterion::Criterion;
+use common::{group, measure, setup};
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
-use loraga_core::cuda::{CudaDevice, GemmPath};
+use loraga_core::cuda::GemmPath;
 use loraga_core::gemm::{Gemm, gemm_cuda};
 use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
 use loraga_core::testing::randn;
 use loraga_core::{DType, Device, Tensor};
 use rand::SeedableRng;
-use std::time::Duration;
 
 fn main() {
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("the lora bench needs a CUDA GPU: {e}");
-            std::process::exit(1);
-        }
-    };
+    let (dev, mut c) = setup("lora_linear");
     let device = Device::Cuda(dev.clone());
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     let mut t = |rows: usize, cols: usize, std: f32| {
         let v: Vec<f32> = randn(&mut rng, rows * cols).into_iter().map(|x| x * std).collect();

@@ -14,8 +14,7 @@
 
 mod common;
 
-use common::{group, measure};
-use criterion::Criterion;
+use common::{group, measure, setup};
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cuda::timing::median_ms;
@@ -24,22 +23,11 @@ use loraga_core::linalg::{CudaMatrixRef, CudaRsvd, GemmMath, RsvdConfig};
 use loraga_core::testing::randn;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use std::time::Duration;
 
 const NITER: usize = 4;
 
 fn main() {
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("the rsvd bench needs a CUDA GPU: {e}");
-            std::process::exit(1);
-        }
-    };
-    let mut criterion = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
+    let (dev, mut criterion) = setup("rsvd");
     let mut rng = StdRng::seed_from_u64(1);
     let mut rows = Vec::new();
 

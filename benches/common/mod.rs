@@ -1,10 +1,29 @@
 //! Shared by the benches: a Criterion group set up for GPU work, and CUDA-event timing of one
 //! implementation over rotating input sets.
 
+use std::time::Duration;
+
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
 use loraga_core::Result;
 use loraga_core::cuda::CudaDevice;
 use loraga_core::cuda::timing::{median, time_iters};
+
+/// The GPU and a Criterion set up for GPU benches (1 s warm-up, 3 s of samples, command-line
+/// options honoured). Without a usable GPU the bench says why and exits with status 1.
+pub fn setup(bench: &str) -> (CudaDevice, Criterion) {
+    let dev = match CudaDevice::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("the {bench} bench needs a CUDA GPU: {e}");
+            std::process::exit(1);
+        }
+    };
+    let criterion = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    (dev, criterion)
+}
 
 /// A group with Flat sampling (every sample the same number of runs) of 10 samples; Criterion's
 /// "elements" are the floating-point operations of one run, so its Gelem/s reads as GFLOP/s.
