@@ -170,21 +170,7 @@ fn bad_inputs_are_errors_that_name_the_layer() {
         svd_lowrank_cuda("layers.3.mlp.up_proj", CudaMatrixRef::new(&s, m, n).unwrap(), cfg).unwrap_err().to_string()
     };
 
-    data[5 * 10 + 7] = f32::NAN;
-    data[6 * 10] = f32::INFINITY;
-    let e = err(&data, 20, 10, &cfg);
-    assert!(e.contains("layers.3.mlp.up_proj") && e.contains("NaN at [5, 7]"), "{e}");
-    data[5 * 10 + 7] = 1.0;
-    let e = err(&data, 20, 10, &cfg);
-    assert!(e.contains("inf at [6, 0]"), "{e}");
-    data[6 * 10] = 1.0;
-
-    let e = err(&data, 20, 10, &RsvdConfig::new(11, 2, 4, 7));
-    assert!(e.contains("layers.3.mlp.up_proj") && e.contains("q = 11 must be in 1..=10"), "{e}");
-    let e = err(&data, 20, 10, &RsvdConfig::new(4, 5, 4, 7));
-    assert!(e.contains("k = 5 must be in 1..=q (q = 4)"), "{e}");
-    let e = err(&data, 20, 10, &RsvdConfig::new(0, 0, 4, 7));
-    assert!(e.contains("q = 0"), "{e}");
+    check_layer_errors(&mut data, &cfg, err);
 
     let s = upload(&dev, &data);
     let e = CudaMatrixRef::new(&s, 21, 10).err().unwrap().to_string();

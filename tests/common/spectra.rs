@@ -40,3 +40,29 @@ pub fn harmonic(i: usize) -> f64 {
 pub fn inverse_square(i: usize) -> f64 {
     1.0 / (i * i) as f64
 }
+
+/// The error messages every randomized-SVD backend must give for a 20 x 10 layer named
+/// `layers.3.mlp.up_proj`: non-finite values with their position, and q or k out of range.
+/// `err(data, m, n, cfg)` runs the backend and returns its error as text; the two entries poisoned here are left at 1.0.
+pub fn check_layer_errors(
+    data: &mut [f32],
+    cfg: &loraga_core::linalg::RsvdConfig,
+    err: impl Fn(&[f32], usize, usize, &loraga_core::linalg::RsvdConfig) -> String,
+) {
+    use loraga_core::linalg::RsvdConfig;
+    data[5 * 10 + 7] = f32::NAN;
+    data[6 * 10] = f32::INFINITY;
+    let e = err(data, 20, 10, cfg);
+    assert!(e.contains("layers.3.mlp.up_proj") && e.contains("NaN at [5, 7]"), "{e}");
+    data[5 * 10 + 7] = 1.0;
+    let e = err(data, 20, 10, cfg);
+    assert!(e.contains("inf at [6, 0]"), "{e}");
+    data[6 * 10] = 1.0;
+
+    let e = err(data, 20, 10, &RsvdConfig::new(11, 2, 4, 7));
+    assert!(e.contains("layers.3.mlp.up_proj") && e.contains("q = 11 must be in 1..=10"), "{e}");
+    let e = err(data, 20, 10, &RsvdConfig::new(4, 5, 4, 7));
+    assert!(e.contains("k = 5 must be in 1..=q (q = 4)"), "{e}");
+    let e = err(data, 20, 10, &RsvdConfig::new(0, 0, 4, 7));
+    assert!(e.contains("q = 0"), "{e}");
+}
