@@ -12,24 +12,6 @@ use loraga_core::linalg::*;
 use loraga_core::testing::randn;
 use loraga_core::{Device, Tensor};
 
-struct Case {
-    m: usize,
-    n: usize,
-    q: usize,
-    decay: fn(usize) -> f64,
-}
-
-/// Tolerances, from 30 draws of each case here and of `torch.svd_lowrank` (fp32, H200, niter=4)
-/// on the same spectra: the top q/2 singular values (LoRA-GA uses 2r = q/2 vectors) came within
-/// 1.4e-5 relative (torch 5.8e-6); the rank-q/2 error within 1.000005x of the best (torch the
-/// same). The rank-q error is where randomisation shows: its ratio to the best rank-q error had
-/// medians 1.004-1.009 for torch and 1.006 here (equal within 0.3%), and maxima up to 1.043
-/// (torch, q = 8) and 1.030 (here); 1.06 bounds that tail with room.
-const S_REL_TOL: f64 = 1e-3;
-const ORTHO_TOL: f64 = 1e-5;
-const RANK_HALF_Q_RATIO: f64 = 1.005;
-const RANK_Q_RATIO: f64 = 1.06;
-
 #[test]
 fn decaying_spectra_match_the_exact_svd() {
     let mut rng = StdRng::seed_from_u64(test_seed());
@@ -44,24 +26,7 @@ fn decaying_spectra_match_the_exact_svd() {
         let a = with_spectrum(&mut rng, c.m, c.n, c.decay);
         let a = MatrixRef::new(&a, c.m, c.n).unwrap();
         let got = svd_lowrank("case", a, &RsvdConfig::new(c.q, c.q, 4, rng.random())).unwrap();
-        let exact = svd_exact("case", a, c.q).unwrap();
-        assert_eq!((got.rows(), got.cols(), got.k()), (c.m, c.n, c.q), "{what}");
-        assert!(got.s().windows(2).all(|w| w[0] >= w[1]), "{what}: not descending: {:?}", got.s());
-
-        let k = c.q / 2;
-        for j in 0..k {
-            let (g, e) = (got.s()[j] as f64, exact.s()[j] as f64);
-            assert!(((g - e) / e).abs() <= S_REL_TOL, "{what}: sigma_{j} = {g}, exact {e}");
-        }
-        let (ou, ov) = (got.u_orthogonality_error(), got.v_orthogonality_error());
-        assert!(ou <= ORTHO_TOL && ov <= ORTHO_TOL, "{what}: |U'U - I| = {ou:e}, |V'V - I| = {ov:e}");
-
-        let ratio = |k: usize| {
-            got.truncated(k).reconstruction_error(a).unwrap() / exact.truncated(k).reconstruction_error(a).unwrap()
-        };
-        let (rk, rq) = (ratio(k), ratio(c.q));
-        assert!(rk <= RANK_HALF_Q_RATIO, "{what}: rank-{k} error is {rk}x the best");
-        assert!(rq <= RANK_Q_RATIO, "{what}: rank-{} error is {rq}x the best", c.q);
+        check_against_exact(&what, &got, a, c.q);
     }
 }
 

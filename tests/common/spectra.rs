@@ -66,3 +66,48 @@ pub fn check_layer_errors(
     let e = err(data, 20, 10, &RsvdConfig::new(0, 0, 4, 7));
     assert!(e.contains("q = 0"), "{e}");
 }
+
+/// A matrix with a decaying spectrum, factored with oversampled rank q.
+pub struct Case {
+    pub m: usize,
+    pub n: usize,
+    pub q: usize,
+    pub decay: fn(usize) -> f64,
+}
+
+/// Tolerances, from 30 draws of each case here and of `torch.svd_lowrank` (fp32, H200, niter=4)
+/// on the same spectra: the top q/2 singular values (LoRA-GA uses 2r = q/2 vectors) came within
+/// 1.4e-5 relative (torch 5.8e-6); the rank-q/2 error within 1.000005x of the best (torch the
+/// same). The rank-q error is where randomisation shows: its ratio to the best rank-q error had
+/// medians 1.004-1.009 for torch and 1.006 here (equal within 0.3%), and maxima up to 1.043
+/// (torch, q = 8) and 1.030 (here); 1.06 bounds that tail with room.
+pub const S_REL_TOL: f64 = 1e-3;
+pub const ORTHO_TOL: f64 = 1e-5;
+pub const RANK_HALF_Q_RATIO: f64 = 1.005;
+pub const RANK_Q_RATIO: f64 = 1.06;
+
+/// Checks a rank-q randomized SVD of `a` against its exact SVD: shape, descending order, the top
+/// q/2 singular values, orthogonality of U and V, and the rank-q/2 and rank-q errors.
+pub fn check_against_exact(
+    what: &str,
+    got: &loraga_core::linalg::TruncatedSvd,
+    a: loraga_core::linalg::MatrixRef,
+    q: usize,
+) {
+    let exact = loraga_core::linalg::svd_exact("case", a, q).unwrap();
+    assert_eq!((got.rows(), got.cols(), got.k()), (a.rows(), a.cols(), q), "{what}");
+    assert!(got.s().windows(2).all(|w| w[0] >= w[1]), "{what}: not descending: {:?}", got.s());
+    let k = q / 2;
+    for j in 0..k {
+        let (g, e) = (got.s()[j] as f64, exact.s()[j] as f64);
+        assert!(((g - e) / e).abs() <= S_REL_TOL, "{what}: sigma_{j} = {g}, exact {e}");
+    }
+    let (ou, ov) = (got.u_orthogonality_error(), got.v_orthogonality_error());
+    assert!(ou <= ORTHO_TOL && ov <= ORTHO_TOL, "{what}: |U'U - I| = {ou:e}, |V'V - I| = {ov:e}");
+    let ratio = |k: usize| {
+        got.truncated(k).reconstruction_error(a).unwrap() / exact.truncated(k).reconstruction_error(a).unwrap()
+    };
+    let (rk, rq) = (ratio(k), ratio(q));
+    assert!(rk <= RANK_HALF_Q_RATIO, "{what}: rank-{k} error is {rk}x the best");
+    assert!(rq <= RANK_Q_RATIO, "{what}: rank-{q} error is {rq}x the best");
+}
