@@ -106,11 +106,10 @@ fn gpu_self_check(dev: &CudaDevice) -> Result<String> {
         dev.synchronize()?;
         let first_ms = t.elapsed().as_secs_f64() * 1e3;
         let origin = match path {
-            GemmPath::Naive => format!(
-                "module {:?} in {:.1} ms",
-                dev.module("gemm_naive")?.1.origin,
-                dev.module("gemm_naive")?.1.millis
-            ),
+            GemmPath::Naive => {
+                let (_, load) = dev.module("gemm_naive")?;
+                format!("module {:?} in {:.1} ms", load.origin, load.millis)
+            }
             _ => "cuBLAS handle created on first use".into(),
         };
         let err = rel_error(&c.to_f32_vec()?, &r);
