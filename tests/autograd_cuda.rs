@@ -59,9 +59,11 @@ fn tensor(v: &[f32], shape: &[usize], dtype: DType, dev: &Device) -> Tensor {
     Tensor::from_cpu(CpuStorage::from_f32_vec(dtype, v.to_vec()), shape.to_vec().into(), dev).unwrap()
 }
 
+const F32_BOUND: f64 = 1e-5;
+
 fn bound(stored: DType) -> f64 {
     match stored {
-        DType::F32 => 1e-5,
+        DType::F32 => F32_BOUND,
         DType::BF16 => 4e-3,
     }
 }
@@ -102,8 +104,10 @@ fn run(dev: &Device, dtype: DType, inputs: &Inputs, seed: &[f32], build: Build) 
 }
 
 /// Runs `build` on the CPU in f32 and on the GPU in `dtype` with the same fresh inputs of
-/// `shapes` and the same seed, and checks the GPU's dtypes and errors. Input i's gradient is
-/// f32 when `weight_like[i]`, else in `dtype`. Returns both runs for further checks.
+/// `shapes` and the same seed, and checks the GPU's dtypes and errors: values stored in bf16
+/// within `bound(BF16)`, in f32 within `f32_bound` (normally `bound(F32)`). Input i's gradient
+/// is f32 when `weight_like[i]`, else in `dtype`. Returns both runs for further checks.
+#[allow(clippy::too_many_arguments)]
 fn compare(
     name: &str,
     rng: &mut StdRng,
@@ -111,22 +115,8 @@ fn compare(
     dtype: DType,
     shapes: &[&[usize]],
     weight_like: &[bool],
-    build: Build,
-) -> (Run, Run) {
-    compare_within(name, rng, dev, dtype, shapes, weight_like, build, bound(DType::F32))
-}
-
-/// [`compare`] with another bound for the values stored in f32.
-#[allow(clippy::too_many_arguments)]
-fn compare_within(
-    name: &str,
-    rng: &mut StdRng,
-    dev: &Device,
-    dtype: DType,
-    shapes: &[&[usize]],
-    weight_like: &[bool],
-    build: Build,
     f32_bound: f64,
+    build: Build,
 ) -> (Run, Run) {
     let bound_for = |stored: DType| if stored == DType::F32 { f32_bound } else { bound(stored) };
     let inputs: Inputs = shapes.iter().map(|s| (values(rng, s.iter().product(), dtype), s.to_vec())).collect();
@@ -159,7 +149,9 @@ fn linear_matches_the_cpu() {
     // Ragged (the naive kernel) and multiples of 8 (the Hopper engine in bf16 on sm_90a).
     for (n, k, m) in [(37, 75, 53), (72, 128, 200), (1, 9, 3)] {
         for dtype in DTYPES {
-            compare("linear", &mut rng, &dev, dtype, &[&[n, k], &[m, k]], &[false, true], &|t, v| t.linear(v[0], v[1]));
+            compare("linear", &mut rng, &dev, dtype, &[&[n, k], &[m, k]], &[false, true], F32_BOUND, &|t, v| {
+                t.linear(v[0], v[1])
+            });
         }
     }
 }
@@ -175,11 +167,11 @@ fn elementwise_ops_match_the_cpu() {
         let s: &[usize] = &shape;
         for dtype in DTYPES {
             let two = [s, s];
-            compare("add", &mut rng, &dev, dtype, &two, &[false, false], &|t, v| t.add(v[0], v[1]));
-            compare("mul", &mut rng, &dev, dtype, &two, &[false, false], &|t, v| t.mul(v[0], v[1]));
-            compare("scale", &mut rng, &dev, dtype, &[s], &[false], &|t, v| t.scale(v[0], -1.7));
-            compare("silu", &mut rng, &dev, dtype, &[s], &[false], &|t, v| t.silu(v[0]));
-            compare("swiglu", &mut rng, &dev, dtype, &two, &[false, false], &|t, v| t.swiglu(v[0], v[1]));
+            compare("add", &mut rng, &dev, dtype, &two, &[false, false], F32_BOUND, &|t, v| t.add(v[0], v[1]));
+            compare("mul", &mut rng, &dev, dtype, &two, &[false, false], F32_BOUND, &|t, v| t.mul(v[0], v[1]));
+            compare("scale", &mut rng, &dev, dtype, &[s], &[false], F32_BOUND, &|t, v| t.scale(v[0], -1.7));
+            compare("silu", &mut rng, &dev, dtype, &[s], &[false], F32_BOUND, &|t, v| t.silu(v[0]));
+            compare("swiglu", &mut rng, &dev, dtype, &two, &[false, false], F32_BOUND, &|t, v| t.swiglu(v[0], v[1]));
         }
     }
 }
@@ -195,8 +187,9 @@ fn embedding_with_repeated_ids_matches_the_cpu() {
     let many: Vec<u32> = (0..5000u32).map(|i| (i * 7919) % 50).collect();
     for ids in [few, many] {
         for dtype in DTYPES {
-            let (cpu, gpu) =
-                compare("embedding", &mut rng, &dev, dtype, &[&[50, 67]], &[true], &|t, v| t.embedding(&ids, v[0]));
+            let (cpu, gpu) = compare("embedding", &mut rng, &dev, dtype, &[&[50, 67]], &[true], F32_BOUND, &|t, v| {
+                t.embedding(&ids, v[0])
+            });
             assert_eq!(gpu.out.0, cpu.out.0, "the embedding forward is a copy: bit for bit");
         }
     }
@@ -214,19 +207,12 @@ fn rms_norm_matches_the_cpu() {
         // The CPU tape sums dw over the rows one after the other in f32: over 70001 rows its own
         // error is about u sqrt(n / 2) = 1.1e-5 (4.3e-6 measured on such data, against 6.9e-7
         // for the GPU's chunked sum), so that case gets 3e-5.
-        let f32_bound = if n > 10_000 { 3e-5 } else { bound(DType::F32) };
+        let f32_bound = if n > 10_000 { 3e-5 } else { F32_BOUND };
         for dtype in DTYPES {
             let shapes: [&[usize]; 2] = [&[n, d], &[d]];
-            compare_within(
-                "rms_norm",
-                &mut rng,
-                &dev,
-                dtype,
-                &shapes,
-                &[false, true],
-                &|t, v| t.rms_norm(v[0], v[1], 1e-5),
-                f32_bound,
-            );
+            compare("rms_norm", &mut rng, &dev, dtype, &shapes, &[false, true], f32_bound, &|t, v| {
+                t.rms_norm(v[0], v[1], 1e-5)
+            });
         }
     }
 }
@@ -244,7 +230,7 @@ fn rope_matches_the_cpu() {
             (0..rows).map(|r| if r == 0 { max_pos as u32 - 1 } else { (r as u32 * 131) % max_pos as u32 }).collect();
         for dtype in DTYPES {
             // Twice on one tape: the second call finds the table already on the device.
-            compare("rope", &mut rng, &dev, dtype, &[&[rows, heads * head_dim]], &[false], &|t, v| {
+            compare("rope", &mut rng, &dev, dtype, &[&[rows, heads * head_dim]], &[false], F32_BOUND, &|t, v| {
                 let y = t.rope(v[0], &table, &positions)?;
                 let z = t.rope(v[0], &table, &positions)?;
                 t.add(y, z)
