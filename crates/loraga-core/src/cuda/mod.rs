@@ -9,6 +9,7 @@ pub mod gemm_sm90;
 pub mod kernels;
 pub mod libs;
 pub mod nvrtc;
+pub mod ops;
 pub mod storage;
 pub mod timing;
 
