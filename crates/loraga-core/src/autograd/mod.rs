@@ -14,6 +14,7 @@
 //! error. The CUDA versions will be added behind the same tape methods.
 
 pub mod attention;
+mod cuda_data;
 mod data;
 pub mod loss;
 pub mod norm;
