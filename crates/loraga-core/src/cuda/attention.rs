@@ -4,7 +4,7 @@
 //!   S = Q Kᵀ / sqrt(d),  P = softmax(S + mask),  O = P V
 //!   dP = dO Vᵀ,  dV = Pᵀ dO,  dS = P ∘ (dP − rowsum(dP ∘ P)),  dQ = dS K / sqrt(d),  dK = dSᵀ Q / sqrt(d)
 //!
-//! Choice: cuBLAS strided-batched GEMMs for the five products and the fused masked-softmax
+//! Choice: cuBLAS strided-batched GEMMs for the six products and the fused masked-softmax
 //! kernels of `kernels/attention.cu` (option (a) of issue 6), not a flash-style kernel.
 //!
 //! Layout. q [batch·seq, H·d] and k, v [batch·seq, KV·d] are token-major; `attn_swap` copies them
@@ -50,15 +50,19 @@
 //! 9 heads → 75.5 M scores → 302 MB (S) + 151 MB (P) per call, freed when it returns; a
 //! Llama-1B shape (32 heads) → 1.07 GB + 0.54 GB.
 //!
-//! Time. Seven GEMMs of 2·batch·H·seq²·d FLOPs each (half of which the causal mask discards), and
-//! about 12 bytes of traffic per score element in the forward, ~2x that in the backward: at
-//! SmolLM2's shape about 0.9 GB per layer forward, i.e. roughly 0.3 ms at H200 bandwidth, more
-//! than the GEMMs' arithmetic (d = 64 is a thin inner dimension). Not measured yet. A fused
-//! (flash-style) kernel would remove the seq² traffic and memory; this path is the correct
-//! baseline it would be checked against.
+//! Time (estimated, not measured yet). Seven GEMMs of 2·batch·H·seq²·d FLOPs each (two forward,
+//! five backward; half of the work is above the causal diagonal and discarded), and about 12
+//! bytes of memory traffic per score element forward (S written and read, P written and read)
+//! and 28 backward. At SmolLM2's shape that is 0.9 GB per layer forward and 2.1 GB backward,
+//! ~0.3 + 0.7 ms at H200 bandwidth, i.e. ~30 ms per training step over 30 layers, while the
+//! GEMMs' arithmetic is ~0.2 ms per layer: the seq² traffic dominates (d = 64 is a thin inner
+//! dimension). A fused flash-style kernel would remove that traffic and the seq² memory; this path
+//! is the baseline such a kernel would be checked against.
 //!
-//! The key mask is uploaded once per call of the tape op as bytes ([`KeyMask`]); all other
-//! scratch is allocated uninitialised and every element is written before it is read.
+//! The key mask is uploaded once per call of the tape op ([`KeyMask`], batch·seq bytes from
+//! pageable host memory, which the driver may stage by waiting for the stream; one device mask
+//! shared by all layers would save that). All other scratch is allocated uninitialised, and every
+//! element is written before it is read.
 
 use cudarc::cublas::result as blas_result;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
