@@ -16,6 +16,7 @@
 //! An op without a CUDA version yet returns [`Error::NotOnCuda`](crate::Error::NotOnCuda).
 
 pub mod attention;
+mod cuda_data;
 mod data;
 pub mod elementwise;
 pub mod loss;
