@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 
 /// Elements per block: 16 per thread, enough to hide the table lookup.
 const CHUNK: usize = 4096;
+/// The kernels' THREADS: their loops stride by it and their block sums assume it.
 const THREADS: u32 = 256;
 
 /// One AdamW operand set: the f32 parameter and moments (updated) and its gradient (read).
