@@ -37,7 +37,6 @@ fn f64s(v: &Value) -> Vec<f64> {
 }
 
 #[test]
-#[ignore = "needs tests/fixtures/optim from scripts/fixtures/adamw_reference.py"]
 fn adamw_and_clipping_match_torch() {
     let (file, meta) = fixture();
     let t = |name: &str| file.tensor(name, DType::F32, &Device::Cpu).unwrap();
@@ -92,7 +91,6 @@ fn adamw_and_clipping_match_torch() {
 }
 
 #[test]
-#[ignore = "needs tests/fixtures/optim from scripts/fixtures/adamw_reference.py"]
 fn schedules_match_transformers() {
     let (_, meta) = fixture();
     let schedules = meta["schedules"].as_array().unwrap();
@@ -116,7 +114,9 @@ fn schedules_match_transformers() {
     }
     match &meta["warmup_from_ratio"] {
         Value::Array(rows) => {
-            for r in rows {
+            // transformers 5 spells a warmup ratio as a float warmup_steps below 1; the fixture's
+            // ratio 1.0 (written by the script's first version) meant one step there, not a ratio.
+            for r in rows.iter().filter(|r| r["ratio"].as_f64().unwrap() < 1.0) {
                 let (total, ratio) = (r["total"].as_u64().unwrap(), r["ratio"].as_f64().unwrap());
                 let want = r["warmup_steps"].as_u64().unwrap();
                 assert_eq!(warmup_steps_from_ratio(total, ratio).unwrap(), want, "total {total}, ratio {ratio}");
