@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod gguf_writer;
+pub mod loraga;
 pub mod spectra;
 
 use half::bf16;
