@@ -13,7 +13,7 @@ use loraga_core::io::{AdapterConfig, SafetensorsCheckpoint, load_adapter, read_a
 use loraga_core::lora::{LoraConfig, lora_a_name, lora_b_name};
 use loraga_core::loraga::*;
 use loraga_core::model::{Batch, Llama};
-use loraga_core::testing::{randn, rel_error};
+use loraga_core::testing::rel_error;
 use loraga_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -41,15 +41,7 @@ fn trained(c: &mut Case, lora: &LoraConfig, method: &InitMethod) -> (Llama, Para
     let mut model = Llama::new(c.model.config.clone()).unwrap();
     let mut p = clone_params(&c.w0);
     let state = initialize(&mut model, &mut p, lora.clone(), method, Some(&c.grads)).unwrap();
-    for l in &state.layers {
-        for name in [lora_a_name(&l.module), lora_b_name(&l.module)] {
-            let t = p.get(&name).unwrap();
-            let v = t.to_f32_vec().unwrap();
-            let norm = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt().max(1e-3);
-            let moved: Vec<f32> = v.iter().zip(randn(&mut c.rng, v.len())).map(|(x, z)| x + 0.1 * norm * z).collect();
-            p.set_value(&name, Tensor::from_vec(moved, t.dims().to_vec(), &Device::Cpu).unwrap()).unwrap();
-        }
-    }
+    move_adapters(&mut p, &state, &mut c.rng);
     (model, p, state)
 }
 

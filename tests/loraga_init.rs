@@ -23,7 +23,7 @@ use loraga_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-const TOL: f64 = 1e-3;
+const TOL: f64 = 2e-3;
 
 struct Setup {
     model: Llama,
@@ -113,8 +113,9 @@ fn predicted(cfg: &LoraGaConfig, svd: &TruncatedSvd, w0: &Tensor, r: usize, s: f
 /// - the tape: the real gradients ∇A, ∇B at the initialised model give g̃ = s(B0∇A + ∇B A0), and
 ///   one SGD step of rate λ changes W_eff by −λ g̃ + λ² s³ G A0ᵀ B0ᵀ G. These carry the f32
 ///   rounding of the gradients, which are sums of per-token terms that largely cancel (the mean's
-///   norm is a small fraction of the terms'), so a few f32 ulps become up to ~1e-4 relative
-///   (measured over many seeds): tolerance 1e-3, still 100x under a wrong constant.
+///   norm is a small fraction of the terms'; worst for layer 0's q/k), so a few f32 ulps become
+///   up to 5e-4 relative (the worst of 600 seeds x 64 configurations): tolerance 2e-3, still 50x
+///   under a wrong constant.
 fn check_first_step(s: &Setup, lora: &LoraConfig, cfg: &LoraGaConfig, what: &str) {
     let (model, mut params, state) = init(s, lora, &InitMethod::LoraGa(cfg.clone()));
     let grads = adapter_grads(&model, &mut params, &s.batches);
@@ -135,8 +136,11 @@ fn check_first_step(s: &Setup, lora: &LoraConfig, cfg: &LoraGaConfig, what: &str
         assert!(e < TOL, "{what}: {}: tape s(B0∇A + ∇B A0) vs the prediction: {e:.2e}", layer.module);
         let (a1, b1) = (&a0 - scaled(&ga, lr), &b0 - scaled(&gb, lr));
         let dw = scaled(&(&b1 * &a1 - &b0 * &a0), sc);
-        let second = scaled(&(&g * a0.transpose() * b0.transpose() * &g), lr * lr * sc * sc * sc);
-        let e = rel(&dw, &(scaled(&want, -lr) + second));
+        let (first, second) =
+            (scaled(&want, -lr), scaled(&(&g * a0.transpose() * b0.transpose() * &g), lr * lr * sc * sc * sc));
+        // Relative to the two terms' sizes: at λ = 0.5 they can nearly cancel (PEFT's `random`
+        // puts the same triplets in A and B), which no relative error of the sum survives.
+        let e = (&dw - (&first + &second)).norm_l2() / (first.norm_l2() + second.norm_l2());
         assert!(e < TOL, "{what}: {}: one SGD step vs −λg̃ + λ²s³GA0ᵀB0ᵀG: {e:.2e}", layer.module);
     }
 }

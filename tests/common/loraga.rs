@@ -99,3 +99,17 @@ pub fn clone_params(p: &Params) -> Params {
 pub fn scaled(m: &Mat<f64>, s: f64) -> Mat<f64> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| s * m[(i, j)])
 }
+
+/// Moves every A and B of `state` by ~10% of its RMS, as training would.
+pub fn move_adapters(p: &mut Params, state: &loraga_core::loraga::InitState, rng: &mut impl Rng) {
+    for l in &state.layers {
+        for name in [loraga_core::lora::lora_a_name(&l.module), loraga_core::lora::lora_b_name(&l.module)] {
+            let t = p.get(&name).unwrap();
+            let v = t.to_f32_vec().unwrap();
+            let rms = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt().max(1e-3);
+            let moved: Vec<f32> = v.iter().zip(randn(rng, v.len())).map(|(x, z)| x + 0.1 * rms * z).collect();
+            let dims = t.dims().to_vec();
+            p.set_value(&name, Tensor::from_vec(moved, dims, &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+}

@@ -16,7 +16,6 @@ use rand::Rng;
 
 use super::layer::{LayerInit, factors_to_layer, host_f32};
 use crate::cpu::CpuStorage;
-use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::linalg::{MatrixRef, RsvdConfig, svd_exact, svd_lowrank};
@@ -56,10 +55,11 @@ pub fn lora_layer(name: &str, w: &Tensor, r: usize, rng: &mut impl Rng) -> Resul
             format!("rank {r} must be in 1..={} for [{out}, {inp}]", out.min(inp)),
         ));
     }
+    // On W's device: nothing here needs the host but drawing A.
     let a = CpuStorage::from_f32_vec(w.dtype(), kaiming_uniform_a(r, inp, rng)?);
     Ok(LayerInit {
-        a: Tensor::from_cpu(a, [r, inp].into(), &Device::Cpu)?,
-        b: Tensor::zeros([out, r], w.dtype(), &Device::Cpu)?,
+        a: Tensor::from_cpu(a, [r, inp].into(), &w.device())?,
+        b: Tensor::zeros([out, r], w.dtype(), &w.device())?,
         weight: None,
     })
 }

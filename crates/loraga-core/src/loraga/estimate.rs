@@ -27,6 +27,12 @@ use crate::model::{Batch, Llama};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 
+/// The reference's estimation data (spec §2.1): the first 128 training examples, unshuffled, in
+/// 64 micro-batches of 2, truncated to 1024 tokens. The caller builds the batches.
+pub const REFERENCE_BATCHES: usize = 64;
+pub const REFERENCE_BATCH_SIZE: usize = 2;
+pub const REFERENCE_MAX_LENGTH: usize = 1024;
+
 const OP: &str = "LoRA-GA gradient estimation";
 const BATCHES_KEY: &str = "loraga.batches";
 

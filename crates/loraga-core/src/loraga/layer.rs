@@ -148,6 +148,7 @@ pub fn build(
     s: f64,
     cfg: &LoraGaConfig,
 ) -> Result<LayerInit> {
+    cfg.validate()?;
     let (m, n) = w.shape().dims2(OP, name)?;
     if (svd.rows(), svd.cols()) != (m, n) || svd.k() < 2 * r {
         return Err(Error::layer(
