@@ -345,8 +345,23 @@ fn bad_inputs_are_refused_with_names() {
     let mut unlabeled = s.batches[0].clone();
     unlabeled.labels = None;
     let mut p = clone_params(&s.params);
-    let e = estimate_gradients(&s.model, &mut p, targets, [unlabeled], &EstimateOptions::default()).err().unwrap();
+    let e =
+        estimate_gradients(&s.model, &mut p, targets.clone(), [unlabeled], &EstimateOptions::default()).err().unwrap();
     assert!(e.to_string().contains("has no labels"), "{e}");
+    // A batch the forward pass rejects leaves the estimator usable, and the flags restored.
+    let mut est = GradientEstimator::new(&p, targets.clone(), &EstimateOptions::default()).unwrap();
+    let mut bad = s.batches[0].clone();
+    bad.input_ids[3] = 1000;
+    assert!(est.step(&s.model, &mut p, &bad).unwrap_err().to_string().contains("outside the vocabulary"));
+    assert!(p.iter().all(|x| !x.trainable()));
+    for b in &s.batches {
+        est.step(&s.model, &mut p, b).unwrap();
+    }
+    let again = est.finish().unwrap();
+    assert_eq!(
+        again.get(&targets[0]).unwrap().to_vec::<f32>().unwrap(),
+        s.grads.get(&targets[0]).unwrap().to_vec::<f32>().unwrap()
+    );
     // A gradient with NaN names the layer and the position.
     let mut grads: Vec<(String, Tensor)> = s
         .grads

@@ -93,7 +93,7 @@ impl AdapterConfig {
             other => return bad(format!("peft_type is {other:?}, loraga reads LORA adapters")),
         }
         let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
-        for k in ["use_dora", "fan_in_fan_out", "lora_bias"] {
+        for k in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"] {
             if flag(k) {
                 return bad(format!("'{k}' is true; not supported"));
             }
@@ -108,7 +108,14 @@ impl AdapterConfig {
                 return bad(format!("'{k}' is set; per-module ranks and alphas are not supported"));
             }
         }
-        for k in ["layers_to_transform", "modules_to_save"] {
+        for k in [
+            "layers_to_transform",
+            "modules_to_save",
+            "layer_replication",
+            "trainable_token_indices",
+            "target_parameters",
+            "alora_invocation_tokens",
+        ] {
             if v.get(k).is_some_and(|x| !x.is_null()) {
                 return bad(format!("'{k}' is set; not supported"));
             }

@@ -96,6 +96,8 @@ pub struct GradientEstimator {
     counts: Vec<usize>,
     batches: usize,
     plan: MemoryPlan,
+    /// A step failed part-way: some accumulators hold part of a batch, so the sums are wrong.
+    failed: bool,
 }
 
 impl GradientEstimator {
@@ -149,7 +151,7 @@ impl GradientEstimator {
             .collect::<Result<Vec<_>>>()?;
         let index = targets.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
         let counts = vec![0; targets.len()];
-        Ok(GradientEstimator { names: targets, index, acc, counts, batches: 0, plan })
+        Ok(GradientEstimator { names: targets, index, acc, counts, batches: 0, plan, failed: false })
     }
 
     pub fn memory(&self) -> &MemoryPlan {
@@ -161,8 +163,10 @@ impl GradientEstimator {
     }
 
     /// One micro-batch: forward, loss, backward with only the targets trainable. Returns the loss.
-    /// The parameters' trainable flags are restored afterwards, also on error.
+    /// The parameters' trainable flags are restored afterwards, also on error; after an error in
+    /// the backward pass the estimator refuses to go on (its sums hold part of a batch).
     pub fn step(&mut self, model: &Llama, params: &mut Params, batch: &Batch) -> Result<f32> {
+        self.check_intact()?;
         if model.lora.is_some() {
             return Err(Error::InvalidArgument(format!(
                 "{OP}: the model already has LoRA adapters; estimate the gradient on the base model"
@@ -187,7 +191,7 @@ impl GradientEstimator {
     fn run(&mut self, model: &Llama, params: &mut Params, batch: &Batch) -> Result<f32> {
         let mut tape = Tape::new();
         let out = model.forward(&mut tape, params, batch)?;
-        let loss = out.loss.expect("labels were checked");
+        let loss = out.loss.ok_or_else(|| Error::InvalidArgument(format!("{OP}: the model computed no loss")))?;
         let value = tape.value(loss).to_f32_vec()?[0];
         let placement = self.plan.placement;
         let (index, acc, counts) = (&self.index, &mut self.acc, &mut self.counts);
@@ -197,12 +201,25 @@ impl GradientEstimator {
             counts[i] += 1;
             Ok(HookAction::Drop)
         };
-        tape.backward(loss, params, Some(&mut hook))?;
+        let result = tape.backward(loss, params, Some(&mut hook));
+        // The forward pass touches no accumulator; a failed backward may have added to some.
+        self.failed = result.is_err();
+        result?;
         Ok(value)
+    }
+
+    fn check_intact(&self) -> Result<()> {
+        if self.failed {
+            return Err(Error::InvalidArgument(format!(
+                "{OP}: an earlier step failed part-way, so the sums are incomplete; start a new estimator"
+            )));
+        }
+        Ok(())
     }
 
     /// Divides each accumulator by the number of passes that reached it.
     pub fn finish(self) -> Result<GradientEstimate> {
+        self.check_intact()?;
         let mut grads = Vec::with_capacity(self.names.len());
         for ((name, mut acc), count) in self.names.into_iter().zip(self.acc).zip(self.counts) {
             if count == 0 {

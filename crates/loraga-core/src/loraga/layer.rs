@@ -265,16 +265,25 @@ pub(crate) fn offset_weight(name: &str, w: &Tensor, a: &Tensor, b: &Tensor, s: f
         ));
     }
     let (w0, a, b) = (host_f32(w, name)?, host_f32(a, name)?, host_f32(b, name)?);
-    let mut out = vec![0.0f64; m * n];
-    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        for (j, o) in row.iter_mut().enumerate() {
-            let ba: f64 = (0..r).map(|k| b[i * r + k] as f64 * a[k * n + j] as f64).sum();
-            *o = w0[i * n + j] as f64 - s * ba;
-        }
-    });
+    let value = |i: usize, j: usize| {
+        let ba: f64 = (0..r).map(|k| b[i * r + k] as f64 * a[k * n + j] as f64).sum();
+        w0[i * n + j] as f64 - s * ba
+    };
     let cpu = match w.dtype() {
-        DType::F32 => CpuStorage::F32(out.into_iter().map(|x| x as f32).collect()),
-        DType::BF16 => CpuStorage::BF16(out.into_iter().map(bf16::from_f64).collect()),
+        DType::F32 => {
+            let mut out = vec![0.0f32; m * n];
+            out.par_chunks_mut(n)
+                .enumerate()
+                .for_each(|(i, row)| row.iter_mut().enumerate().for_each(|(j, o)| *o = value(i, j) as f32));
+            CpuStorage::F32(out)
+        }
+        DType::BF16 => {
+            let mut out = vec![bf16::ZERO; m * n];
+            out.par_chunks_mut(n)
+                .enumerate()
+                .for_each(|(i, row)| row.iter_mut().enumerate().for_each(|(j, o)| *o = bf16::from_f64(value(i, j))));
+            CpuStorage::BF16(out)
+        }
     };
     Tensor::from_cpu(cpu, [m, n].into(), &Device::Cpu)
 }
