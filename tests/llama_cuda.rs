@@ -2,10 +2,13 @@
 //!
 //! - f32 everywhere: the same 1e-4 bound as the CPU (every GEMM is f32 on the naive kernel).
 //! - mixed precision as training runs it: frozen base weights in bf16, LoRA A/B as f32 master
-//!   copies cast to bf16 on the tape, bf16 activations. Bounds from the roundings involved: each
-//!   bf16 rounding is <= 2^-8 relative; logits come through 2 layers of about 10 roundings on
-//!   the path, so 3e-2 for logits and gradients, 1e-2 for the loss (a mean over tokens, whose
-//!   errors partly cancel). What was measured is printed.
+//!   copies cast to bf16 on the tape, bf16 activations. Each bf16 rounding is <= 2^-8 relative
+//!   and logits come through 2 layers of about 10 roundings, so 3e-2 for logits; the loss is a
+//!   mean over tokens whose errors partly cancel: 5e-3. The LoRA gradients are products of
+//!   bf16-rounded activations and bf16-rounded upstream gradients summed over every token, so
+//!   their relative error is larger: measured on the H200 (2026-11-29) 4.0e-2 (untied) and
+//!   5.9e-2 (tied), bound 1e-1; a wrong gradient is off by O(1). f32 on CUDA measured 4-6e-7
+//!   (logits) and 1-2e-6 (gradients).
 
 mod common;
 
@@ -29,7 +32,7 @@ fn check(case: &str) {
     c.model.dtype = DType::BF16;
     let e = c.errors(&mut mixed);
     eprintln!("{case} bf16 on CUDA: {e:?}");
-    assert!(e.logits <= 3e-2 && e.loss <= 1e-2 && e.lora_grad <= 3e-2, "{case} bf16: {e:?}");
+    assert!(e.logits <= 3e-2 && e.loss <= 5e-3 && e.lora_grad <= 1e-1, "{case} bf16: {e:?}");
     // Master copies stay f32 and receive f32 gradients.
     let g = mixed.grad(&c.lora_names[0]).unwrap().unwrap();
     assert_eq!(g.dtype(), DType::F32);
