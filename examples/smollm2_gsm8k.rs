@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data = repo_path("../shared/data/gsm8k/test.jsonl");
     let data = if data.is_file() { data } else { "/work/shared/data/gsm8k/test.jsonl".into() };
     let records = read_jsonl(&data, &Fields::default())?;
-    let opts = EncodeOptions::new(&tok, 4096)?;
+    let mut opts = EncodeOptions::new(&tok, 4096)?;
 
     let fixture_path = repo_path("tests/fixtures/smollm2_gsm8k_reference.json");
     let fixture: Option<serde_json::Value> = match std::fs::read_to_string(&fixture_path) {
@@ -37,6 +37,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
+    // transformers' GGUF tokenizer takes <|im_start|> (id 1) for EOS where the GGUF says
+    // <|im_end|> (id 2): compare like with like (tests/eval_smollm2.rs explains).
+    if let Some(eos) = fixture.as_ref().and_then(|f| f["eos_token_id"].as_u64()) {
+        println!("appending transformers' EOS id {eos} to answers, as the fixture did (ours: {})", opts.eos);
+        opts.eos = eos as u32;
+    }
     let run = Run { model, params, tok, records, opts, fixture };
     if n > 0 {
         run.losses(n)?;

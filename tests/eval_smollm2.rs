@@ -4,6 +4,11 @@
 //! scripts/fixtures/smollm2_gsm8k_reference.py on a machine with torch.
 //!
 //! - Tokenization of the first GSM8K test problem (prompt and answer + EOS) equals transformers'.
+//!   One known difference: transformers 5.17's tokenizer built from this GGUF reports
+//!   `<|im_start|>` (id 1, the GGUF's BOS) as EOS, while the GGUF's `tokenizer.ggml.eos_token_id`
+//!   (and the Hugging Face model's config) say `<|im_end|>` (id 2), which we use. The comparisons
+//!   below append and stop at transformers' id, so that both sides compute the same thing; it is
+//!   also why DESIGN.md's reference loss (1.575, answers + id 1) is not our default number.
 //! - Per-example answer losses (prompt `Question: <q>\nAnswer: `, loss on the answer tokens +
 //!   EOS) agree within 1e-3 relative on the first FIXTURE_EXAMPLES problems, as many as a debug
 //!   build evaluates in about a minute on 2 cores. All 200: examples/smollm2_gsm8k.rs.
@@ -44,19 +49,29 @@ fn floats(v: &Value) -> Vec<f64> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
+/// transformers' EOS as its GGUF tokenizer reports it (see the module docs).
+fn fixture_eos(fx: &Value) -> u32 {
+    fx["eos_token_id"].as_u64().unwrap() as u32
+}
+
 fn options(s: &Smol) -> EncodeOptions {
     // Longer than any GSM8K test example: nothing is truncated, as in the reference.
     EncodeOptions::new(&s.tok, 4096).unwrap()
 }
 
+/// [`options`] with transformers' EOS, for comparisons with the fixture.
+fn fixture_options(s: &Smol, fx: &Value) -> EncodeOptions {
+    EncodeOptions { eos: fixture_eos(fx), ..options(s) }
+}
+
 #[test]
-#[ignore = "needs tests/fixtures/smollm2_gsm8k_reference.json from scripts/fixtures/smollm2_gsm8k_reference.py"]
 fn tokenization_and_losses_match_transformers() {
     let (s, fx) = (smol(), fixture());
     let recs = gsm8k_test();
-    assert_eq!(fx["eos_token_id"].as_u64(), s.tok.eos_token_id().map(u64::from));
+    assert_eq!(s.tok.eos_token_id(), Some(2), "the GGUF's EOS is <|im_end|>");
+    assert_eq!(fixture_eos(&fx), 1, "transformers' GGUF tokenizer reports <|im_start|> as EOS");
     assert_eq!(fx["prompt_template"].as_str().unwrap(), options(s).template.render("{question}"));
-    let enc = encode(&recs[..FIXTURE_EXAMPLES], &s.tok, &options(s)).unwrap();
+    let enc = encode(&recs[..FIXTURE_EXAMPLES], &s.tok, &fixture_options(s, &fx)).unwrap();
     let first = &enc.examples[0];
     assert_eq!(first.input_ids[..first.prompt_len], ids(&fx["first_example"]["prompt_ids"]));
     assert_eq!(first.input_ids[first.prompt_len..], ids(&fx["first_example"]["answer_ids"]));
@@ -79,7 +94,6 @@ fn tokenization_and_losses_match_transformers() {
 }
 
 #[test]
-#[ignore = "needs tests/fixtures/smollm2_gsm8k_reference.json from scripts/fixtures/smollm2_gsm8k_reference.py"]
 fn greedy_continuations_match_transformers() {
     let (s, fx) = (smol(), fixture());
     let recs = gsm8k_test();
@@ -88,7 +102,7 @@ fn greedy_continuations_match_transformers() {
         .iter()
         .map(|g| options(s).prompt_ids(&s.tok, &recs[g["question_index"].as_u64().unwrap() as usize].prompt).unwrap())
         .collect();
-    let cfg = GreedyConfig { max_new_tokens: 64, stop_tokens: vec![s.tok.eos_token_id().unwrap()] };
+    let cfg = GreedyConfig { max_new_tokens: 64, stop_tokens: vec![fixture_eos(&fx)] };
     let got = greedy(&s.model, &s.params, &prompts, &cfg).unwrap();
     for (g, r) in got.iter().zip(refs) {
         let (want, gaps) = (ids(&r["tokens"]), floats(&r["top2_gaps"]));
