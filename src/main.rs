@@ -31,6 +31,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<std::path::PathBuf>,
     },
+    /// The README's main job: fine-tune briefly with LoRA and with LoRA-GA on generated
+    /// GSM8K-style problems, and compare their loss curves (report.png, report.md).
+    Demo(loraga::demo::DemoArgs),
+    /// Fine-tune a Llama (full, LoRA, LoRA-GA or PiSSA) with AdamW, a warmup schedule, gradient
+    /// clipping, evaluation and checkpoints; --resume continues a stopped run exactly.
+    Train(Box<loraga::train::TrainArgs>),
     /// Compare runs: their loss curves in one PNG and a markdown table (final smoothed training
     /// loss, eval losses, steps to reach the reference run's final loss).
     Report {
@@ -57,6 +63,17 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Kernels { arches, resources, out_dir } => compile_all(&arches, resources, out_dir.as_deref()),
+        Command::Demo(args) => loraga::demo::run(args).map(|table| print!("{table}")),
+        Command::Train(args) => loraga::train::run(*args).map(|s| {
+            let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+            println!(
+                "{} after {} steps: training loss {}, eval loss {}",
+                if s.interrupted { "stopped" } else { "done" },
+                s.steps,
+                fmt(s.final_loss),
+                fmt(s.eval_loss)
+            );
+        }),
         Command::Report { runs, reference, ema, out } => {
             loraga::report::run(&runs, reference.as_deref(), ema, &out).map(|table| print!("{table}"))
         }

@@ -106,7 +106,7 @@ impl Error {
         move |source| Error::CublasLt { op, source }
     }
 
-    pub(crate) fn format(file: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
+    pub fn format(file: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
         Error::Format { file: file.into(), msg: msg.into() }
     }
 
