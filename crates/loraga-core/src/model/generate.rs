@@ -26,7 +26,6 @@ use std::sync::Arc;
 use super::kv_cache::{KvCache, TokenAt};
 use super::llama::Llama;
 use crate::autograd::{Params, RopeTable, Tape, Var};
-use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraTarget};
 use crate::tensor::Tensor;
@@ -119,7 +118,7 @@ impl<'m> Decoder<'m> {
         let hs = h.to_vec::<f32>()?;
         let rows: Vec<f32> = last.iter().flat_map(|&r| hs[r * width..(r + 1) * width].iter().copied()).collect();
         let mut tape = Tape::new();
-        let x = tape.constant(Tensor::from_vec(rows, [last.len(), width], &Device::Cpu)?);
+        let x = tape.constant(Tensor::from_vec(rows, [last.len(), width], &h.device())?);
         let w = tape.param(self.params, "model.norm.weight")?;
         let n = tape.rms_norm(x, w, c.rms_norm_eps)?;
         let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
@@ -144,7 +143,7 @@ impl<'m> Decoder<'m> {
         let q = tape.rope(q, &self.rope, positions)?;
         let k = tape.rope(k, &self.rope, positions)?;
         let a = self.cache.attend(l, tape.value(q), tape.value(k), tape.value(v), at)?;
-        let a = tape.constant(Tensor::from_vec(a, tape.value(q).dims().to_vec(), &Device::Cpu)?);
+        let a = tape.constant(Tensor::from_vec(a, tape.value(q).dims().to_vec(), &tape.value(q).device())?);
         let o = self.linear(&mut tape, a, l, LoraTarget::O)?;
         let h = tape.add(h, o)?;
 
@@ -163,10 +162,10 @@ impl<'m> Decoder<'m> {
     }
 }
 
-/// A copy of a value on the tape, to outlive it.
+/// A copy of a value on the tape, on the same device, to outlive it.
 fn owned(tape: &Tape, v: Var) -> Result<Tensor> {
     let t = tape.value(v);
-    Tensor::from_vec(t.to_vec::<f32>()?, t.dims().to_vec(), &Device::Cpu)
+    Tensor::from_vec(t.to_vec::<f32>()?, t.dims().to_vec(), &t.device())
 }
 
 /// When greedy decoding stops.
