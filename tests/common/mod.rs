@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod gguf_writer;
+pub mod llama_fixture;
 pub mod smollm2;
 pub mod spectra;
 pub mod tiny_llama;

@@ -27,6 +27,20 @@ impl Tensor {
         Ok(Tensor { storage: Storage::from_cpu(device, cpu)?, shape })
     }
 
+    /// A tensor over existing storage (a kernel's output), which must hold exactly `shape`'s
+    /// element count.
+    pub fn from_storage(storage: Storage, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let len = match &storage {
+            Storage::Cpu(s) => s.len(),
+            Storage::Cuda(s) => s.len(),
+        };
+        if len != shape.elem_count() {
+            return Err(Error::shape("Tensor::from_storage", format!("{len} elements do not fill shape {shape}")));
+        }
+        Ok(Tensor { storage, shape })
+    }
+
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         Ok(Tensor { storage: Storage::zeros(device, dtype, shape.elem_count())?, shape })
@@ -64,6 +78,14 @@ impl Tensor {
 
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         Ok(Tensor { storage: Storage::from_cpu(device, self.storage.to_cpu()?)?, shape: self.shape.clone() })
+    }
+
+    /// A copy on `device` in `dtype` (through the host: for loading and moving weights, not for
+    /// the hot path, where `Tape::cast` converts on the device).
+    pub fn to(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        let cpu = self.storage.to_cpu()?;
+        let cpu = if cpu.dtype() == dtype { cpu } else { CpuStorage::from_f32_vec(dtype, cpu.to_f32_vec()) };
+        Ok(Tensor { storage: Storage::from_cpu(device, cpu)?, shape: self.shape.clone() })
     }
 
     /// The elements in their own type; an error if `T` is not the tensor's dtype.

@@ -4,11 +4,13 @@
 //! - [`gguf`]: the GGUF reader; [`gguf_metadata`]: its typed key/values.
 //! - [`quant`]: ggml's tensor types and their dequantisation to f32.
 //! - [`rope_permute`]: undoing llama.cpp's reordering of Llama's q/k rows.
-//! - [`safetensors`]: single-file and sharded safetensors, and an atomic writer.
+//! - [`safetensors`]: single-file and sharded safetensors.
+//! - [`atomic`]: atomic file writes (checkpoints, adapters, metrics).
 //!
 //! Every malformed file gives an [`Error::Format`](crate::Error::Format) naming the file and the
 //! key or tensor at fault.
 
+pub mod atomic;
 pub mod gguf;
 pub mod gguf_metadata;
 pub mod quant;
