@@ -5,6 +5,7 @@
 
 pub mod gguf_writer;
 pub mod llama_fixture;
+pub mod loraga;
 pub mod smollm2;
 pub mod spectra;
 pub mod tiny_llama;

@@ -10,6 +10,7 @@
 //! - [`model`]: Llama (`LlamaForCausalLM`) on the tape, loaded from safetensors or GGUF.
 //! - [`optim`]: AdamW (CPU and a fused kernel), gradient clipping and learning-rate schedules.
 //! - [`lora`]: LoRA layers with PEFT's names and scaling.
+//! - [`loraga`]: LoRA-GA: gradient estimation, initialisation (and the LoRA/PiSSA baselines).
 //! - [`lora_linear`]: the LoRA linear layer's forward, backward and weight-gradient accumulation
 //!   on the GEMM engine (fused), cuBLAS or the naive kernel.
 //! - [`tokenizer`]: text to ids, from `tokenizer.json` or a GGUF file's metadata.
@@ -32,6 +33,7 @@ pub mod io;
 pub mod linalg;
 pub mod lora;
 pub mod lora_linear;
+pub mod loraga;
 pub mod model;
 pub mod optim;
 pub mod shape;

@@ -109,14 +109,19 @@ pub fn add_lora(params: &mut Params, n_layers: usize, cfg: &LoraConfig, rng: &mu
         for &t in &cfg.targets {
             let path = t.module_path(layer);
             let (out, inp) = params.get(&format!("{path}.weight"))?.shape().dims2("add_lora", &path)?;
-            let bound = 1.0 / (inp as f32).sqrt();
-            let dist = Uniform::new_inclusive(-bound, bound).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            let a: Vec<f32> = (0..cfg.r * inp).map(|_| dist.sample(rng)).collect();
+            let a = kaiming_uniform_a(cfg.r, inp, rng)?;
             params.insert(lora_a_name(&path), Tensor::from_vec(a, [cfg.r, inp], &Device::Cpu)?, true)?;
             params.insert(lora_b_name(&path), Tensor::zeros([out, cfg.r], crate::DType::F32, &Device::Cpu)?, true)?;
         }
     }
     Ok(())
+}
+
+/// PEFT's default A [r, in]: `kaiming_uniform_(a=sqrt(5))`, i.e. U(-1/sqrt(in), 1/sqrt(in)).
+pub fn kaiming_uniform_a(r: usize, inp: usize, rng: &mut impl Rng) -> Result<Vec<f32>> {
+    let bound = 1.0 / (inp as f32).sqrt();
+    let dist = Uniform::new_inclusive(-bound, bound).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Ok((0..r * inp).map(|_| dist.sample(rng)).collect())
 }
 
 /// The linear layer at `module_path` applied to x: `x W^T`, plus the LoRA term when `lora`

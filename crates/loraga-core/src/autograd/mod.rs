@@ -32,6 +32,7 @@ pub(crate) mod gradcheck;
 mod tests;
 
 pub use attention::AttentionShape;
+pub(crate) use data::add_assign;
 pub use loss::IGNORE_INDEX;
 pub use params::{Param, Params};
 pub use rope::RopeTable;

@@ -6,10 +6,12 @@
 //! - [`rope_permute`]: undoing llama.cpp's reordering of Llama's q/k rows.
 //! - [`safetensors`]: single-file and sharded safetensors.
 //! - [`atomic`]: atomic file writes (checkpoints, adapters, metrics).
+//! - [`adapter`]: PEFT LoRA adapter directories (write atomically, read back with checks).
 //!
 //! Every malformed file gives an [`Error::Format`](crate::Error::Format) naming the file and the
 //! key or tensor at fault.
 
+pub mod adapter;
 pub mod atomic;
 pub mod gguf;
 pub mod gguf_metadata;
@@ -17,6 +19,7 @@ pub mod quant;
 pub mod rope_permute;
 pub mod safetensors;
 
+pub use adapter::{AdapterConfig, load_adapter, read_adapter, save_adapter};
 pub use gguf::{GgufFile, GgufTensorInfo};
 pub use gguf_metadata::{GgufMetadata, GgufValue};
 pub use quant::GgmlType;

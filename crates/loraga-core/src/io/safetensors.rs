@@ -120,6 +120,11 @@ impl SafetensorsCheckpoint {
         Ok((shard, info))
     }
 
+    /// An entry of the `__metadata__` string map (of the first file of a sharded checkpoint).
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.shards.first()?.metadata.metadata().as_ref()?.get(key).map(String::as_str)
+    }
+
     /// The tensor's shape (row-major) and its dtype in the file.
     pub fn shape_and_dtype(&self, name: &str) -> Result<(Vec<usize>, Dtype)> {
         let (_, info) = self.info(name)?;

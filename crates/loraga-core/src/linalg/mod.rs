@@ -10,7 +10,9 @@ pub mod rsvd;
 pub mod rsvd_cuda;
 pub mod svd;
 
-pub use rsvd::{RsvdConfig, gaussian_test_matrix, svd_lowrank, svd_lowrank_batch, svd_lowrank_tensor};
+pub use rsvd::{
+    RsvdConfig, gaussian_test_matrix, svd_lowrank, svd_lowrank_batch, svd_lowrank_tensor, svd_lowrank_with_omega,
+};
 pub use rsvd_cuda::{CudaMatrixRef, CudaRsvd, GemmMath, svd_lowrank_batch_cuda, svd_lowrank_cuda};
 pub use svd::{TruncatedSvd, svd_exact};
 

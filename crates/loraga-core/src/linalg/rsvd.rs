@@ -88,13 +88,38 @@ pub fn gaussian_test_matrix(rows: usize, q: usize, seed: u64) -> Vec<f32> {
 /// results on one machine (tested); across thread counts that rests on faer's parallel kernels
 /// keeping their summation order, which is not checked.
 pub fn svd_lowrank(name: &str, a: MatrixRef<'_>, cfg: &RsvdConfig) -> Result<TruncatedSvd> {
+    factor(name, a, cfg, None)
+}
+
+/// [`svd_lowrank`] with a given Ω [min(m, n), q] (row-major) instead of the one `cfg.seed`
+/// draws: to reproduce another implementation's run from the test matrix it used (torch's
+/// `randn(min(m, n), q)`), or to share one Ω between backends.
+pub fn svd_lowrank_with_omega(name: &str, a: MatrixRef<'_>, cfg: &RsvdConfig, omega: &[f32]) -> Result<TruncatedSvd> {
+    factor(name, a, cfg, Some(omega))
+}
+
+fn factor(name: &str, a: MatrixRef<'_>, cfg: &RsvdConfig, omega: Option<&[f32]>) -> Result<TruncatedSvd> {
     a.check_factorable(OP, name)?;
     let (m, n) = (a.rows(), a.cols());
     let (q, k) = cfg.resolve(name, m, n)?;
+    let drawn;
+    let omega = match omega {
+        Some(o) => o,
+        None => {
+            drawn = gaussian_test_matrix(m.min(n), q, cfg.seed);
+            &drawn
+        }
+    };
+    if omega.len() != m.min(n) * q {
+        return Err(Error::layer(
+            OP,
+            name,
+            format!("the test matrix has {} elements, [{}, {q}] needs {}", omega.len(), m.min(n), m.min(n) * q),
+        ));
+    }
 
     let transposed = m < n;
     let a = a.to_f64(transposed);
-    let omega = gaussian_test_matrix(a.ncols(), q, cfg.seed);
     let omega = Mat::from_fn(a.ncols(), q, |i, j| omega[i * q + j] as f64);
 
     let mut basis = (&a * &omega).qr().compute_thin_Q();
