@@ -14,46 +14,15 @@ mod common;
 use loraga_core::autograd::{Params, Tape};
 use loraga_core::data::{Example, collate};
 use loraga_core::eval;
-use loraga_core::lora::{LoraConfig, LoraTarget, lora_b_name};
 use loraga_core::model::generate::{Decoder, GreedyConfig, argmax_rows, greedy};
-use loraga_core::model::{Batch, Llama, LlamaConfig};
-use loraga_core::testing::{randn, rel_error};
+use loraga_core::model::{Batch, Llama};
+use loraga_core::testing::rel_error;
 use loraga_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-fn config(tied: bool) -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 32,
-        intermediate_size: 40,
-        num_hidden_layers: 3,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        vocab_size: 53,
-        tie_word_embeddings: tied,
-        max_position_embeddings: 40,
-    }
-}
-
-/// Random base weights (norm weights near 1) and LoRA on every module with random B.
 fn model(tied: bool, rng: &mut StdRng) -> (Llama, Params) {
-    let c = config(tied);
-    let mut p = common::tiny_llama::random_params(&c, 0.3, rng);
-    let mut m = Llama::new(c.clone()).unwrap();
-    let lora = LoraConfig { r: 3, alpha: 6.0, use_rslora: false, targets: LoraTarget::ALL.to_vec() };
-    m.add_lora(&mut p, lora, rng).unwrap();
-    for l in 0..c.num_hidden_layers {
-        for t in LoraTarget::ALL {
-            let name = lora_b_name(&t.module_path(l));
-            let dims = p.get(&name).unwrap().dims().to_vec();
-            let b: Vec<f32> = randn(rng, dims[0] * dims[1]).iter().map(|x| 0.2 * x).collect();
-            p.set_value(&name, Tensor::from_vec(b, dims, &Device::Cpu).unwrap()).unwrap();
-        }
-    }
-    (m, p)
+    common::tiny_llama::with_random_lora(tied, rng)
 }
 
 /// The tape forward of one unpadded sequence: logits [len, vocab].
@@ -64,10 +33,6 @@ fn full_logits(m: &Llama, p: &Params, ids: &[u32]) -> Vec<f32> {
     tape.value(out.logits).to_vec::<f32>().unwrap()
 }
 
-fn random_ids(rng: &mut StdRng, n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
-}
-
 #[test]
 fn incremental_logits_equal_the_full_forward() {
     let mut rng = StdRng::seed_from_u64(7);
@@ -75,7 +40,7 @@ fn incremental_logits_equal_the_full_forward() {
         let (m, p) = model(tied, &mut rng);
         let v = m.config.vocab_size;
         let lens = [13, 5, 1, 9];
-        let seqs: Vec<Vec<u32>> = lens.iter().map(|&n| random_ids(&mut rng, n, v)).collect();
+        let seqs: Vec<Vec<u32>> = lens.iter().map(|&n| common::tiny_llama::random_ids(&mut rng, n, v)).collect();
         let full: Vec<Vec<f32>> = seqs.iter().map(|s| full_logits(&m, &p, s)).collect();
         let mut dec = Decoder::new(&m, &p, seqs.len(), 16).unwrap();
         let mut fed = vec![0usize; seqs.len()];
@@ -140,7 +105,8 @@ fn batched_greedy_equals_greedy_by_full_forwards() {
     let mut rng = StdRng::seed_from_u64(11);
     let (m, p) = model(false, &mut rng);
     let v = m.config.vocab_size;
-    let prompts: Vec<Vec<u32>> = [6, 1, 11, 3].iter().map(|&n| random_ids(&mut rng, n, v)).collect();
+    let prompts: Vec<Vec<u32>> =
+        [6, 1, 11, 3].iter().map(|&n| common::tiny_llama::random_ids(&mut rng, n, v)).collect();
     let max_new = 9;
     let plain: Vec<Vec<u32>> = prompts.iter().map(|q| greedy_by_full_forward(&m, &p, q, max_new, &[])).collect();
     let cfg = GreedyConfig { max_new_tokens: max_new, stop_tokens: vec![] };
@@ -208,7 +174,11 @@ fn per_example_losses_equal_the_tapes_cross_entropy() {
     let examples: Vec<Example> = [(9, 4), (3, 1), (14, 10), (6, 2), (11, 3)]
         .iter()
         .enumerate()
-        .map(|(i, &(n, prompt_len))| Example { input_ids: random_ids(&mut rng, n, v), prompt_len, source: 10 + i })
+        .map(|(i, &(n, prompt_len))| Example {
+            input_ids: common::tiny_llama::random_ids(&mut rng, n, v),
+            prompt_len,
+            source: 10 + i,
+        })
         .collect();
     let report = eval::loss(&m, &p, &examples, 2).unwrap();
     for (e, r) in examples.iter().zip(&report.examples) {

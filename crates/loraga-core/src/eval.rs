@@ -75,7 +75,7 @@ pub fn loss(model: &Llama, params: &Params, examples: &[Example], batch_size: us
         let labels = batch.labels.take().expect("collate writes labels");
         let mut tape = Tape::new();
         let logits = model.forward(&mut tape, params, &batch)?.logits;
-        let logits = tape.value(logits).to_vec::<f32>()?;
+        let logits = tape.value(logits).to_f32_vec()?;
         let seq = batch.seq;
         for (b, (&i, e)) in chunk.iter().zip(&members).enumerate() {
             let mut nll = 0.0f64;

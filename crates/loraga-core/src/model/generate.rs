@@ -18,8 +18,9 @@
 //! padding and needs the mask in every step.)
 //!
 //! The linear layers, norms, RoPE and the MLP are the tape's ops, each layer on a throwaway tape
-//! (so only one layer's activations live at a time, and these ops' CUDA versions apply here when
-//! they exist); attention against the cache is [`KvCache::attend`] (CPU for now).
+//! (so only one layer's activations live at a time), on whatever device the parameters are and
+//! in the model's activation dtype, as in the forward. Attention against the cache is
+//! [`KvCache::attend`], on the CPU in f32 for now (a CUDA model's q, k, v go through the host).
 
 use std::sync::Arc;
 
@@ -107,8 +108,9 @@ impl<'m> Decoder<'m> {
         }
         let positions: Vec<u32> = at.iter().map(|a| a.pos as u32).collect();
 
+        let dt = self.model.dtype;
         let mut tape = Tape::new();
-        let embed = tape.param(self.params, "model.embed_tokens.weight")?;
+        let embed = tape.param_as(self.params, "model.embed_tokens.weight", dt)?;
         let x = tape.embedding(&ids, embed)?;
         let mut h = owned(&tape, x)?;
         for l in 0..c.num_hidden_layers {
@@ -116,14 +118,17 @@ impl<'m> Decoder<'m> {
         }
         // Only the last token of each input needs logits; the norm is per row, so gather first.
         let width = c.hidden_size;
-        let hs = h.to_vec::<f32>()?;
+        let hs = h.to_f32_vec()?;
         let rows: Vec<f32> = last.iter().flat_map(|&r| hs[r * width..(r + 1) * width].iter().copied()).collect();
+        let rows = Tensor::from_vec(rows, [last.len(), width], &Device::Cpu)?.to(&h.device(), dt)?;
         let mut tape = Tape::new();
-        let x = tape.constant(Tensor::from_vec(rows, [last.len(), width], &Device::Cpu)?);
-        let w = tape.param(self.params, "model.norm.weight")?;
+        let x = tape.constant(rows);
+        let w = tape.param_as(self.params, "model.norm.weight", dt)?;
         let n = tape.rms_norm(x, w, c.rms_norm_eps)?;
         let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        let logits = tape.value(n).matmul_t(self.params.get(head)?)?;
+        let head = tape.param_as(self.params, head, dt)?;
+        let logits = tape.linear(n, head)?;
+        let logits = owned(&tape, logits)?;
         for &(slot, toks) in inputs {
             self.cache.advance(slot, toks.len());
         }
@@ -136,7 +141,7 @@ impl<'m> Decoder<'m> {
         let p = format!("model.layers.{l}");
         let mut tape = Tape::new();
         let h = tape.constant(h);
-        let w = tape.param(self.params, &format!("{p}.input_layernorm.weight"))?;
+        let w = tape.param_as(self.params, &format!("{p}.input_layernorm.weight"), self.model.dtype)?;
         let n = tape.rms_norm(h, w, c.rms_norm_eps)?;
         let q = self.linear(&mut tape, n, l, LoraTarget::Q)?;
         let k = self.linear(&mut tape, n, l, LoraTarget::K)?;
@@ -144,11 +149,11 @@ impl<'m> Decoder<'m> {
         let q = tape.rope(q, &self.rope, positions)?;
         let k = tape.rope(k, &self.rope, positions)?;
         let a = self.cache.attend(l, tape.value(q), tape.value(k), tape.value(v), at)?;
-        let a = tape.constant(Tensor::from_vec(a, tape.value(q).dims().to_vec(), &Device::Cpu)?);
+        let a = tape.constant(a);
         let o = self.linear(&mut tape, a, l, LoraTarget::O)?;
         let h = tape.add(h, o)?;
 
-        let w = tape.param(self.params, &format!("{p}.post_attention_layernorm.weight"))?;
+        let w = tape.param_as(self.params, &format!("{p}.post_attention_layernorm.weight"), self.model.dtype)?;
         let n = tape.rms_norm(h, w, c.rms_norm_eps)?;
         let gate = self.linear(&mut tape, n, l, LoraTarget::Gate)?;
         let up = self.linear(&mut tape, n, l, LoraTarget::Up)?;
@@ -163,10 +168,11 @@ impl<'m> Decoder<'m> {
     }
 }
 
-/// A copy of a value on the tape, to outlive it.
+/// A copy of a value on the tape, to outlive it (through the host: there is no device-side
+/// copy yet, and these are a few rows).
 fn owned(tape: &Tape, v: Var) -> Result<Tensor> {
     let t = tape.value(v);
-    Tensor::from_vec(t.to_vec::<f32>()?, t.dims().to_vec(), &Device::Cpu)
+    t.to(&t.device(), t.dtype())
 }
 
 /// When greedy decoding stops.
@@ -238,7 +244,7 @@ pub fn greedy_until(
 /// logit is an error: greedy decoding on it would be meaningless.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     let (rows, vocab) = logits.shape().dims2("argmax", "logits")?;
-    let v = logits.to_vec::<f32>()?;
+    let v = logits.to_f32_vec()?;
     (0..rows)
         .map(|r| {
             let row = &v[r * vocab..(r + 1) * vocab];

@@ -11,14 +11,16 @@
 //! true positions, so no mask is needed. The scores, softmax and weighted sum are computed in the
 //! same order and precision as there, so cached and full forwards agree to rounding.
 //!
-//! A CUDA path would keep these buffers on the device and replace [`KvCache::attend`] by a
-//! kernel; the rest of the decoder already goes through device-generic ops.
+//! The cache lives in host memory and the attention runs on the CPU in f32 whatever the
+//! activations are: CUDA (or bf16) q, k and v come down to the host and the output goes back up
+//! in their dtype, two synchronising copies per layer. That makes a CUDA model decode correctly
+//! today; a device cache with a decode-attention kernel is what would make it fast.
 
 use rayon::prelude::*;
 
-use crate::cpu::CpuStorage;
+use crate::device::Device;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::storage::Storage;
 use crate::tensor::Tensor;
 
 /// Where a new token goes: its slot (sequence) and position in it.
@@ -98,12 +100,13 @@ impl KvCache {
     }
 
     /// Stores the keys and values of new tokens `at` in layer `layer`, then returns their
-    /// attention outputs [tokens, n_heads * head_dim]. q is [tokens, n_heads * head_dim], k and v
-    /// [tokens, n_kv_heads * head_dim], RoPE already applied; a token sees its slot's positions
-    /// up to its own, so several tokens of one slot can come at once (a prompt).
-    pub fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, at: &[TokenAt]) -> Result<Vec<f32>> {
+    /// attention outputs [tokens, n_heads * head_dim] on q's device in q's dtype. q is
+    /// [tokens, n_heads * head_dim], k and v [tokens, n_kv_heads * head_dim], RoPE already
+    /// applied; a token sees its slot's positions up to its own, so several tokens of one slot
+    /// can come at once (a prompt).
+    pub fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, at: &[TokenAt]) -> Result<Tensor> {
         let (hd, kvw) = (self.n_heads * self.head_dim, self.kv_width());
-        let (qs, ks, vs) = (host(q, "q")?, host(k, "k")?, host(v, "v")?);
+        let (qs, ks, vs) = (q.to_f32_vec()?, k.to_f32_vec()?, v.to_f32_vec()?);
         let t = at.len();
         if qs.len() != t * hd || ks.len() != t * kvw || vs.len() != t * kvw {
             return Err(Error::shape(
@@ -154,21 +157,11 @@ impl KvCache {
                 o.iter_mut().zip(value(j)).for_each(|(o, v)| *o += pj * v);
             }
         });
-        Ok(out)
+        let out = Tensor::from_vec(out, [t, hd], &Device::Cpu)?;
+        if q.device().is_cuda() || q.dtype() != DType::F32 { out.to(&q.device(), q.dtype()) } else { Ok(out) }
     }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn host<'a>(t: &'a Tensor, what: &str) -> Result<&'a [f32]> {
-    match t.storage() {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-        Storage::Cpu(other) => Err(Error::DType {
-            op: "cached attention",
-            msg: format!("{what} is {}, the CPU decoder computes in f32", other.dtype()),
-        }),
-        Storage::Cuda(_) => Err(Error::NotOnCuda("cached attention")),
-    }
 }
