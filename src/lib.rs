@@ -2,4 +2,6 @@
 //! tests share.
 
 pub mod info;
+pub mod metrics;
+pub mod report;
 pub mod summary;

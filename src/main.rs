@@ -31,6 +31,22 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<std::path::PathBuf>,
     },
+    /// Compare runs: their loss curves in one PNG and a markdown table (final smoothed training
+    /// loss, eval losses, steps to reach the reference run's final loss).
+    Report {
+        /// Run folders, each with metrics.jsonl (and run.json naming the run).
+        #[arg(required = true)]
+        runs: Vec<std::path::PathBuf>,
+        /// The run whose final smoothed training loss the others must reach (e.g. vanilla LoRA).
+        #[arg(long)]
+        reference: Option<String>,
+        /// Weight of the exponential moving average that smooths training losses.
+        #[arg(long, default_value_t = 0.9)]
+        ema: f64,
+        /// Output path without extension: writes OUT.png and OUT.md.
+        #[arg(long, default_value = "report")]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +57,9 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Kernels { arches, resources, out_dir } => compile_all(&arches, resources, out_dir.as_deref()),
+        Command::Report { runs, reference, ema, out } => {
+            loraga::report::run(&runs, reference.as_deref(), ema, &out).map(|table| print!("{table}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

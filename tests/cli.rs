@@ -26,3 +26,36 @@ fn kernels_rejects_a_bad_arch() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sm_xx") || err.contains("NVRTC not found"), "{err}");
 }
+
+#[test]
+fn report_plots_and_tabulates_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for (name, rate) in [("lora", 0.01), ("lora-ga", 0.03)] {
+        let run = dir.path().join(name);
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join("run.json"), format!("{{\"name\":\"{name}\"}}")).unwrap();
+        let mut lines = String::new();
+        for step in 1..=100 {
+            let loss = 1.0 + 2.0 * (-rate * step as f64).exp();
+            lines.push_str(&format!("{{\"step\":{step},\"loss\":{loss}}}\n"));
+            if step % 25 == 0 {
+                lines.push_str(&format!("{{\"step\":{step},\"eval_loss\":{}}}\n", loss + 0.1));
+            }
+        }
+        std::fs::write(run.join("metrics.jsonl"), lines).unwrap();
+        runs.push(run);
+    }
+    let out = dir.path().join("cmp");
+    let status = loraga().arg("report").args(&runs).args(["--reference", "lora", "--out"]).arg(&out).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}\n{}", String::from_utf8_lossy(&status.stderr));
+    let png = std::fs::read(out.with_extension("png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
+    assert_eq!(md, text);
+    // LoRA-GA's curve decays 3x faster, so it reaches LoRA's final loss well before step 100.
+    let row = md.lines().find(|l| l.starts_with("| lora-ga |")).unwrap();
+    let reach: usize = row.split('|').nth(6).unwrap().trim().parse().unwrap();
+    assert!((20..60).contains(&reach), "{row}");
+}

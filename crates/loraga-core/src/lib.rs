@@ -8,6 +8,7 @@
 //! - [`linalg`]: the randomized SVD of LoRA-GA's gradients, and the exact SVD it is tested against.
 //! - [`autograd`]: the reverse-mode tape, named parameters and the per-parameter gradient hook.
 //! - [`model`]: Llama (`LlamaForCausalLM`) on the tape, loaded from safetensors or GGUF.
+//! - [`optim`]: AdamW (CPU and a fused kernel), gradient clipping and learning-rate schedules.
 //! - [`lora`]: LoRA layers with PEFT's names and scaling.
 //! - [`loraga`]: LoRA-GA: gradient estimation, initialisation (and the LoRA/PiSSA baselines).
 //! - [`lora_linear`]: the LoRA linear layer's forward, backward and weight-gradient accumulation
@@ -30,6 +31,7 @@ pub mod lora;
 pub mod lora_linear;
 pub mod loraga;
 pub mod model;
+pub mod optim;
 pub mod shape;
 pub mod storage;
 pub mod tensor;

@@ -27,6 +27,20 @@ impl Tensor {
         Ok(Tensor { storage: Storage::from_cpu(device, cpu)?, shape })
     }
 
+    /// A tensor over existing storage (a kernel's output), which must hold exactly `shape`'s
+    /// element count.
+    pub fn from_storage(storage: Storage, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let len = match &storage {
+            Storage::Cpu(s) => s.len(),
+            Storage::Cuda(s) => s.len(),
+        };
+        if len != shape.elem_count() {
+            return Err(Error::shape("Tensor::from_storage", format!("{len} elements do not fill shape {shape}")));
+        }
+        Ok(Tensor { storage, shape })
+    }
+
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         Ok(Tensor { storage: Storage::zeros(device, dtype, shape.elem_count())?, shape })

@@ -7,11 +7,22 @@
 //! Key j is visible to query i of the same sequence when j <= i and key j is not padding. A
 //! query that sees no key at all (a padding token on the left) gets a zero output and zero
 //! gradients: it never reaches a loss that ignores padding.
+//!
+//! On the CPU the op takes f32 and is written out plainly below. On CUDA it takes f32 or bf16
+//! (output and gradients in the inputs' dtype) and runs [`crate::cuda::attention`]: cuBLAS
+//! batched GEMMs and a fused masked-softmax kernel, which keep nothing between the passes but
+//! q, k, v and the key mask (the backward recomputes the scores; see that module for the memory
+//! and time this costs).
 
+use super::cuda_data::{cuda_storage, cuda_storage_mut, zeros_like};
 use super::data::{dims2, f32s, tensor};
-use super::tape::{Tape, Var};
+use super::tape::{BackwardFn, Tape, Var};
+use crate::cuda::attention::{self as cuda_attention, AttentionGrads, KeyMask};
 use crate::error::{Error, Result};
+use crate::storage::Storage;
 use crate::tensor::Tensor;
+
+const OP: &str = "attention";
 
 /// The shape of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -77,76 +88,119 @@ impl Tape {
     pub fn attention(&mut self, q: Var, k: Var, v: Var, s: AttentionShape, key_mask: Option<&[bool]>) -> Result<Var> {
         let (qv, kv, vv) = (self.value(q), self.value(k), self.value(v));
         s.check(qv, kv, vv, key_mask)?;
-        let (qs, ks, vs) = (f32s(qv, "attention")?, f32s(kv, "attention")?, f32s(vv, "attention")?);
-        let (d, ix) = (s.head_dim, Index { s });
-        let scale = 1.0 / (d as f32).sqrt();
-        let visible = |b: usize, j: usize| key_mask.is_none_or(|m| m[b * s.seq + j]);
-        let mut probs = vec![0.0f32; s.batch * s.n_heads * s.seq * s.seq];
-        let mut out = vec![0.0f32; qs.len()];
+        let (y, back) = match qv.storage() {
+            Storage::Cuda(_) => attention_cuda([qv, kv, vv], s, key_mask)?,
+            Storage::Cpu(_) => attention_cpu([qv, kv, vv], s, key_mask)?,
+        };
+        Ok(self.push_op(OP, y, &[q, k, v], back))
+    }
+}
+
+fn attention_cuda(
+    [qv, kv, vv]: [&Tensor; 3],
+    s: AttentionShape,
+    key_mask: Option<&[bool]>,
+) -> Result<(Tensor, BackwardFn)> {
+    let (qs, ks, vs) = (cuda_storage(qv, OP, "q")?, cuda_storage(kv, OP, "k")?, cuda_storage(vv, OP, "v")?);
+    let mask = KeyMask::upload(&qs.device, s.batch * s.seq, key_mask)?;
+    let mut y = zeros_like(qv)?;
+    cuda_attention::forward(qs, ks, vs, s, &mask, cuda_storage_mut(&mut y, OP, "the output")?)?;
+    let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], needs: &[bool]| {
+        let grad = |i: usize| needs[i].then(|| zeros_like(inp[i])).transpose();
+        let (mut dq, mut dk, mut dv) = (grad(0)?, grad(1)?, grad(2)?);
+        let grads = AttentionGrads {
+            dq: dq.as_mut().map(|t| cuda_storage_mut(t, OP, "dq")).transpose()?,
+            dk: dk.as_mut().map(|t| cuda_storage_mut(t, OP, "dk")).transpose()?,
+            dv: dv.as_mut().map(|t| cuda_storage_mut(t, OP, "dv")).transpose()?,
+        };
+        cuda_attention::backward(
+            cuda_storage(inp[0], OP, "q")?,
+            cuda_storage(inp[1], OP, "k")?,
+            cuda_storage(inp[2], OP, "v")?,
+            cuda_storage(dy, OP, "the output gradient")?,
+            s,
+            &mask,
+            grads,
+        )?;
+        Ok(vec![dq, dk, dv])
+    });
+    Ok((y, back))
+}
+
+fn attention_cpu(
+    [qv, kv, vv]: [&Tensor; 3],
+    s: AttentionShape,
+    key_mask: Option<&[bool]>,
+) -> Result<(Tensor, BackwardFn)> {
+    let (qs, ks, vs) = (f32s(qv, "attention")?, f32s(kv, "attention")?, f32s(vv, "attention")?);
+    let (d, ix) = (s.head_dim, Index { s });
+    let scale = 1.0 / (d as f32).sqrt();
+    let visible = |b: usize, j: usize| key_mask.is_none_or(|m| m[b * s.seq + j]);
+    let mut probs = vec![0.0f32; s.batch * s.n_heads * s.seq * s.seq];
+    let mut out = vec![0.0f32; qs.len()];
+    for b in 0..s.batch {
+        for h in 0..s.n_heads {
+            for i in 0..s.seq {
+                let qi = &qs[ix.q(b, i, h)..ix.q(b, i, h) + d];
+                let p = &mut probs[ix.p(b, h, i)..ix.p(b, h, i) + s.seq];
+                let mut max = f32::NEG_INFINITY;
+                for j in (0..=i).filter(|&j| visible(b, j)) {
+                    p[j] = dot(qi, &ks[ix.kv(b, j, h)..ix.kv(b, j, h) + d]) * scale;
+                    max = max.max(p[j]);
+                }
+                if max == f32::NEG_INFINITY {
+                    continue; // no visible key: zero output
+                }
+                let mut sum = 0.0f32;
+                for j in (0..=i).filter(|&j| visible(b, j)) {
+                    p[j] = (p[j] - max).exp();
+                    sum += p[j];
+                }
+                let o = &mut out[ix.q(b, i, h)..ix.q(b, i, h) + d];
+                for j in (0..=i).filter(|&j| visible(b, j)) {
+                    p[j] /= sum;
+                    let vj = &vs[ix.kv(b, j, h)..ix.kv(b, j, h) + d];
+                    o.iter_mut().zip(vj).for_each(|(o, v)| *o += p[j] * v);
+                }
+            }
+        }
+    }
+    let y = tensor(out, qv.dims())?;
+    let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], needs: &[bool]| {
+        let (g, qs, ks, vs) = (
+            f32s(dy, "attention")?,
+            f32s(inp[0], "attention")?,
+            f32s(inp[1], "attention")?,
+            f32s(inp[2], "attention")?,
+        );
+        let (mut dq, mut dk, mut dv) = (vec![0.0f32; qs.len()], vec![0.0f32; ks.len()], vec![0.0f32; vs.len()]);
+        let mut dp = vec![0.0f32; s.seq];
         for b in 0..s.batch {
             for h in 0..s.n_heads {
                 for i in 0..s.seq {
-                    let qi = &qs[ix.q(b, i, h)..ix.q(b, i, h) + d];
-                    let p = &mut probs[ix.p(b, h, i)..ix.p(b, h, i) + s.seq];
-                    let mut max = f32::NEG_INFINITY;
-                    for j in (0..=i).filter(|&j| visible(b, j)) {
-                        p[j] = dot(qi, &ks[ix.kv(b, j, h)..ix.kv(b, j, h) + d]) * scale;
-                        max = max.max(p[j]);
+                    let p = &probs[ix.p(b, h, i)..ix.p(b, h, i) + s.seq];
+                    let gi = &g[ix.q(b, i, h)..ix.q(b, i, h) + d];
+                    // dP_ij = dO_i . v_j; dS_ij = P_ij (dP_ij - sum_l P_il dP_il).
+                    let mut rowdot = 0.0f32;
+                    for j in 0..=i {
+                        dp[j] = if p[j] == 0.0 { 0.0 } else { dot(gi, &vs[ix.kv(b, j, h)..ix.kv(b, j, h) + d]) };
+                        rowdot += p[j] * dp[j];
                     }
-                    if max == f32::NEG_INFINITY {
-                        continue; // no visible key: zero output
-                    }
-                    let mut sum = 0.0f32;
-                    for j in (0..=i).filter(|&j| visible(b, j)) {
-                        p[j] = (p[j] - max).exp();
-                        sum += p[j];
-                    }
-                    let o = &mut out[ix.q(b, i, h)..ix.q(b, i, h) + d];
-                    for j in (0..=i).filter(|&j| visible(b, j)) {
-                        p[j] /= sum;
-                        let vj = &vs[ix.kv(b, j, h)..ix.kv(b, j, h) + d];
-                        o.iter_mut().zip(vj).for_each(|(o, v)| *o += p[j] * v);
+                    let qi = ix.q(b, i, h);
+                    for j in (0..=i).filter(|&j| p[j] != 0.0) {
+                        let kj = ix.kv(b, j, h);
+                        let ds = p[j] * (dp[j] - rowdot) * scale;
+                        for t in 0..d {
+                            dv[kj + t] += p[j] * gi[t];
+                            dq[qi + t] += ds * ks[kj + t];
+                            dk[kj + t] += ds * qs[qi + t];
+                        }
                     }
                 }
             }
         }
-        let y = tensor(out, qv.dims())?;
-        let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], needs: &[bool]| {
-            let (g, qs, ks, vs) = (
-                f32s(dy, "attention")?,
-                f32s(inp[0], "attention")?,
-                f32s(inp[1], "attention")?,
-                f32s(inp[2], "attention")?,
-            );
-            let (mut dq, mut dk, mut dv) = (vec![0.0f32; qs.len()], vec![0.0f32; ks.len()], vec![0.0f32; vs.len()]);
-            let mut dp = vec![0.0f32; s.seq];
-            for b in 0..s.batch {
-                for h in 0..s.n_heads {
-                    for i in 0..s.seq {
-                        let p = &probs[ix.p(b, h, i)..ix.p(b, h, i) + s.seq];
-                        let gi = &g[ix.q(b, i, h)..ix.q(b, i, h) + d];
-                        // dP_ij = dO_i . v_j; dS_ij = P_ij (dP_ij - sum_l P_il dP_il).
-                        let mut rowdot = 0.0f32;
-                        for j in 0..=i {
-                            dp[j] = if p[j] == 0.0 { 0.0 } else { dot(gi, &vs[ix.kv(b, j, h)..ix.kv(b, j, h) + d]) };
-                            rowdot += p[j] * dp[j];
-                        }
-                        let qi = ix.q(b, i, h);
-                        for j in (0..=i).filter(|&j| p[j] != 0.0) {
-                            let kj = ix.kv(b, j, h);
-                            let ds = p[j] * (dp[j] - rowdot) * scale;
-                            for t in 0..d {
-                                dv[kj + t] += p[j] * gi[t];
-                                dq[qi + t] += ds * ks[kj + t];
-                                dk[kj + t] += ds * qs[qi + t];
-                            }
-                        }
-                    }
-                }
-            }
-            let wrap = |need: bool, v: Vec<f32>, t: &Tensor| need.then(|| tensor(v, t.dims())).transpose();
-            Ok(vec![wrap(needs[0], dq, inp[0])?, wrap(needs[1], dk, inp[1])?, wrap(needs[2], dv, inp[2])?])
-        });
-        Ok(self.push_op("attention", y, &[q, k, v], back))
-    }
+        let wrap = |need: bool, v: Vec<f32>, t: &Tensor| need.then(|| tensor(v, t.dims())).transpose();
+        Ok(vec![wrap(needs[0], dq, inp[0])?, wrap(needs[1], dk, inp[1])?, wrap(needs[2], dv, inp[2])?])
+    });
+    Ok((y, back))
 }

@@ -8,13 +8,17 @@
 //!   the backward pass and may take it away (LoRA-GA adds each target weight's gradient into its
 //!   own fp32 buffer, so the full set of weight gradients never lives at once).
 //!
-//! The ops ([`ops`], [`norm`], [`rope`], [`attention`], [`loss`]) dispatch on the tensors'
-//! storage. Only the CPU (f32) is implemented here; a CUDA tensor gets
-//! [`Error::NotOnCuda`](crate::Error::NotOnCuda) naming the op, and a bf16 CPU tensor a dtype
-//! error. The CUDA versions will be added behind the same tape methods.
+//! The ops ([`ops`], [`elementwise`], [`norm`], [`rope`], [`attention`], [`loss`]) dispatch on
+//! the tensors' storage. Tensors all on the CPU run the f32 reference code (a bf16 CPU tensor is a
+//! dtype error). Tensors all on one CUDA device run the kernels of
+//! [`crate::cuda::ops`] in f32 or bf16 (its docs give the dtype rules; [`Tape::cast`] is how mixed
+//! precision keeps f32 master weights). Tensors on different devices are an error, never a copy.
+//! An op without a CUDA version yet returns [`Error::NotOnCuda`](crate::Error::NotOnCuda).
 
 pub mod attention;
+mod cuda_data;
 mod data;
+pub mod elementwise;
 pub mod loss;
 pub mod norm;
 pub mod ops;

@@ -1,7 +1,11 @@
 //! RMSNorm as Hugging Face Llama computes it (in f32): `w * x / sqrt(mean(x^2) + eps)` per row.
+//!
+//! On the CPU x and w are f32. On CUDA (`kernels/rms_norm.cu`) they are f32 or bf16, of one
+//! dtype; y and dx have x's dtype, dw is f32.
 
-use super::data::{dims2, expect_shape, f32s, tensor};
+use super::data::{cuda, cuda_tensor, dims2, expect_shape, f32s, on_cuda, tensor};
 use super::tape::{Tape, Var};
+use crate::cuda::ops::rms_norm as cuda_norm;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -11,6 +15,20 @@ impl Tape {
         let (xv, wv) = (self.value(x), self.value(w));
         let (n, d) = dims2(xv, "rms_norm", "x")?;
         expect_shape(wv, &[d], "rms_norm", "weight")?;
+        if on_cuda("rms_norm", &[xv, wv])? {
+            // 1 / rms per row (f32, on the device), saved for the backward pass.
+            let (y, inv) = cuda_norm::forward(cuda(xv, "rms_norm")?, cuda(wv, "rms_norm")?, n, d, eps)?;
+            let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], needs: &[bool]| {
+                on_cuda("rms_norm", &[dy, inp[0]])?;
+                let (g, xs, ws) = (cuda(dy, "rms_norm")?, cuda(inp[0], "rms_norm")?, cuda(inp[1], "rms_norm")?);
+                let (dx, dw) = cuda_norm::backward(g, xs, ws, &inv, n, d, needs)?;
+                Ok(vec![
+                    dx.map(|s| cuda_tensor(s, &[n, d])).transpose()?,
+                    dw.map(|s| cuda_tensor(s, &[d])).transpose()?,
+                ])
+            });
+            return Ok(self.push_op("rms_norm", cuda_tensor(y, &[n, d])?, &[x, w], back));
+        }
         let (xs, ws) = (f32s(xv, "rms_norm")?, f32s(wv, "rms_norm")?);
         // 1 / rms per row, saved for the backward pass.
         let inv: Vec<f32> = xs.chunks_exact(d).map(|row| inv_rms(row, eps)).collect();

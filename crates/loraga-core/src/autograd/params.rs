@@ -32,6 +32,26 @@ impl Param {
     pub fn grad(&self) -> Option<&Tensor> {
         self.grad.as_ref()
     }
+
+    /// The gradient, for an in-place change (clipping).
+    pub fn grad_mut(&mut self) -> Option<&mut Tensor> {
+        self.grad.as_mut()
+    }
+
+    /// The value, for an in-place update, beside the gradient (an optimizer step). The value is
+    /// shared with every tape that recorded it, so this works only once those tapes are dropped;
+    /// while one is alive it is an error, not a silent copy: a copy-on-write would double the
+    /// memory of every parameter stepped under a forgotten tape.
+    pub fn value_mut_and_grad(&mut self) -> Result<(&mut Tensor, Option<&Tensor>)> {
+        match Arc::get_mut(&mut self.value) {
+            Some(v) => Ok((v, self.grad.as_ref())),
+            None => Err(Error::layer(
+                "Param::value_mut_and_grad",
+                &self.name,
+                "a tape still holds this parameter's value; drop the tape (after its backward pass) before updating it",
+            )),
+        }
+    }
 }
 
 /// Parameters by name, in insertion order.
@@ -97,6 +117,12 @@ impl Params {
         self.list.iter()
     }
 
+    /// Every parameter, mutable: for optimizers and clipping, which update values and gradients
+    /// in place.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Param> {
+        self.list.iter_mut()
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.list.iter().map(|p| p.name.as_str())
     }
@@ -122,6 +148,20 @@ impl Params {
 
     pub fn grad(&self, name: &str) -> Result<Option<&Tensor>> {
         Ok(self.param(name)?.grad())
+    }
+
+    /// Replaces the parameter's gradient (one computed outside a tape, or none); the shape must
+    /// be the parameter's.
+    pub fn set_grad(&mut self, name: &str, grad: Option<Tensor>) -> Result<()> {
+        let p = self.param_mut(name)?;
+        if let Some(g) = &grad
+            && g.dims() != p.value.dims()
+        {
+            let msg = format!("gradient of shape {:?} for a parameter of shape {:?}", g.dims(), p.value.dims());
+            return Err(Error::layer("Params::set_grad", name, msg));
+        }
+        p.grad = grad;
+        Ok(())
     }
 
     /// Takes the accumulated gradient out, leaving none.

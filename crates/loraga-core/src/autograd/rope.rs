@@ -5,11 +5,16 @@
 //!   out = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
 //!
 //! with angle(pos, i) = pos * theta^(-2i / head_dim) for i < head_dim/2, repeated for both halves.
+//!
+//! On the CPU x is f32; on CUDA (`kernels/rope.cu`) f32 or bf16, and the output and gradient have
+//! x's dtype. The table is computed on the host and uploaded once per device that uses it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use super::data::{dims2, f32s, tensor};
+use super::data::{cuda, cuda_tensor, dims2, f32s, on_cuda, tensor};
 use super::tape::{Tape, Var};
+use crate::cuda::CudaDevice;
+use crate::cuda::ops::rope::{self as cuda_rope, RopeTables};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -19,6 +24,8 @@ pub struct RopeTable {
     pub max_positions: usize,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The tables on each CUDA device that has used them, uploaded at its first use.
+    on_devices: Mutex<Vec<Arc<RopeTables>>>,
 }
 
 impl RopeTable {
@@ -38,7 +45,18 @@ impl RopeTable {
                 sin[p * head_dim + i] = angle.sin() as f32;
             }
         }
-        Ok(RopeTable { head_dim, max_positions, cos, sin })
+        Ok(RopeTable { head_dim, max_positions, cos, sin, on_devices: Mutex::new(Vec::new()) })
+    }
+
+    /// The tables on `dev`, uploaded on the first call for that device.
+    fn on_device(&self, dev: &CudaDevice) -> Result<Arc<RopeTables>> {
+        let mut tables = self.on_devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tables.iter().find(|t| t.device() == dev) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(RopeTables::upload(dev, self.head_dim, &self.cos, &self.sin)?);
+        tables.push(t.clone());
+        Ok(t)
     }
 }
 
@@ -82,6 +100,19 @@ impl Tape {
                 "rope: position {p} is past the table's {} positions",
                 table.max_positions
             )));
+        }
+        if on_cuda("rope", &[xv])? {
+            let xs = cuda(xv, "rope")?;
+            let tables = table.on_device(&xs.device)?;
+            // Uploaded once; the backward rotates with the same copy.
+            let pos = cuda_rope::upload_positions(&xs.device, positions)?;
+            let y = cuda_tensor(cuda_rope::rotate(xs, &tables, &pos, rows, width, 1.0)?, &[rows, width])?;
+            let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], _: &[bool]| {
+                on_cuda("rope", &[dy, inp[0]])?;
+                let g = crate::cuda::ops::elementwise::as_dtype(cuda(dy, "rope")?, inp[0].dtype())?;
+                Ok(vec![Some(cuda_tensor(cuda_rope::rotate(&g, &tables, &pos, rows, width, -1.0)?, &[rows, width])?)])
+            });
+            return Ok(self.push_op("rope", y, &[x], back));
         }
         let y = tensor(rotate(f32s(xv, "rope")?, table, positions, width, 1.0), &[rows, width])?;
         let (table, positions) = (table.clone(), positions.to_vec());

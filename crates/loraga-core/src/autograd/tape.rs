@@ -134,7 +134,8 @@ impl Tape {
         if n != 1 {
             return Err(Error::shape("backward", format!("the loss must have one element, it has {n}")));
         }
-        let seed = super::data::tensor(vec![1.0], self.value(loss).dims())?;
+        let value = self.value(loss);
+        let seed = Tensor::full(value.dims(), value.dtype(), 1.0, &value.device())?;
         self.backward_with(loss, seed, params, hook)
     }
 

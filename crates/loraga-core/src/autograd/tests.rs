@@ -18,6 +18,7 @@ fn gradcheck_linear_add_mul_scale() {
     check("add", &[&[3, 4], &[3, 4]], |t, v| t.add(v[0], v[1]));
     check("mul", &[&[3, 4], &[3, 4]], |t, v| t.mul(v[0], v[1]));
     check("scale", &[&[3, 4]], |t, v| t.scale(v[0], -1.7));
+    check("cast", &[&[3, 4]], |t, v| t.cast(v[0], crate::DType::F32));
     // A graph that reuses a value: y = (x W^T) * (x W^T) + x W^T.
     check("reuse", &[&[3, 4], &[2, 4]], |t, v| {
         let y = t.linear(v[0], v[1])?;
@@ -179,6 +180,9 @@ fn errors_name_the_problem() {
     assert!(tape.embedding(&[3], x).unwrap_err().to_string().contains("token id 3"));
     let bf = tape.constant(Tensor::zeros([2, 3], crate::DType::BF16, &Device::Cpu).unwrap());
     assert!(tape.add(x, bf).unwrap_err().to_string().contains("f32 tensors, got bf16"));
+    let e = tape.cast(x, crate::DType::BF16).unwrap_err().to_string();
+    assert!(e.contains("keep f32 only, asked for bf16"), "{e}");
+    assert!(tape.cast(bf, crate::DType::F32).unwrap_err().to_string().contains("f32 tensors, got bf16"));
     let mut p = Params::new();
     assert!(tape.param(&p, "nope").unwrap_err().to_string().contains("`nope`"));
     p.insert("a", t(vec![0.0], &[1]), true).unwrap();

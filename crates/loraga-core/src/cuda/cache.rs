@@ -98,7 +98,10 @@ impl KernelCache {
     /// only saves time, and the caller already holds the compiled module.
     pub fn store(&self, module: &str, arch: Arch, key: &str, cubin: &[u8]) {
         let Some(path) = self.path(module, arch, key) else { return };
-        let _ = write_atomically(&path, cubin);
+        let _ = crate::io::atomic::write_with(&path, |f| {
+            f.write_all(cubin)?;
+            f.write_all(&Sha256::digest(cubin))
+        });
     }
 
     /// Removes an entry that the driver refused to load.
@@ -107,26 +110,6 @@ impl KernelCache {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-fn write_atomically(path: &Path, cubin: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().expect("cache entries live in a folder");
-    std::fs::create_dir_all(dir)?;
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let tmp =
-        dir.join(format!(".{}.{}.{}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id(), nanos));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(cubin)?;
-        f.write_all(&Sha256::digest(cubin))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -2,15 +2,19 @@
 //! Nothing here needs CUDA at build time; libraries are found and opened at run time.
 
 pub mod arch;
+pub mod attention;
 pub mod cache;
+pub mod cross_entropy;
 pub mod device;
 pub mod gemm;
 pub mod gemm_sm90;
 pub mod kernels;
 pub mod libs;
 pub mod nvrtc;
+pub mod ops;
 pub mod storage;
 pub mod timing;
+pub mod typed;
 
 pub use arch::Arch;
 pub use device::CudaDevice;

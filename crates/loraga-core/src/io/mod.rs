@@ -4,13 +4,16 @@
 //! - [`gguf`]: the GGUF reader; [`gguf_metadata`]: its typed key/values.
 //! - [`quant`]: ggml's tensor types and their dequantisation to f32.
 //! - [`rope_permute`]: undoing llama.cpp's reordering of Llama's q/k rows.
-//! - [`safetensors`]: single-file and sharded safetensors, and an atomic writer.
-//! - [`adapter`]: PEFT LoRA adapter directories (write atomically, read back with checks).
+//! - [`safetensors`]: single-file and sharded safetensors.
+//! - [`atomic`]: atomic file writes (checkpoints, adapters, metrics).
+//! - [`adapter`]: PEFT LoRA adapter directories (written whole or not at all, read back with
+//!   checks).
 //!
 //! Every malformed file gives an [`Error::Format`](crate::Error::Format) naming the file and the
 //! key or tensor at fault.
 
 pub mod adapter;
+pub mod atomic;
 pub mod gguf;
 pub mod gguf_metadata;
 pub mod quant;

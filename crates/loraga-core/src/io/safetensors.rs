@@ -6,7 +6,6 @@
 //! the file, the file exactly covered); F32, F16 and BF16 tensors convert to f32 or bf16.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -207,25 +206,5 @@ pub fn save_safetensors(
         .collect::<Result<Vec<_>>>()?;
     let buffer = safetensors::serialize(views, metadata).map_err(|e| Error::format(path, e.to_string()))?;
 
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| Error::format(path, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&buffer)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Io { path: tmp, source: e });
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::Io { path: path.to_path_buf(), source: e }
-    })?;
-    // The rename itself is durable only once the folder is synced.
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io(dir))
+    super::atomic::write(path, &buffer)
 }
