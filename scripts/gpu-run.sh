@@ -39,7 +39,7 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
         echo "=== $(basename "$t")" >> "$out/tests.log"
         # The real-model tests (CPU tests; CI runs them) need the 94 MB GGUF, which is larger than
         # one transfer to a GPU machine: they run here only if it was brought separately.
-        case "$(basename "$t")" in gguf_smollm2 | llama_smollm2 | tokenizer_smollm2) needs_model=1 ;; *) needs_model=0 ;; esac
+        case "$(basename "$t")" in *_smollm2) needs_model=1 ;; *) needs_model=0 ;; esac
         if [ $needs_model = 1 ] && [ ! -f .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
             echo "NOT RUN: .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf is not on this machine" | tee -a "$out/tests.log"
             continue

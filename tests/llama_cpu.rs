@@ -33,17 +33,7 @@ fn config(tied: bool) -> LlamaConfig {
 
 /// Random weights (std 0.2, norms around 1) for every base weight, frozen.
 fn random_params(c: &LlamaConfig, rng: &mut StdRng) -> Params {
-    let mut p = Params::new();
-    for (name, shape) in c.weight_shapes() {
-        let n = shape.iter().product();
-        let v: Vec<f32> = if name.ends_with("norm.weight") {
-            randn(rng, n).iter().map(|x| 1.0 + 0.1 * x).collect()
-        } else {
-            randn(rng, n).iter().map(|x| 0.2 * x).collect()
-        };
-        p.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap(), false).unwrap();
-    }
-    p
+    common::tiny_llama::random_params(c, 0.2, rng)
 }
 
 /// Two sequences of 6; the second right-padded after 4 tokens (labels -100 there).

@@ -7,33 +7,13 @@
 //!   `Question: <q>\nAnswer: `, loss on the answer tokens + EOS, as DESIGN.md's reference) is in a
 //!   plausible range, and the same whether the two are batched with padding or run alone.
 
-use std::sync::OnceLock;
+mod common;
+
 use std::time::Instant;
 
-use loraga_core::autograd::{Params, Tape};
-use loraga_core::io::GgufFile;
-use loraga_core::model::{Batch, Llama};
-use loraga_core::testing::repo_path;
-use loraga_core::tokenizer::Tokenizer;
-
-struct Smol {
-    model: Llama,
-    params: Params,
-    tok: Tokenizer,
-}
-
-fn smol() -> &'static Smol {
-    static SMOL: OnceLock<Smol> = OnceLock::new();
-    SMOL.get_or_init(|| {
-        let p = repo_path(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(p.is_file(), "{} is missing: run scripts/fetch-smollm2.sh first", p.display());
-        let t = Instant::now();
-        let (model, params) = Llama::load_gguf(&p).unwrap();
-        let tok = Tokenizer::from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
-        eprintln!("loaded SmolLM2 in {:.1?}", t.elapsed());
-        Smol { model, params, tok }
-    })
-}
+use common::smollm2::{Smol, gsm8k_test, smol};
+use loraga_core::autograd::Tape;
+use loraga_core::model::Batch;
 
 /// Logits of the last position of a single unpadded sequence.
 fn last_logits(s: &Smol, ids: &[u32]) -> Vec<f32> {
@@ -68,16 +48,7 @@ fn config_and_greedy_continuation() {
 }
 
 fn gsm8k(n: usize) -> Vec<(String, String)> {
-    let path = repo_path("../shared/data/gsm8k/test.jsonl");
-    let path = if path.is_file() { path } else { "/work/shared/data/gsm8k/test.jsonl".into() };
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines()
-        .take(n)
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["question"].as_str().unwrap().to_string(), v["answer"].as_str().unwrap().to_string())
-        })
-        .collect()
+    gsm8k_test().into_iter().take(n).map(|r| (r.prompt, r.response)).collect()
 }
 
 /// Prompt ids then answer ids + EOS; labels only on the answer part.

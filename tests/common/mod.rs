@@ -1,10 +1,14 @@
-//! Shared by the integration tests: random GEMM problems and their f64 references.
+//! Shared by the integration tests: random GEMM problems and their f64 references; GGUF
+//! writing, test spectra, tiny random Llamas and the real SmolLM2 in submodules.
 
 #![allow(dead_code)]
 
 pub mod gguf_writer;
+pub mod llama_fixture;
 pub mod loraga;
+pub mod smollm2;
 pub mod spectra;
+pub mod tiny_llama;
 
 use half::bf16;
 use loraga_core::cpu::CpuStorage;

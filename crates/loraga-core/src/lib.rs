@@ -14,6 +14,8 @@
 //! - [`lora_linear`]: the LoRA linear layer's forward, backward and weight-gradient accumulation
 //!   on the GEMM engine (fused), cuBLAS or the naive kernel.
 //! - [`tokenizer`]: text to ids, from `tokenizer.json` or a GGUF file's metadata.
+//! - [`data`]: JSONL prompt/response records to shuffled, padded, labelled batches.
+//! - [`eval`]: loss and perplexity over a data set, GSM8K exact match by greedy generation.
 //!
 //! Nothing here needs CUDA to build; a machine without a GPU gets clear errors from the CUDA
 //! entry points and a working CPU path.
@@ -21,9 +23,11 @@
 pub mod autograd;
 pub mod cpu;
 pub mod cuda;
+pub mod data;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod eval;
 pub mod gemm;
 pub mod io;
 pub mod linalg;

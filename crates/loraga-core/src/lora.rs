@@ -133,11 +133,13 @@ pub fn linear(
     module_path: &str,
     lora: Option<(&LoraConfig, LoraTarget)>,
 ) -> Result<Var> {
-    let w = tape.param(params, &format!("{module_path}.weight"))?;
+    // Weights follow the activations' dtype (cast on the tape when stored otherwise).
+    let dtype = tape.value(x).dtype();
+    let w = tape.param_as(params, &format!("{module_path}.weight"), dtype)?;
     let y = tape.linear(x, w)?;
     let Some((cfg, _)) = lora.filter(|(cfg, t)| cfg.targets_module(*t)) else { return Ok(y) };
-    let a = tape.param(params, &lora_a_name(module_path))?;
-    let b = tape.param(params, &lora_b_name(module_path))?;
+    let a = tape.param_as(params, &lora_a_name(module_path), dtype)?;
+    let b = tape.param_as(params, &lora_b_name(module_path), dtype)?;
     let xa = tape.linear(x, a)?;
     let xab = tape.linear(xa, b)?;
     let scaled = tape.scale(xab, cfg.scaling())?;

@@ -80,6 +80,14 @@ impl Tensor {
         Ok(Tensor { storage: Storage::from_cpu(device, self.storage.to_cpu()?)?, shape: self.shape.clone() })
     }
 
+    /// A copy on `device` in `dtype` (through the host: for loading and moving weights, not for
+    /// the hot path, where `Tape::cast` converts on the device).
+    pub fn to(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        let cpu = self.storage.to_cpu()?;
+        let cpu = if cpu.dtype() == dtype { cpu } else { CpuStorage::from_f32_vec(dtype, cpu.to_f32_vec()) };
+        Ok(Tensor { storage: Storage::from_cpu(device, cpu)?, shape: self.shape.clone() })
+    }
+
     /// The elements in their own type; an error if `T` is not the tensor's dtype.
     pub fn to_vec<T: CpuElement>(&self) -> Result<Vec<T>> {
         let cpu = self.storage.to_cpu()?;

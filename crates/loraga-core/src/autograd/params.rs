@@ -86,6 +86,21 @@ impl Params {
         Ok(())
     }
 
+    /// A copy of every parameter on `device`, each in the dtype `dtype_of` gives it (e.g. frozen
+    /// weights in bf16, trainable ones in f32 as master copies), trainable flags kept, no
+    /// gradients.
+    pub fn to_device(&self, device: &crate::Device, dtype_of: impl Fn(&Param) -> crate::DType) -> Result<Params> {
+        let mut out = Params::new();
+        for p in &self.list {
+            let value = p
+                .value
+                .to(device, dtype_of(p))
+                .map_err(|e| Error::layer("Params::to_device", &p.name, e.to_string()))?;
+            out.insert(p.name.clone(), value, p.trainable)?;
+        }
+        Ok(out)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }

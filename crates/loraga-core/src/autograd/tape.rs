@@ -108,6 +108,13 @@ impl Tape {
         Ok(v)
     }
 
+    /// The named parameter in `dtype`: cast on the tape when it is stored in another one (f32
+    /// master weights used by a bf16 forward, as PyTorch's autocast does).
+    pub fn param_as(&mut self, params: &Params, name: &str, dtype: crate::DType) -> Result<Var> {
+        let v = self.param(params, name)?;
+        if self.value(v).dtype() == dtype { Ok(v) } else { self.cast(v, dtype) }
+    }
+
     pub fn value(&self, v: Var) -> &Tensor {
         &self.nodes[v.0].value
     }

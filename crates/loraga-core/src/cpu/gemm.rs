@@ -17,6 +17,16 @@ pub fn gemm(g: &Gemm, d: GemmDims, a: &CpuStorage, b: &CpuStorage, c: &mut CpuSt
     if a.dtype() == DType::F32 && c.dtype() == DType::BF16 {
         return Err(Error::DType { op: "gemm", msg: "f32 operands with a bf16 output".into() });
     }
+    // All f32: straight on the buffers (copying the weights on every call would cost as much as
+    // the product itself in a decode step), and a few rows times a weight by `skinny`.
+    if let (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) = (a, b, &mut *c) {
+        if g.trans_b && !g.trans_a && d.m <= super::skinny::MAX_ROWS {
+            super::skinny::gemm_nt(d.m, d.n, d.k, g.alpha, g.beta, a, b, c);
+        } else {
+            gemm_slices(g, d, a, b, c);
+        }
+        return Ok(());
+    }
     let (a32, b32) = (a.to_f32_vec(), b.to_f32_vec());
     let mut c32 = if g.beta == 0.0 { vec![0.0f32; d.m * d.n] } else { c.to_f32_vec() };
     gemm_slices(g, d, &a32, &b32, &mut c32);

@@ -2,6 +2,7 @@
 //! is no GPU. Host buffers are plain vectors; GEMM goes to faer.
 
 pub mod gemm;
+pub mod skinny;
 
 use half::bf16;
 

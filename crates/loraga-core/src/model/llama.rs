@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use crate::autograd::{AttentionShape, IGNORE_INDEX, Params, RopeTable, Tape, Var};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig, LoraTarget};
 
@@ -145,6 +146,9 @@ pub struct LlamaOutput {
 pub struct Llama {
     pub config: LlamaConfig,
     pub lora: Option<LoraConfig>,
+    /// The dtype activations are computed in: f32 on the CPU, bf16 or f32 on CUDA. Weights
+    /// stored in another dtype are cast on the tape.
+    pub dtype: DType,
     rope: Arc<RopeTable>,
 }
 
@@ -152,7 +156,7 @@ impl Llama {
     pub fn new(config: LlamaConfig) -> Result<Llama> {
         config.validate()?;
         let rope = Arc::new(RopeTable::new(config.head_dim, config.max_position_embeddings, config.rope_theta)?);
-        Ok(Llama { config, lora: None, rope })
+        Ok(Llama { config, lora: None, dtype: DType::F32, rope })
     }
 
     /// Checks that `params` holds every base weight with its shape.
@@ -201,11 +205,12 @@ impl Llama {
         };
         let mask = batch.attention_mask.as_deref();
 
-        let embed = tape.param(params, "model.embed_tokens.weight")?;
+        let dt = self.dtype;
+        let embed = tape.param_as(params, "model.embed_tokens.weight", dt)?;
         let mut h = tape.embedding(&batch.input_ids, embed)?;
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let norm_w = tape.param(params, &format!("{p}.input_layernorm.weight"))?;
+            let norm_w = tape.param_as(params, &format!("{p}.input_layernorm.weight"), dt)?;
             let n = tape.rms_norm(h, norm_w, c.rms_norm_eps)?;
             let q = self.linear(tape, params, n, l, LoraTarget::Q)?;
             let k = self.linear(tape, params, n, l, LoraTarget::K)?;
@@ -216,7 +221,7 @@ impl Llama {
             let o = self.linear(tape, params, a, l, LoraTarget::O)?;
             h = tape.add(h, o)?;
 
-            let norm_w = tape.param(params, &format!("{p}.post_attention_layernorm.weight"))?;
+            let norm_w = tape.param_as(params, &format!("{p}.post_attention_layernorm.weight"), dt)?;
             let n = tape.rms_norm(h, norm_w, c.rms_norm_eps)?;
             let gate = self.linear(tape, params, n, l, LoraTarget::Gate)?;
             let up = self.linear(tape, params, n, l, LoraTarget::Up)?;
@@ -224,9 +229,9 @@ impl Llama {
             let down = self.linear(tape, params, act, l, LoraTarget::Down)?;
             h = tape.add(h, down)?;
         }
-        let norm_w = tape.param(params, "model.norm.weight")?;
+        let norm_w = tape.param_as(params, "model.norm.weight", dt)?;
         let n = tape.rms_norm(h, norm_w, c.rms_norm_eps)?;
-        let head = if c.tie_word_embeddings { embed } else { tape.param(params, "lm_head.weight")? };
+        let head = if c.tie_word_embeddings { embed } else { tape.param_as(params, "lm_head.weight", dt)? };
         let logits = tape.linear(n, head)?;
         let loss = match batch.shifted_targets() {
             Some(t) => Some(tape.cross_entropy(logits, &t)?),
