@@ -65,6 +65,29 @@ fn estimation_on_the_gpu_matches_the_cpu() {
     }
 }
 
+/// Mixed precision (bf16 activations over f32 master weights on the GPU): the estimate is f32,
+/// within bf16 rounding of the CPU's f32 one (3e-2, the bound of the bf16 Llama parity test).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn estimation_in_mixed_precision() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let c = tiny_config();
+    let (mut model, mut cpu) = random_model(&c, &mut rng);
+    let batches = random_batches(&c, &mut rng, 3, 7);
+    let targets = target_weights(&c, &lora_config(1, 1.0, false));
+    let want = estimate_gradients(&model, &mut cpu, targets.clone(), &batches, &EstimateOptions::default()).unwrap();
+    model.dtype = loraga_core::DType::BF16;
+    let mut g = on(&cpu, &dev);
+    let got = estimate_gradients(&model, &mut g, targets.clone(), &batches, &EstimateOptions::default()).unwrap();
+    for t in &targets {
+        let (a, b) = (got.get(t).unwrap(), want.get(t).unwrap());
+        assert_eq!(a.dtype(), loraga_core::DType::F32, "{t}");
+        let e = rel_error(&a.to_vec::<f32>().unwrap(), &wide(&b.to_vec::<f32>().unwrap()));
+        assert!(e < 3e-2, "{t}: {e:.2e}");
+    }
+}
+
 /// LoRA-GA on a GPU model, end to end: A, B and W_frz on the device; W_frz + s·B·A = W0 to f32
 /// rounding (1e-6); the construction s²(G A0ᵀA0 + B0 B0ᵀ G) = s²c²·G_2r as on the CPU (r = 4, so
 /// q = min(m, n) and the randomized SVD is exact but for its f32 rounding, which moves a triplet
