@@ -36,6 +36,35 @@ fn on(p: &Params, dev: &Device) -> Params {
     out
 }
 
+/// A tiny model (weights on the CPU), batches, the targets and the CPU's f32 estimate.
+struct Case {
+    model: Llama,
+    cpu: Params,
+    batches: Vec<loraga_core::model::Batch>,
+    targets: Vec<String>,
+    want: GradientEstimate,
+}
+
+fn case() -> Case {
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let c = tiny_config();
+    let (model, mut cpu) = random_model(&c, &mut rng);
+    let batches = random_batches(&c, &mut rng, 3, 7);
+    let targets = target_weights(&c, &lora_config(1, 1.0, false));
+    let want = estimate_gradients(&model, &mut cpu, targets.clone(), &batches, &EstimateOptions::default()).unwrap();
+    Case { model, cpu, batches, targets, want }
+}
+
+/// Each layer's estimate against the CPU's, relative error under `tol`.
+fn check_estimate(what: &str, got: &GradientEstimate, c: &Case, tol: f64) {
+    for t in &c.targets {
+        let (a, b) = (got.get(t).unwrap(), c.want.get(t).unwrap());
+        assert_eq!(a.dtype(), loraga_core::DType::F32, "{what} {t}");
+        let e = rel_error(&a.to_vec::<f32>().unwrap(), &wide(&b.to_vec::<f32>().unwrap()));
+        assert!(e < tol, "{what} {t}: {e:.2e}");
+    }
+}
+
 /// The gradient estimate of a model on the GPU (f32) equals the CPU's up to f32 rounding in
 /// another order: relative error ≤ 1e-4 per layer (the model-parity tolerance; the per-op GPU
 /// checks hold 1e-5, and these gradients are sums whose terms partly cancel, e.g. through the
@@ -44,24 +73,17 @@ fn on(p: &Params, dev: &Device) -> Params {
 #[ignore = "needs a CUDA GPU"]
 fn estimation_on_the_gpu_matches_the_cpu() {
     let dev = gpu();
-    let mut rng = StdRng::seed_from_u64(test_seed());
-    let c = tiny_config();
-    let (model, mut cpu) = random_model(&c, &mut rng);
-    let batches = random_batches(&c, &mut rng, 3, 7);
-    let targets = target_weights(&c, &lora_config(1, 1.0, false));
-    let want = estimate_gradients(&model, &mut cpu, targets.clone(), &batches, &EstimateOptions::default()).unwrap();
+    let c = case();
     for placement in [AccumulatorPlacement::Device, AccumulatorPlacement::Host] {
-        let mut g = on(&cpu, &dev);
+        let mut g = on(&c.cpu, &dev);
         let opts = EstimateOptions { placement, memory_budget: None };
-        let est = GradientEstimator::new(&g, targets.clone(), &opts).unwrap();
+        let est = GradientEstimator::new(&g, c.targets.clone(), &opts).unwrap();
         assert_eq!(est.memory().device.is_cuda(), placement == AccumulatorPlacement::Device);
-        let got = estimate_gradients(&model, &mut g, targets.clone(), &batches, &opts).unwrap();
-        for t in &targets {
-            let (a, b) = (got.get(t).unwrap(), want.get(t).unwrap());
-            assert_eq!(a.device().is_cuda(), placement == AccumulatorPlacement::Device, "{t}");
-            let e = rel_error(&a.to_vec::<f32>().unwrap(), &wide(&b.to_vec::<f32>().unwrap()));
-            assert!(e < 1e-4, "{placement:?} {t}: {e:.2e}");
+        let got = estimate_gradients(&c.model, &mut g, c.targets.clone(), &c.batches, &opts).unwrap();
+        for t in &c.targets {
+            assert_eq!(got.get(t).unwrap().device().is_cuda(), placement == AccumulatorPlacement::Device, "{t}");
         }
+        check_estimate(&format!("{placement:?}"), &got, &c, 1e-4);
     }
 }
 
@@ -71,21 +93,11 @@ fn estimation_on_the_gpu_matches_the_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn estimation_in_mixed_precision() {
     let dev = gpu();
-    let mut rng = StdRng::seed_from_u64(test_seed());
-    let c = tiny_config();
-    let (mut model, mut cpu) = random_model(&c, &mut rng);
-    let batches = random_batches(&c, &mut rng, 3, 7);
-    let targets = target_weights(&c, &lora_config(1, 1.0, false));
-    let want = estimate_gradients(&model, &mut cpu, targets.clone(), &batches, &EstimateOptions::default()).unwrap();
-    model.dtype = loraga_core::DType::BF16;
-    let mut g = on(&cpu, &dev);
-    let got = estimate_gradients(&model, &mut g, targets.clone(), &batches, &EstimateOptions::default()).unwrap();
-    for t in &targets {
-        let (a, b) = (got.get(t).unwrap(), want.get(t).unwrap());
-        assert_eq!(a.dtype(), loraga_core::DType::F32, "{t}");
-        let e = rel_error(&a.to_vec::<f32>().unwrap(), &wide(&b.to_vec::<f32>().unwrap()));
-        assert!(e < 3e-2, "{t}: {e:.2e}");
-    }
+    let mut c = case();
+    c.model.dtype = loraga_core::DType::BF16;
+    let mut g = on(&c.cpu, &dev);
+    let got = estimate_gradients(&c.model, &mut g, c.targets.clone(), &c.batches, &EstimateOptions::default()).unwrap();
+    check_estimate("bf16 activations", &got, &c, 3e-2);
 }
 
 /// LoRA-GA on a GPU model, end to end: A, B and W_frz on the device; W_frz + s·B·A = W0 to f32
