@@ -28,17 +28,7 @@ pub fn tiny_config() -> LlamaConfig {
 
 /// Every base weight random (std 0.3; norms 1 ± 0.1), frozen.
 pub fn random_model(c: &LlamaConfig, rng: &mut impl Rng) -> (Llama, Params) {
-    let mut p = Params::new();
-    for (name, shape) in c.weight_shapes() {
-        let x = randn(rng, shape.iter().product());
-        let v = if name.ends_with("norm.weight") {
-            x.iter().map(|x| 1.0 + 0.1 * x).collect()
-        } else {
-            x.iter().map(|x| 0.3 * x).collect()
-        };
-        p.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap(), false).unwrap();
-    }
-    (Llama::new(c.clone()).unwrap(), p)
+    (Llama::new(c.clone()).unwrap(), super::tiny_llama::random_params(c, 0.3, rng))
 }
 
 /// `n` batches of 2 rows of `seq` tokens; the second row right-padded, a 2-token prompt ignored.

@@ -6,7 +6,8 @@
 //! - [`rope_permute`]: undoing llama.cpp's reordering of Llama's q/k rows.
 //! - [`safetensors`]: single-file and sharded safetensors.
 //! - [`atomic`]: atomic file writes (checkpoints, adapters, metrics).
-//! - [`adapter`]: PEFT LoRA adapter directories (write atomically, read back with checks).
+//! - [`adapter`]: PEFT LoRA adapter directories (written whole or not at all, read back with
+//!   checks).
 //!
 //! Every malformed file gives an [`Error::Format`](crate::Error::Format) naming the file and the
 //! key or tensor at fault.

@@ -14,11 +14,12 @@
 
 use rand::Rng;
 
-use super::layer::{LayerInit, factors_to_layer, host_f32};
+use super::layer::{LayerInit, factors_to_layer};
+use super::offset::host_f32;
 use crate::cpu::CpuStorage;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::linalg::{MatrixRef, RsvdConfig, svd_exact, svd_lowrank};
+use crate::linalg::{MatrixRef, RsvdConfig, svd_exact, svd_lowrank_tensor};
 use crate::lora::kaiming_uniform_a;
 use crate::tensor::Tensor;
 
@@ -71,11 +72,10 @@ pub fn pissa_layer(name: &str, w: &Tensor, r: usize, s: f64, cfg: &PissaConfig) 
     if r == 0 || r > m.min(n) {
         return Err(Error::layer(OP, name, format!("rank {r} must be in 1..={} for [{m}, {n}]", m.min(n))));
     }
-    let data = host_f32(w, name)?;
-    let wm = MatrixRef::new(&data, m, n)?;
     let svd = match cfg.svd {
-        PissaSvd::Exact => svd_exact(name, wm, r)?,
-        PissaSvd::Fast { niter } => svd_lowrank(name, wm, &RsvdConfig::new(r, r, niter, cfg.seed))?,
+        PissaSvd::Exact => svd_exact(name, MatrixRef::new(&host_f32(w, name)?, m, n)?, r)?,
+        // On W's device.
+        PissaSvd::Fast { niter } => svd_lowrank_tensor(name, w, &RsvdConfig::new(r, r, niter, cfg.seed))?,
     };
     let root: Vec<f64> = svd.s().iter().map(|&x| (x as f64 / s).sqrt()).collect();
     let (u, vt) = (svd.u(), svd.vt());

@@ -8,8 +8,12 @@
 //! the whole cost, reported by [`MemoryPlan`] before anything is allocated.
 //!
 //! Where the accumulators live ([`AccumulatorPlacement`]): beside the weights (the tape's in-place
-//! add: CPU today; for CUDA tensors that add returns `NotOnCuda` until the CUDA ops land), or in
-//! host memory, which takes gradients from any device (each is copied down and added in f32).
+//! add, on the CPU or the weights' CUDA device, which takes f32 or bf16 gradients into the f32
+//! sum), or in host memory, which takes gradients from any device (each is copied down and added
+//! in f32). The weight gradients come from the tape as a separate dW = dYᵀX per layer; fusing that
+//! GEMM into the accumulator (G += dYᵀX, `lora_linear::accumulate_weight_grad`) would save one
+//! [m, n] temporary and one pass over it per layer and batch, and needs a hook into the linear
+//! op's backward rather than on the finished gradient.
 //! Batches are processed in the order given and every sum runs in a fixed order, so the estimate
 //! is bit-for-bit deterministic for a given data order.
 
@@ -19,6 +23,7 @@ use std::path::Path;
 
 use crate::autograd::{HookAction, Params, Tape, add_assign};
 use crate::cpu::CpuStorage;
+use crate::cuda::ops::elementwise as cuda_ew;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -229,10 +234,19 @@ impl GradientEstimator {
                     format!("received no gradient in {} batches (is it used by the forward pass?)", self.batches),
                 ));
             }
-            match acc.storage_mut() {
-                Storage::Cpu(CpuStorage::F32(v)) => v.iter_mut().for_each(|x| *x /= count as f32),
-                _ => return Err(Error::NotOnCuda("dividing the LoRA-GA gradient accumulators")),
-            }
+            let acc = match acc.storage_mut() {
+                Storage::Cpu(CpuStorage::F32(v)) => {
+                    v.iter_mut().for_each(|x| *x /= count as f32);
+                    acc
+                }
+                // Times 1/count: within an ulp of the host's division.
+                Storage::Cuda(s) => {
+                    Tensor::from_storage(Storage::Cuda(cuda_ew::scale(s, 1.0 / count as f32)?), acc.dims())?
+                }
+                Storage::Cpu(other) => {
+                    return Err(Error::layer(OP, &name, format!("the accumulator is {}, not f32", other.dtype())));
+                }
+            };
             grads.push((name, acc));
         }
         GradientEstimate::new(grads, self.batches)

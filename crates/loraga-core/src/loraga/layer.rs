@@ -10,22 +10,23 @@
 //!   W_frz = round(W0 − s·B·A)
 //!
 //! A and B are rounded to f32 (what both implementations produce) and then to the adapter dtype;
-//! the offset is computed in f64 from those stored values and W_frz is rounded once to W0's
-//! dtype, so W_frz + s·B·A equals W0 up to that one rounding.
+//! the offset is computed from those stored values and W_frz is rounded once to W0's dtype
+//! ([`super::offset`]), so W_frz + s·B·A equals W0 up to that one rounding.
+//!
+//! Devices: the randomized SVDs run where G and W are (CPU or GPU); A and B are assembled on the
+//! host (r rows and columns) and stored on W's device; the exact SVD is host-only and refuses
+//! GPU tensors.
 
-use half::bf16;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
+use super::offset::{host_f32, offset_weight};
 use super::{Direction, LoraGaConfig, Scale, SvdMethod, Variant};
 use crate::cpu::CpuStorage;
-use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::linalg::{MatrixRef, RsvdConfig, TruncatedSvd, svd_exact, svd_lowrank, svd_lowrank_tensor};
-use crate::storage::Storage;
+use crate::linalg::{MatrixRef, RsvdConfig, TruncatedSvd, svd_exact, svd_lowrank_tensor};
 use crate::tensor::Tensor;
 
 const OP: &str = "LoRA-GA init";
@@ -105,17 +106,17 @@ pub fn gradient_svd(name: &str, grad: &Tensor, r: usize, cfg: &LoraGaConfig) -> 
 /// svd_lowrank(W, q = min(4r, m, n)); [UP] from svd_lowrank(W, q = min(r, m, n)).
 pub fn weight_singular_values(name: &str, w: &Tensor, r: usize, cfg: &LoraGaConfig) -> Result<Vec<f32>> {
     let (m, n) = w.shape().dims2(OP, name)?;
-    let data = host_f32(w, name)?;
-    let a = MatrixRef::new(&data, m, n)?;
     let q = match cfg.variant {
         Variant::Reference => 4 * r,
         Variant::Peft => r,
     };
     let svd = match cfg.svd {
-        SvdMethod::Randomized => {
-            svd_lowrank(name, a, &RsvdConfig { q, niter: cfg.niter, k: r, seed: cfg.seed, clamp_to_shape: true })?
-        }
-        SvdMethod::Exact => svd_exact(name, a, r.min(m.min(n)))?,
+        SvdMethod::Randomized => svd_lowrank_tensor(
+            name,
+            w,
+            &RsvdConfig { q, niter: cfg.niter, k: r, seed: cfg.seed, clamp_to_shape: true },
+        )?,
+        SvdMethod::Exact => svd_exact(name, MatrixRef::new(&host_f32(w, name)?, m, n)?, r.min(m.min(n)))?,
     };
     Ok(svd.s().to_vec())
 }
@@ -232,7 +233,8 @@ fn scales(
     })
 }
 
-/// Stores A [r, n] and B [m, r] (f32, then the adapter dtype, default W's) and offsets W by them.
+/// Stores A [r, n] and B [m, r] (f32, then the adapter dtype, default W's; on W's device) and
+/// offsets W by them.
 pub(crate) fn factors_to_layer(
     name: &str,
     w: &Tensor,
@@ -244,58 +246,12 @@ pub(crate) fn factors_to_layer(
 ) -> Result<LayerInit> {
     let (m, n) = w.shape().dims2(OP, name)?;
     let dtype = adapter_dtype.unwrap_or(w.dtype());
+    // Made on the host (they are small), stored on W's device.
     let store = |v: Vec<f64>, shape: [usize; 2]| {
         let cpu = CpuStorage::from_f32_vec(dtype, v.into_iter().map(|x| x as f32).collect());
-        Tensor::from_cpu(cpu, shape.into(), &Device::Cpu)
+        Tensor::from_cpu(cpu, shape.into(), &w.device())
     };
     let (a, b) = (store(a, [r, n])?, store(b, [m, r])?);
     let weight = offset_weight(name, w, &a, &b, s)?;
     Ok(LayerInit { a, b, weight: Some(weight) })
-}
-
-/// W − s·B·A from the stored values, accumulated in f64 and rounded once to W's dtype.
-pub(crate) fn offset_weight(name: &str, w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    let (m, n) = w.shape().dims2(OP, name)?;
-    let (r, na) = a.shape().dims2(OP, name)?;
-    if na != n || b.dims() != [m, r] {
-        return Err(Error::layer(
-            OP,
-            name,
-            format!("A {:?} and B {:?} do not fit a weight [{m}, {n}]", a.dims(), b.dims()),
-        ));
-    }
-    let (w0, a, b) = (host_f32(w, name)?, host_f32(a, name)?, host_f32(b, name)?);
-    let value = |i: usize, j: usize| {
-        let ba: f64 = (0..r).map(|k| b[i * r + k] as f64 * a[k * n + j] as f64).sum();
-        w0[i * n + j] as f64 - s * ba
-    };
-    let cpu = match w.dtype() {
-        DType::F32 => {
-            let mut out = vec![0.0f32; m * n];
-            out.par_chunks_mut(n)
-                .enumerate()
-                .for_each(|(i, row)| row.iter_mut().enumerate().for_each(|(j, o)| *o = value(i, j) as f32));
-            CpuStorage::F32(out)
-        }
-        DType::BF16 => {
-            let mut out = vec![bf16::ZERO; m * n];
-            out.par_chunks_mut(n)
-                .enumerate()
-                .for_each(|(i, row)| row.iter_mut().enumerate().for_each(|(j, o)| *o = bf16::from_f64(value(i, j))));
-            CpuStorage::BF16(out)
-        }
-    };
-    Tensor::from_cpu(cpu, [m, n].into(), &Device::Cpu)
-}
-
-/// A host tensor's values as f32; the initialisation runs on the CPU only so far.
-pub(crate) fn host_f32(t: &Tensor, name: &str) -> Result<Vec<f32>> {
-    match t.storage() {
-        Storage::Cpu(c) => Ok(c.to_f32_vec()),
-        Storage::Cuda(_) => Err(Error::layer(
-            OP,
-            name,
-            "is on a CUDA device; the initialisation (offset, PiSSA and exact SVDs) runs on the CPU so far",
-        )),
-    }
 }

@@ -28,14 +28,17 @@
 //!
 //! [`baselines`] gives vanilla LoRA and PiSSA behind the same interface ([`InitMethod`]).
 //!
-//! Everything here runs on the CPU. The estimation already takes gradients that live on a CUDA
-//! device (accumulated on the host with [`AccumulatorPlacement::Host`]); the SVD and the offset
-//! return [`Error::NotOnCuda`](crate::Error::NotOnCuda) for CUDA tensors until they are ported.
+//! Devices: everything runs on the CPU and is tested there. With the model on a CUDA device, the
+//! estimation accumulates on the device (the tape's in-place add) or on the host, the randomized
+//! SVDs run on the device, A and B are assembled on the host (they are small) and the offset is a
+//! GEMM on the device; those paths have GPU tests (tests/loraga_cuda.rs). The exact SVDs (for
+//! tests, and PiSSA's "pissa") are host-only and refuse GPU tensors by name.
 
 pub mod baselines;
 pub mod estimate;
 pub mod layer;
 pub mod model;
+mod offset;
 pub mod state;
 
 pub use baselines::{PissaConfig, PissaSvd};

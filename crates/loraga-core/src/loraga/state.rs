@@ -18,8 +18,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::layer::offset_weight;
 use super::model::{check_fresh, scaling};
+use super::offset::offset_weight;
 use super::{Direction, InitMethod, LoraGaConfig, PissaConfig, PissaSvd, Scale, SvdMethod, Variant};
 use crate::autograd::Params;
 use crate::cpu::CpuStorage;
