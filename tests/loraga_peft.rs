@@ -7,7 +7,8 @@
 //!   python3 scripts/fixtures/loraga_peft.py --out tests/fixtures/loraga_peft
 //! (torch 2.11, transformers 5.17, peft 0.21; CPU, f32). The script records, per layer, the
 //! Gaussian test matrix Ω that torch.svd_lowrank drew, so the same randomized SVD runs here.
-//! A missing fixture fails these tests; they are ignored until the fixture is committed.
+//! A missing fixture fails these tests. The committed fixture was written on the H200 machine
+//! (torch 2.11, transformers 5.17, peft 0.21, on its CPU) on 2026-11-29.
 
 mod common;
 
@@ -205,7 +206,6 @@ fn our_gradients(f: &Fixture) -> GradientEstimate {
 }
 
 #[test]
-#[ignore = "needs tests/fixtures/loraga_peft from scripts/fixtures/loraga_peft.py"]
 fn gradients_match_peft() {
     let f = fixture();
     let grads = our_gradients(&f);
@@ -219,7 +219,6 @@ fn gradients_match_peft() {
 /// construction gives PEFT's A, B and W_frz: the same formulas, f64 instead of f32 arithmetic
 /// (1 ulp), so 1e-6.
 #[test]
-#[ignore = "needs tests/fixtures/loraga_peft from scripts/fixtures/loraga_peft.py"]
 fn construction_from_peft_svd_matches_peft() {
     let f = fixture();
     for (name, case) in cases(&f) {
@@ -251,7 +250,6 @@ fn check_layer(what: &str, l: &LayerInit, init: &SafetensorsCheckpoint, module: 
 /// torch's f32 SVD adds about as much, and a triplet moves by δ·σ₁/gap (Wedin); so each factor
 /// built from triplets I gets 1e-5 · max_{i∈I} σ₁/gap_i, W_frz that times |s·B·A|/|W0|.
 #[test]
-#[ignore = "needs tests/fixtures/loraga_peft from scripts/fixtures/loraga_peft.py"]
 fn our_pipeline_matches_peft_up_to_signs() {
     let f = fixture();
     let grads = our_gradients(&f);
@@ -299,7 +297,6 @@ fn our_pipeline_matches_peft_up_to_signs() {
 /// PiSSA ("pissa", exact SVD of W): A = sqrt(S/s) Vᵀ and B = U sqrt(S/s) up to one sign per
 /// triplet (aligned on A's rows), W_res; W is random, its top singular values well apart.
 #[test]
-#[ignore = "needs tests/fixtures/loraga_peft from scripts/fixtures/loraga_peft.py"]
 fn pissa_matches_peft() {
     let f = fixture();
     for (name, case) in cases(&f).into_iter().filter(|(_, c)| c["init"] == "pissa") {
@@ -331,7 +328,6 @@ fn pissa_matches_peft() {
 /// The rank-2r adapters PEFT converted for the ORIGINAL model (after moving A and B as training
 /// would) load here onto W0 and give PEFT's trained model's logits.
 #[test]
-#[ignore = "needs tests/fixtures/loraga_peft from scripts/fixtures/loraga_peft.py"]
 fn peft_converted_adapters_load_here() {
     let f = fixture();
     for (name, case) in cases(&f) {
@@ -353,7 +349,6 @@ fn peft_converted_adapters_load_here() {
 /// DIR defaults to $CARGO_TARGET_TMPDIR/loraga_peft_adapters/<case> (LORAGA_PEFT_ADAPTERS overrides).
 /// Here it checks that the adapter, read back onto W0, gives those logits.
 #[test]
-#[ignore = "needs tests/fixtures/loraga_peft from scripts/fixtures/loraga_peft.py"]
 fn our_adapters_for_peft() {
     let f = fixture();
     let out = std::env::var_os("LORAGA_PEFT_ADAPTERS")

@@ -64,13 +64,9 @@ fn init_method(args: &TrainArgs) -> Option<InitMethod> {
                 LoraGaVariant::Reference => LoraGaConfig::default(),
                 LoraGaVariant::Peft => LoraGaConfig::peft(),
             };
-            // f32 adapters: they are the trainable master copies.
-            Some(InitMethod::LoraGa(LoraGaConfig {
-                stable_gamma: args.loraga_gamma,
-                seed: args.seed,
-                adapter_dtype: Some(DType::F32),
-                ..base
-            }))
+            // Adapters in the base weights' dtype, as the offset W - s B A is computed from the
+            // stored A and B; they become f32 master copies afterwards (exactly).
+            Some(InitMethod::LoraGa(LoraGaConfig { stable_gamma: args.loraga_gamma, seed: args.seed, ..base }))
         }
         Method::Pissa => Some(InitMethod::Pissa(PissaConfig::default())),
     }
@@ -108,10 +104,31 @@ pub fn run(mut args: TrainArgs) -> Result<Summary> {
         let names: Vec<String> = params.names().map(String::from).collect();
         names.iter().try_for_each(|n| params.set_trainable(n, true))?;
     }
-    let init = match init_method(&args) {
+    let mut init = match init_method(&args) {
         None => None,
         Some(method) => Some(initialise(&args, &mut llama, &mut params, method, &data.estimation)?),
     };
+    // Saved as created (in the base weights' dtype): `--resume` rebuilds W - s B0 A0 from it.
+    if let Some(init) = &init
+        && !args.resume
+        && init.method.modifies_base()
+    {
+        init.save(out.join("init"))?;
+    }
+    // Trainable parameters are f32 master copies wherever they were created.
+    let trainable: Vec<String> = params.iter().filter(|p| p.trainable()).map(|p| p.name().to_string()).collect();
+    for name in &trainable {
+        let v = params.get(name)?;
+        if v.dtype() != DType::F32 {
+            let master = v.to(&v.device(), DType::F32)?;
+            params.set_value(name, master)?;
+        }
+    }
+    // The initial A0, B0 likewise (exact), so that the exported adapter pairs like with like.
+    for layer in init.iter_mut().flat_map(|s| s.layers.iter_mut()) {
+        layer.a = layer.a.to(&layer.a.device(), DType::F32)?;
+        layer.b = layer.b.to(&layer.b.device(), DType::F32)?;
+    }
 
     let total = setup::total_steps(&args, data.train.len())?;
     let warmup = warmup_steps_from_ratio(total, args.warmup_ratio)?;
@@ -139,12 +156,6 @@ pub fn run(mut args: TrainArgs) -> Result<Summary> {
         loraga_core::io::atomic::write(&run_json, text.as_bytes())?;
         metrics::Writer::create(&out.join("metrics.jsonl"))?
     };
-    if let Some(init) = &init
-        && !args.resume
-        && init.method.modifies_base()
-    {
-        init.save(out.join("init"))?;
-    }
 
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GSM8K convergence experiment of issue 8: SmolLM2-135M-Instruct fine-tuned on GSM8K train
+# (prompt "Question: <q>\nAnswer: ", loss on the answer + EOS, max length 384), batch 16, 300
+# steps, AdamW, 3% warmup then cosine, gradient clipping 1.0; LoRA and LoRA-GA with r = 8,
+# alpha = 16 on all seven linear types (LoRA-GA's gradient from 32 held-apart batches of 4);
+# eval loss on the first 256 GSM8K test answers every 50 steps. Then one PNG + table per call.
+#
+#   scripts/experiment/gsm8k.sh OUT_DIR RUN...      RUN = method:lr[:seed], method one of
+#                                                   full, lora, lora-ga, lora-ga-peft, pissa
+# e.g. scripts/experiment/gsm8k.sh runs/gsm8k lora:3e-4 lora-ga:3e-4 lora-ga-peft:3e-4 full:3e-5
+#
+# Environment: LORAGA (the binary; default target/release/loraga), MODEL (default the SmolLM2
+# GGUF in .cache/models), GSM8K (folder with train.jsonl and test.jsonl; default
+# ../shared/data/gsm8k), STEPS (default 300), DEADLINE (seconds; runs not started by then are
+# skipped, so a time-limited machine still returns what finished).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:?usage: gsm8k.sh OUT_DIR method:lr[:seed]...}
+shift
+loraga=${LORAGA:-target/release/loraga}
+model=${MODEL:-.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+data=${GSM8K:-../shared/data/gsm8k}
+steps=${STEPS:-300}
+deadline=$(( $(date +%s) + ${DEADLINE:-1000000} ))
+mkdir -p "$out"
+done_runs=()
+for spec in "$@"; do
+    IFS=: read -r method lr seed <<< "$spec"
+    seed=${seed:-0}
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+        echo "skipped $spec: past the deadline" | tee -a "$out/skipped.txt"
+        continue
+    fi
+    extra=()
+    case "$method" in
+        lora-ga-peft) extra=(--method lora-ga --loraga-variant peft) ;;
+        *) extra=(--method "$method") ;;
+    esac
+    name="$method-lr$lr-s$seed"
+    started=$(date +%s)
+    "$loraga" train --model "$model" --data "$data/train.jsonl" --eval-data "$data/test.jsonl" \
+        --eval-examples 256 --rank 8 --alpha 16 --lr "$lr" --schedule cosine --warmup-ratio 0.03 \
+        --max-grad-norm 1.0 --batch-size 16 --max-len 384 --steps "$steps" --seed "$seed" \
+        --eval-every 50 --checkpoint-every 0 --loraga-batches 32 --loraga-batch-size 4 \
+        --name "$name" --out "$out/$name" "${extra[@]}" > "$out/$name.log" 2>&1
+    status=$?
+    echo "$name: exit $status in $(( $(date +%s) - started )) s; $(tail -1 "$out/$name.log")"
+    [ $status = 0 ] && done_runs+=("$out/$name")
+done
+if [ ${#done_runs[@]} -gt 0 ]; then
+    "$loraga" report "${done_runs[@]}" --out "$out/report"
+fi
