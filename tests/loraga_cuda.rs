@@ -61,6 +61,7 @@ fn check_estimate(what: &str, got: &GradientEstimate, c: &Case, tol: f64) {
         let (a, b) = (got.get(t).unwrap(), c.want.get(t).unwrap());
         assert_eq!(a.dtype(), loraga_core::DType::F32, "{what} {t}");
         let e = rel_error(&a.to_vec::<f32>().unwrap(), &wide(&b.to_vec::<f32>().unwrap()));
+        eprintln!("{what} {t}: relative error {e:.2e}");
         assert!(e < tol, "{what} {t}: {e:.2e}");
     }
 }
@@ -88,7 +89,10 @@ fn estimation_on_the_gpu_matches_the_cpu() {
 }
 
 /// Mixed precision (bf16 activations over f32 master weights on the GPU): the estimate is f32,
-/// within bf16 rounding of the CPU's f32 one (3e-2, the bound of the bf16 Llama parity test).
+/// within bf16 rounding of the CPU's f32 one. Weight gradients are sums over tokens of products of
+/// bf16-rounded activations and upstream gradients, as the LoRA gradients of the bf16 Llama parity
+/// test (measured 4-6e-2 there); here q_proj of layer 0 measured 4.1e-2 on the H200
+/// (2026-11-29). Bound 1e-1: a wrong gradient is off by O(1).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn estimation_in_mixed_precision() {
@@ -97,7 +101,7 @@ fn estimation_in_mixed_precision() {
     c.model.dtype = loraga_core::DType::BF16;
     let mut g = on(&c.cpu, &dev);
     let got = estimate_gradients(&c.model, &mut g, c.targets.clone(), &c.batches, &EstimateOptions::default()).unwrap();
-    check_estimate("bf16 activations", &got, &c, 3e-2);
+    check_estimate("bf16 activations", &got, &c, 1e-1);
 }
 
 /// LoRA-GA on a GPU model, end to end: A, B and W_frz on the device; W_frz + s·B·A = W0 to f32
