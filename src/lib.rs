@@ -2,6 +2,7 @@
 //! tests share.
 
 pub mod demo;
+pub mod eval_cmd;
 pub mod info;
 pub mod metrics;
 pub mod report;

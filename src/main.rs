@@ -37,6 +37,9 @@ enum Command {
     /// Fine-tune a Llama (full, LoRA, LoRA-GA or PiSSA) with AdamW, a warmup schedule, gradient
     /// clipping, evaluation and checkpoints; --resume continues a stopped run exactly.
     Train(Box<loraga::train::TrainArgs>),
+    /// Evaluate a model (and optionally a PEFT adapter): answer loss and perplexity on a JSONL
+    /// set, and GSM8K exact match by greedy decoding with --gsm8k.
+    Eval(loraga::eval_cmd::EvalArgs),
     /// Compare runs: their loss curves in one PNG and a markdown table (final smoothed training
     /// loss, eval losses, steps to reach the reference run's final loss).
     Report {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Kernels { arches, resources, out_dir } => compile_all(&arches, resources, out_dir.as_deref()),
+        Command::Eval(args) => loraga::eval_cmd::run(args).map(|text| print!("{text}")),
         Command::Demo(args) => loraga::demo::run(args).map(|table| print!("{table}")),
         Command::Train(args) => loraga::train::run(*args).map(|s| {
             let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());

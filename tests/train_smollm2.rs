@@ -1,6 +1,7 @@
 //! `loraga train` end to end on the real model (SmolLM2-135M from its GGUF, on the CPU; needs
 //! `scripts/fetch-smollm2.sh`): a LoRA-GA run stopped after one step and resumed gives exactly
-//! the losses of the same run done in one go, and leaves a PEFT adapter, checkpoint and metrics.
+//! the losses of the same run done in one go, and leaves a PEFT adapter, checkpoint and metrics;
+//! `loraga eval` applies that adapter to the original model.
 
 use std::path::Path;
 use std::process::Command;
@@ -67,6 +68,26 @@ fn a_stopped_and_resumed_run_equals_an_uninterrupted_one() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(straight.join("adapter/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["r"], 8);
+
+    // The adapter loads onto the original model for evaluation (loss and GSM8K exact match).
+    let model = repo_path(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let report = dir.path().join("eval.json");
+    let o = loraga()
+        .args(["eval", "--examples", "2", "--gsm8k", "--max-new-tokens", "8", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(straight.join("adapter"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "loraga eval failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("2 examples: mean answer loss") && text.contains("GSM8K exact match:"), "{text}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r["loss_token_weighted"].as_f64().unwrap().is_finite() && r["gsm8k_total"] == 2, "{r}");
 
     // A second fresh run into the same folder is refused rather than mixed with the first.
     let o = loraga()

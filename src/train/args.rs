@@ -46,15 +46,9 @@ pub enum LoraGaVariant {
     Peft,
 }
 
+/// How JSONL records become prompts and responses (shared by train and eval).
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
-pub struct TrainArgs {
-    /// Base model: a GGUF file, or a Hugging Face folder (config.json, model.safetensors or its
-    /// shard index, tokenizer.json).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Training data: JSONL with a prompt and a response field per line.
-    #[arg(long)]
-    pub data: PathBuf,
+pub struct DataFormat {
     /// JSONL field holding the prompt (GSM8K: question).
     #[arg(long, default_value = "question")]
     pub prompt_field: String,
@@ -64,6 +58,30 @@ pub struct TrainArgs {
     /// Text around the prompt, with one {prompt}; the loss covers only the response and EOS.
     #[arg(long, default_value = "Question: {prompt}\nAnswer: ")]
     pub template: String,
+}
+
+impl DataFormat {
+    pub fn fields(&self) -> loraga_core::data::Fields {
+        loraga_core::data::Fields { prompt: self.prompt_field.clone(), response: self.response_field.clone() }
+    }
+
+    pub fn template(&self) -> loraga_core::Result<loraga_core::data::PromptTemplate> {
+        loraga_core::data::PromptTemplate::new(self.template.clone())
+    }
+}
+
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct TrainArgs {
+    /// Base model: a GGUF file, or a Hugging Face folder (config.json, model.safetensors or its
+    /// shard index, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data: JSONL with a prompt and a response field per line.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub format: DataFormat,
     /// Evaluation data (JSONL, same fields). Without it, no eval loss is measured.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,

@@ -31,8 +31,9 @@ use loraga_core::model::Llama;
 use loraga_core::optim::{AdamW, AdamWConfig, Decay, LrSchedule, clip_grad_norm, warmup_steps_from_ratio};
 use loraga_core::{DType, Device, Error, Result, Tensor};
 
-pub use args::{DeviceChoice, LoraGaVariant, Method, Schedule, TrainArgs};
+pub use args::{DataFormat, DeviceChoice, LoraGaVariant, Method, Schedule, TrainArgs};
 use checkpoint::RunState;
+pub use setup::{Model as LoadedModel, load_model};
 
 use crate::metrics::{self, Record};
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use loraga_core::autograd::Params;
-use loraga_core::data::{EncodeOptions, Example, Fields, PromptTemplate, collate, encode, read_jsonl};
+use loraga_core::data::{EncodeOptions, Example, collate, encode, read_jsonl};
 use loraga_core::io::GgufFile;
 use loraga_core::lora::LoraConfig;
 use loraga_core::loraga::{EstimateOptions, GradientEstimate, GradientEstimator, target_weights};
@@ -90,9 +90,9 @@ pub struct Data {
 }
 
 pub fn load_data(a: &TrainArgs, tok: &Tokenizer) -> Result<Data> {
-    let fields = Fields { prompt: a.prompt_field.clone(), response: a.response_field.clone() };
+    let fields = a.format.fields();
     let mut opts = EncodeOptions::new(tok, a.max_len)?;
-    opts.template = PromptTemplate::new(a.template.clone())?;
+    opts.template = a.format.template()?;
     let records = read_jsonl(&a.data, &fields)?;
     let enc = encode(&records, tok, &opts)?;
     if enc.truncated + enc.dropped > 0 {
