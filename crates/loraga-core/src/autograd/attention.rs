@@ -14,7 +14,7 @@
 //! q, k, v and the key mask (the backward recomputes the scores; see that module for the memory
 //! and time this costs).
 
-use super::cuda_data::{cuda_storage, cuda_storage_mut, zeros_like};
+use super::data::{cuda_storage, cuda_storage_mut, zeros_like};
 use super::data::{dims2, f32s, tensor};
 use super::tape::{BackwardFn, Tape, Var};
 use crate::cuda::attention::{self as cuda_attention, AttentionGrads, KeyMask};

@@ -6,7 +6,7 @@
 //! [`crate::cuda::cross_entropy`] (one block per row, f32 arithmetic): the loss is a one-element
 //! f32 tensor on the device, the gradient has the logits' dtype.
 
-use super::cuda_data::{cuda_storage, cuda_storage_mut, zeros_like};
+use super::data::{cuda_storage, cuda_storage_mut, zeros_like};
 use super::data::{dims2, f32s, tensor};
 use super::tape::{BackwardFn, Tape, Var};
 use crate::cuda::cross_entropy as cuda_ce;

@@ -16,7 +16,6 @@
 //! An op without a CUDA version yet returns [`Error::NotOnCuda`](crate::Error::NotOnCuda).
 
 pub mod attention;
-mod cuda_data;
 mod data;
 pub mod elementwise;
 pub mod loss;
