@@ -16,19 +16,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 fn config(tied: bool) -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        vocab_size: 37,
-        tie_word_embeddings: tied,
-        max_position_embeddings: 64,
-    }
+    common::tiny_llama::config(tied)
 }
 
 /// Random weights (std 0.2, norms around 1) for every base weight, frozen.

@@ -9,21 +9,9 @@ use loraga_core::testing::randn;
 use loraga_core::{Device, Tensor};
 use rand::Rng;
 
-/// GQA, untied head, non-square MLP: q/o [16, 16], k/v [8, 16], gate/up [24, 16], down [16, 24].
+/// The shared tiny config (tests/common/tiny_llama.rs) with an untied head.
 pub fn tiny_config() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        vocab_size: 37,
-        tie_word_embeddings: false,
-        max_position_embeddings: 32,
-    }
+    super::tiny_llama::config(false)
 }
 
 /// Every base weight random (std 0.3; norms 1 ± 0.1), frozen.

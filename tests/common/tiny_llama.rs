@@ -7,6 +7,23 @@ use loraga_core::testing::randn;
 use loraga_core::{Device, Tensor};
 use rand::Rng;
 
+/// GQA, non-square MLP, 2 layers: q/o [16, 16], k/v [8, 16], gate/up [24, 16], down [16, 24].
+pub fn config(tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        vocab_size: 37,
+        tie_word_embeddings: tied,
+        max_position_embeddings: 64,
+    }
+}
+
 /// Random frozen weights for every base weight of `c`: norms 1 + 0.1 N(0, 1), others `std` N(0, 1).
 pub fn random_params(c: &LlamaConfig, std: f32, rng: &mut impl Rng) -> Params {
     let mut p = Params::new();
