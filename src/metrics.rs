@@ -6,7 +6,7 @@
 //! the reader ignores exactly that (an unfinished write), and rejects anything else malformed.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use loraga_core::{Error, Result};
@@ -90,12 +90,6 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let file = File::open(path).map_err(io(path))?;
     serde_json::from_reader(BufReader::new(file))
         .map_err(|e| Error::Format { file: path.to_path_buf(), msg: e.to_string() })
-}
-
-/// Counts the complete lines of a file (progress of a run, for `--resume` messages).
-pub fn count_lines(path: &Path) -> Result<usize> {
-    let file = File::open(path).map_err(io(path))?;
-    Ok(BufReader::new(file).lines().count())
 }
 
 #[cfg(test)]

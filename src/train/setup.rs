@@ -172,9 +172,9 @@ pub fn estimate(
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    let pad = a.loraga_batch_size;
-    for chunk in examples.chunks(pad) {
+    for chunk in examples.chunks(a.loraga_batch_size) {
         let refs: Vec<&Example> = chunk.iter().collect();
+        // Padding is masked and ignored by the loss, so any id pads.
         let loss = est.step(llama, params, &collate(&refs, 0))?;
         bar.set_message(format!("loss {loss:.4}"));
         bar.inc(1);
