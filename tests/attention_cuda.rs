@@ -25,7 +25,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use loraga_core::autograd::{AttentionShape, IGNORE_INDEX, Params, Tape};
+use loraga_core::autograd::{AttentionShape, IGNORE_INDEX, Params, Tape, loss};
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cuda::attention::{self as attn, AttentionGrads, KeyMask};
 use loraga_core::cuda::cross_entropy as ce;
@@ -343,6 +343,38 @@ fn cross_entropy_f32_matches_the_cpu_tape() {
 #[ignore = "needs a CUDA GPU"]
 fn cross_entropy_bf16_matches_the_cpu_tape() {
     cross_entropy_matches_cpu(DType::BF16);
+}
+
+/// Per-row losses (evaluation's path) on the device against the CPU's f64 rows, and their mean
+/// against the tape's mean loss.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn row_losses_match_the_cpu() {
+    let d = Device::Cuda(gpu());
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    for dtype in [DType::F32, DType::BF16] {
+        for (n, vocab, ignored) in [(9, 49152, 3), (37, 1000, 10), (3, 150_001, 0)] {
+            let c = CeInputs::new(&mut rng, n, vocab, ignored, dtype);
+            let want = loss::row_losses(&tensor(&c.logits, &[n, vocab], DType::F32, &Device::Cpu), &c.targets).unwrap();
+            let got = loss::row_losses(&tensor(&c.logits, &[n, vocab], dtype, &d), &c.targets).unwrap();
+            let what = format!("{dtype} [{n}, {vocab}] row losses");
+            assert_eq!(got.len(), n, "{what}");
+            for (r, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                if c.targets[r] == IGNORE_INDEX {
+                    assert!(g == 0.0 && w == 0.0, "{what}: ignored row {r} is {g} / {w}");
+                } else {
+                    assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{what}: row {r}: {g} vs {w}");
+                }
+            }
+            let (loss, _) = c.tape(DType::F32, &Device::Cpu, true);
+            let mean = want.iter().sum::<f64>() / c.targets.iter().filter(|&&t| t != IGNORE_INDEX).count() as f64;
+            let err = rel_error(&loss.to_vec::<f32>().unwrap(), &[mean]);
+            assert!(err <= 1e-6, "{what}: mean of rows vs the tape's loss: {err:.2e}");
+        }
+    }
+    let l = Tensor::full([2, 3], DType::BF16, 0.5, &d).unwrap();
+    let e = loss::row_losses(&l, &[3, 0]).unwrap_err().to_string();
+    assert!(e.contains("target 3 at row 0"), "{e}");
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //! number after `####` when the text has one, else the last number in the text. Numbers are read
 //! with `$` and thousands commas stripped and compared as values (`18`, `18.00` and `$18` match).
 
+use crate::autograd::loss::row_losses;
 use crate::autograd::{IGNORE_INDEX, Params, Tape};
 use crate::data::{EncodeOptions, Example, Record, collate};
 use crate::error::{Error, Result};
@@ -64,7 +65,6 @@ pub fn loss(model: &Llama, params: &Params, examples: &[Example], batch_size: us
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(examples[i].len()));
     let mut out: Vec<Option<ExampleLoss>> = vec![None; examples.len()];
-    let vocab = model.config.vocab_size;
     for chunk in order.chunks(batch_size) {
         let members: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         if let Some(e) = members.iter().find(|e| e.target_count() == 0) {
@@ -75,27 +75,18 @@ pub fn loss(model: &Llama, params: &Params, examples: &[Example], batch_size: us
         let labels = batch.labels.take().expect("collate writes labels");
         let mut tape = Tape::new();
         let logits = model.forward(&mut tape, params, &batch)?.logits;
-        let logits = tape.value(logits).to_f32_vec()?;
+        // Row b·seq + t predicts token t + 1 of example b.
         let seq = batch.seq;
+        let targets: Vec<i64> =
+            (0..chunk.len() * seq).map(|r| if r % seq + 1 < seq { labels[r + 1] } else { IGNORE_INDEX }).collect();
+        let rows = row_losses(tape.value(logits), &targets)?;
         for (b, (&i, e)) in chunk.iter().zip(&members).enumerate() {
-            let mut nll = 0.0f64;
-            for t in 0..seq - 1 {
-                let target = labels[b * seq + t + 1];
-                if target != IGNORE_INDEX {
-                    let row = &logits[(b * seq + t) * vocab..(b * seq + t + 1) * vocab];
-                    nll += logsumexp(row) - row[target as usize] as f64;
-                }
-            }
+            let nll: f64 = rows[b * seq..(b + 1) * seq].iter().sum();
             let tokens = e.target_count();
             out[i] = Some(ExampleLoss { source: e.source, loss: nll / tokens as f64, tokens });
         }
     }
     Ok(LossReport { examples: out.into_iter().map(|e| e.expect("every example is in one batch")).collect() })
-}
-
-fn logsumexp(row: &[f32]) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
 }
 
 /// Every number in `text`, in order: digits with optional thousands commas and decimals, `$`

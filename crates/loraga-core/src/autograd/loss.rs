@@ -30,6 +30,15 @@ fn logsumexp(row: &[f32]) -> f64 {
 /// per row, that each is a class below `vocab` or the ignore index, and that at least one counts
 /// (the mean would be 0/0).
 pub(crate) fn count_targets(n: usize, vocab: usize, targets: &[i64]) -> Result<usize> {
+    let count = check_targets(n, vocab, targets)?;
+    if count == 0 {
+        return Err(Error::InvalidArgument("cross_entropy: every target is the ignore index".into()));
+    }
+    Ok(count)
+}
+
+/// One target per row, each a class below `vocab` or the ignore index; the number that count.
+pub(crate) fn check_targets(n: usize, vocab: usize, targets: &[i64]) -> Result<usize> {
     if targets.len() != n {
         return Err(Error::shape(OP, format!("{} targets for {n} rows of logits", targets.len())));
     }
@@ -40,11 +49,30 @@ pub(crate) fn count_targets(n: usize, vocab: usize, targets: &[i64]) -> Result<u
             "cross_entropy: target {t} at row {i} is neither a class below {vocab} nor {IGNORE_INDEX}"
         )));
     }
-    let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-    if count == 0 {
-        return Err(Error::InvalidArgument("cross_entropy: every target is the ignore index".into()));
+    Ok(targets.iter().filter(|&&t| t != IGNORE_INDEX).count())
+}
+
+/// Each row's cross-entropy logsumexp(x[r]) − x[r, t[r]] (0 where the target is
+/// [`IGNORE_INDEX`]), computed where the logits [n, vocab] live, so that evaluation brings n
+/// numbers to the host instead of n·vocab logits. f64 sums on the CPU, f32 on CUDA.
+pub fn row_losses(logits: &Tensor, targets: &[i64]) -> Result<Vec<f64>> {
+    let (n, vocab) = dims2(logits, OP, "logits")?;
+    check_targets(n, vocab, targets)?;
+    match logits.storage() {
+        Storage::Cuda(s) => {
+            let losses = cuda_ce::row_losses(s, n, vocab, targets)?;
+            let host = s.device.stream().clone_dtoh(&losses).map_err(Error::cuda("cuMemcpyDtoH"))?;
+            Ok(host.into_iter().map(f64::from).collect())
+        }
+        Storage::Cpu(_) => {
+            let ls = f32s(logits, OP)?;
+            Ok(ls
+                .chunks_exact(vocab)
+                .zip(targets)
+                .map(|(row, &t)| if t == IGNORE_INDEX { 0.0 } else { logsumexp(row) - row[t as usize] as f64 })
+                .collect())
+        }
     }
-    Ok(count)
 }
 
 impl Tape {

@@ -20,7 +20,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::device::CudaDevice;
 use super::storage::CudaStorage;
 use super::typed::DeviceElem;
-use crate::autograd::loss::count_targets;
+use crate::autograd::loss::{check_targets, count_targets};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -52,26 +52,9 @@ pub fn forward(
     let count = count_targets(n, vocab, targets)?;
     check_logits(logits, n, vocab, "the logits")?;
     check_scalar(logits, loss, "the loss")?;
-    let dev = logits.device.clone();
+    let (state, row_loss) = CrossEntropyState::rows(logits, n, vocab, targets, count)?;
+    let dev = &state.device;
     let stream = dev.stream();
-    let alloc = || {
-        // SAFETY: cross_entropy_fwd writes every row's entry (n >= count >= 1).
-        unsafe { stream.alloc::<f32>(n) }.map_err(Error::cuda("cuMemAlloc"))
-    };
-    let mut state = CrossEntropyState {
-        targets: stream.clone_htod(targets).map_err(Error::cuda("cuMemcpyHtoD"))?,
-        row_max: alloc()?,
-        row_sum: alloc()?,
-        n,
-        vocab,
-        count,
-        device: dev.clone(),
-    };
-    let mut row_loss = alloc()?;
-    match logits.dtype() {
-        DType::F32 => state.row_losses::<f32>(logits, &mut row_loss)?,
-        DType::BF16 => state.row_losses::<half::bf16>(logits, &mut row_loss)?,
-    }
     let out =
         f32::slice_mut(&mut loss.slice).ok_or_else(|| Error::DType { op: OP, msg: "the loss must be f32".into() })?;
     let f = dev.function("cross_entropy", "cross_entropy_mean_f32")?;
@@ -83,6 +66,14 @@ pub fn forward(
     // the loss one element.
     unsafe { launch.launch(one) }.map_err(Error::cuda("cuLaunchKernel(cross_entropy_mean)"))?;
     Ok(state)
+}
+
+/// Each row's cross-entropy logsumexp(x[r]) − x[r, t[r]] (0 where t[r] = -100), f32 on the
+/// device: what evaluation needs without bringing [n, vocab] logits to the host.
+pub fn row_losses(logits: &CudaStorage, n: usize, vocab: usize, targets: &[i64]) -> Result<CudaSlice<f32>> {
+    let count = check_targets(n, vocab, targets)?;
+    check_logits(logits, n, vocab, "the logits")?;
+    Ok(CrossEntropyState::rows(logits, n, vocab, targets, count)?.1)
 }
 
 /// d loss / d logits into `dlogits` (the logits' shape and dtype), for the upstream gradient `g`
@@ -117,6 +108,37 @@ pub fn backward(
 }
 
 impl CrossEntropyState {
+    /// The state of a forward pass over checked logits and targets, and every row's loss.
+    fn rows(
+        logits: &CudaStorage,
+        n: usize,
+        vocab: usize,
+        targets: &[i64],
+        count: usize,
+    ) -> Result<(CrossEntropyState, CudaSlice<f32>)> {
+        let dev = logits.device.clone();
+        let stream = dev.stream();
+        let alloc = || {
+            // SAFETY: cross_entropy_fwd writes every row's entry.
+            unsafe { stream.alloc::<f32>(n) }.map_err(Error::cuda("cuMemAlloc"))
+        };
+        let mut state = CrossEntropyState {
+            targets: stream.clone_htod(targets).map_err(Error::cuda("cuMemcpyHtoD"))?,
+            row_max: alloc()?,
+            row_sum: alloc()?,
+            n,
+            vocab,
+            count,
+            device: dev.clone(),
+        };
+        let mut row_loss = alloc()?;
+        match logits.dtype() {
+            DType::F32 => state.row_losses::<f32>(logits, &mut row_loss)?,
+            DType::BF16 => state.row_losses::<half::bf16>(logits, &mut row_loss)?,
+        }
+        Ok((state, row_loss))
+    }
+
     /// Each row's max and sum into the state, its loss into `row_loss`.
     fn row_losses<T: DeviceElem>(&mut self, logits: &CudaStorage, row_loss: &mut CudaSlice<f32>) -> Result<()> {
         let x = T::slice(&logits.slice).ok_or_else(|| dtype_error::<T>("the logits"))?;
