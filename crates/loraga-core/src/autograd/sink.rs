@@ -6,7 +6,10 @@
 //! When that weight has a sink, the walk runs the accumulation GEMM `G += alpha * dYᵀ X` straight
 //! into the buffer (fp32 accumulation, beta = 1: faer on the CPU, the GEMM engine's in-place fp32
 //! epilogue on the GPU where it applies, else the naive kernel) and tells the op that it need not
-//! compute dW, so no [N, K] gradient tensor is ever created. Gradient that reaches the weight by
+//! compute dW, so no [N, K] gradient tensor is ever created. That is the call
+//! `lora_linear::accumulate_weight_grad` makes, through the backend's automatic path rather than
+//! a fixed one, so that f32 activations and GPUs without the engine (pre-Hopper) take the naive
+//! kernel, as the linear op's own dW does, instead of an error. Gradient that reaches the weight by
 //! any other route (a tied embedding, an op without the declaration) is added into the same
 //! buffer, so the buffer always receives the whole `alpha * dL/dW`.
 //!
