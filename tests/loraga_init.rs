@@ -255,7 +255,9 @@ fn bf16_storage_is_off_by_one_rounding_at_most() {
 }
 
 /// The estimate is the mean over batches of the per-batch gradients, bit for bit the same as
-/// summing the tape's own gradients, the same on a second run and with host accumulators.
+/// summing the tape's own gradients, the same on a second run and with host accumulators. (The
+/// default device accumulators are gradient sinks, the linear backward adding dYᵀX into them with
+/// the CPU GEMM at beta = 1; host accumulators take each dW through the hook: both paths.)
 #[test]
 fn estimation_is_the_batch_mean_and_deterministic() {
     let s = setup(test_seed());

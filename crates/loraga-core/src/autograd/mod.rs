@@ -7,6 +7,9 @@
 //! - A gradient hook ([`GradHook`]) sees each parameter's gradient as soon as it is final during
 //!   the backward pass and may take it away (LoRA-GA adds each target weight's gradient into its
 //!   own fp32 buffer, so the full set of weight gradients never lives at once).
+//! - A gradient sink ([`GradSinks`], declared with [`Tape::sink`]) goes further: the linear op's
+//!   backward adds `alpha * dYᵀ X` straight into a caller's fp32 buffer, so a weight's gradient
+//!   is never a tensor of its own (LoRA-GA's estimation with accumulators beside the weights).
 //!
 //! The ops ([`ops`], [`elementwise`], [`norm`], [`rope`], [`attention`], [`loss`]) dispatch on
 //! the tensors' storage. Tensors all on the CPU run the f32 reference code (a bf16 CPU tensor is a
@@ -23,10 +26,13 @@ pub mod norm;
 pub mod ops;
 mod params;
 pub mod rope;
+mod sink;
 mod tape;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
+#[cfg(test)]
+mod sink_tests;
 #[cfg(test)]
 mod tests;
 
@@ -35,4 +41,5 @@ pub(crate) use data::add_assign;
 pub use loss::IGNORE_INDEX;
 pub use params::{Param, Params};
 pub use rope::RopeTable;
+pub use sink::GradSinks;
 pub use tape::{GradHook, HookAction, LeafGrads, Tape, Var};

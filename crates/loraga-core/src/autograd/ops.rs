@@ -6,7 +6,7 @@
 //! weight's and the table's gradients are f32, the input's has the input's dtype.
 
 use super::data::{cuda, cuda_tensor, dims2, f32s, on_cuda, tensor};
-use super::tape::{Tape, Var};
+use super::tape::{Tape, Var, WeightGrad};
 use crate::cuda::ops::{embedding as cuda_embedding, linear as cuda_linear};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -57,9 +57,10 @@ impl Tape {
     /// f32 master weight to bf16 with [`Tape::cast`] first).
     pub fn linear(&mut self, x: Var, w: Var) -> Result<Var> {
         let y = linear_fwd(self.value(x), self.value(w))?;
-        // dx = dy W; dW = dy^T x (the weight gradient LoRA-GA accumulates).
+        // dx = dy W; dW = dy^T x (the weight gradient LoRA-GA accumulates), declared so that a
+        // gradient sink on W takes it in place and the backward is not asked for it.
         let back = Box::new(|dy: &Tensor, inp: &[&Tensor], needs: &[bool]| linear_bwd(dy, inp[0], inp[1], needs));
-        Ok(self.push_op("linear", y, &[x, w], back))
+        Ok(self.push_weight_op("linear", y, &[x, w], back, Some(WeightGrad { weight: 1, x: 0 })))
     }
 
     /// Rows `ids` of `table` [vocab, dim] → [ids.len(), dim]. An id outside the table is an error.

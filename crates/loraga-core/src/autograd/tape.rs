@@ -1,13 +1,15 @@
 //! The tape: every op appends its output and a backward closure; [`Tape::backward`] walks it in
 //! reverse. Recording order is a topological order, so when the walk reaches a node, every node
 //! that used it has already sent it its gradient: the gradient is final there, and that is when
-//! a parameter's hook fires.
+//! a parameter's hook fires. Weights with a gradient sink ([`GradSinks`]) skip the hook: their
+//! gradient is added into the sink's buffer where it is computed (see `sink.rs`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::data::add_assign;
 use super::params::Params;
+use super::sink::GradSinks;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -39,7 +41,19 @@ enum Kind {
     Op {
         inputs: Vec<Var>,
         backward: BackwardFn,
+        /// The op's gradient with respect to one input is `dYᵀ X` with X another input, so a
+        /// sink can take it in place (see [`WeightGrad`]).
+        weight_grad: Option<WeightGrad>,
     },
+}
+
+/// Declares that the gradient of input `weight` is `dYᵀ · input x` (input indices): the
+/// linear layer's dW = dYᵀ X. A sink on that weight then runs the product into its buffer and the
+/// op's backward is told it need not compute that gradient.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WeightGrad {
+    pub weight: usize,
+    pub x: usize,
 }
 
 struct Node {
@@ -55,6 +69,8 @@ pub struct Tape {
     /// A parameter is recorded once per tape, at its first use, so its gradient is complete
     /// (summed over every use, e.g. a tied embedding) when the hook sees it.
     params: HashMap<String, Var>,
+    /// Parameters whose gradient goes to a sink on this tape ([`Tape::sink`]).
+    sunk: HashSet<String>,
 }
 
 /// Gradients of the non-parameter leaves that asked for one (inputs in gradient checks).
@@ -90,8 +106,23 @@ impl Tape {
         self.leaf(value, false)
     }
 
+    /// Declares that the named parameter's gradient goes to a sink given to
+    /// [`Tape::backward_into`]: it is computed even if the parameter is frozen. Call it before the
+    /// forward pass first uses the parameter.
+    pub fn sink(&mut self, name: &str) -> Result<()> {
+        if self.params.contains_key(name) {
+            return Err(Error::layer(
+                "Tape::sink",
+                name,
+                "already used on this tape; declare its sink before the forward pass",
+            ));
+        }
+        self.sunk.insert(name.to_string());
+        Ok(())
+    }
+
     /// The named parameter, recorded at its first use on this tape. It needs a gradient when it
-    /// is trainable.
+    /// is trainable or has a sink.
     pub fn param(&mut self, params: &Params, name: &str) -> Result<Var> {
         if let Some(&v) = self.params.get(name) {
             return Ok(v);
@@ -100,7 +131,7 @@ impl Tape {
         let node = Node {
             op: "param",
             value: params.shared(name)?,
-            requires_grad: p.trainable(),
+            requires_grad: p.trainable() || self.sunk.contains(name),
             kind: Kind::Param(name.into()),
         };
         let v = self.push(node);
@@ -130,33 +161,102 @@ impl Tape {
 
     /// Records an op's output. The closure is kept only if some input needs a gradient.
     pub(crate) fn push_op(&mut self, op: &'static str, value: Tensor, inputs: &[Var], backward: BackwardFn) -> Var {
+        self.push_weight_op(op, value, inputs, backward, None)
+    }
+
+    /// [`Tape::push_op`] for an op that declares its weight gradient ([`WeightGrad`]).
+    pub(crate) fn push_weight_op(
+        &mut self,
+        op: &'static str,
+        value: Tensor,
+        inputs: &[Var],
+        backward: BackwardFn,
+        weight_grad: Option<WeightGrad>,
+    ) -> Var {
         let requires_grad = inputs.iter().any(|&v| self.requires_grad(v));
-        let kind = if requires_grad { Kind::Op { inputs: inputs.to_vec(), backward } } else { Kind::Leaf };
+        let kind = if requires_grad { Kind::Op { inputs: inputs.to_vec(), backward, weight_grad } } else { Kind::Leaf };
         self.push(Node { op, value: Arc::new(value), requires_grad, kind })
+    }
+
+    /// The parameter `v` is, directly or through dtype casts (which leave the gradient's values
+    /// alone, so a sink may take it in f32 before the cast's backward would).
+    fn param_behind(&self, mut v: Var) -> Option<&str> {
+        loop {
+            match &self.nodes[v.0].kind {
+                Kind::Param(name) => return Some(name),
+                Kind::Op { inputs, .. } if self.nodes[v.0].op == "cast" && inputs.len() == 1 => v = inputs[0],
+                _ => return None,
+            }
+        }
     }
 
     /// Backpropagates from a scalar `loss` (any shape with one element), seeding it with 1.
     pub fn backward(self, loss: Var, params: &mut Params, hook: Option<&mut GradHook>) -> Result<LeafGrads> {
-        let n = self.value(loss).shape().elem_count();
-        if n != 1 {
-            return Err(Error::shape("backward", format!("the loss must have one element, it has {n}")));
-        }
-        let value = self.value(loss);
-        let seed = Tensor::full(value.dims(), value.dtype(), 1.0, &value.device())?;
+        let seed = self.unit_seed(loss)?;
         self.backward_with(loss, seed, params, hook)
+    }
+
+    /// [`Tape::backward`] with gradient sinks: the weights declared with [`Tape::sink`] (exactly
+    /// those, else an error naming the weight) have their gradients added into `sinks`.
+    pub fn backward_into(
+        self,
+        loss: Var,
+        params: &mut Params,
+        hook: Option<&mut GradHook>,
+        sinks: &mut GradSinks,
+    ) -> Result<LeafGrads> {
+        let seed = self.unit_seed(loss)?;
+        self.walk(loss, seed, params, hook, sinks)
     }
 
     /// Backpropagates `seed` (the gradient of some scalar with respect to `root`). Trainable
     /// parameters' gradients go to `hook` if given, and into `params` unless the hook drops them.
     /// The tape is consumed: each node's value is freed as soon as the walk has passed it.
     pub fn backward_with(
+        self,
+        root: Var,
+        seed: Tensor,
+        params: &mut Params,
+        hook: Option<&mut GradHook>,
+    ) -> Result<LeafGrads> {
+        self.walk(root, seed, params, hook, &mut GradSinks::new())
+    }
+
+    fn unit_seed(&self, loss: Var) -> Result<Tensor> {
+        let n = self.value(loss).shape().elem_count();
+        if n != 1 {
+            return Err(Error::shape("backward", format!("the loss must have one element, it has {n}")));
+        }
+        let value = self.value(loss);
+        Tensor::full(value.dims(), value.dtype(), 1.0, &value.device())
+    }
+
+    /// Every declared sink has a buffer and every buffer a declaration.
+    fn check_sinks(&self, sinks: &GradSinks) -> Result<()> {
+        if let Some(name) = self.sunk.iter().find(|n| !sinks.contains(n)) {
+            return Err(Error::layer("backward", name, "declared with Tape::sink, but no sink buffer was given"));
+        }
+        if let Some(name) = sinks.names().find(|n| !self.sunk.contains(*n)) {
+            return Err(Error::layer(
+                "backward",
+                name,
+                "a sink buffer was given, but the tape never declared it (Tape::sink)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn walk(
         mut self,
         root: Var,
         seed: Tensor,
         params: &mut Params,
         mut hook: Option<&mut GradHook>,
+        sinks: &mut GradSinks,
     ) -> Result<LeafGrads> {
         super::data::expect_shape(&seed, self.value(root).dims(), "backward", "the seed gradient")?;
+        self.check_sinks(sinks)?;
+        sinks.start_pass();
         self.nodes.truncate(root.0 + 1);
         let mut grads: Vec<Option<Tensor>> = (0..self.nodes.len()).map(|_| None).collect();
         grads[root.0] = Some(seed);
@@ -172,6 +272,10 @@ impl Tape {
                     leaves.0.insert(Var(i), g);
                 }
                 Kind::Param(name) => {
+                    if let Some(sink) = sinks.get_mut(&name) {
+                        sink.add_grad(&g, &name)?;
+                        continue;
+                    }
                     let action = match hook.as_mut() {
                         Some(h) => h(&name, &g)?,
                         None => HookAction::Keep,
@@ -180,10 +284,18 @@ impl Tape {
                         params.accumulate_grad(&name, g)?;
                     }
                 }
-                Kind::Op { inputs, backward } => {
+                Kind::Op { inputs, backward, weight_grad } => {
                     let values: Vec<Arc<Tensor>> = inputs.iter().map(|v| self.nodes[v.0].value.clone()).collect();
                     let refs: Vec<&Tensor> = values.iter().map(|v| v.as_ref()).collect();
-                    let needs: Vec<bool> = inputs.iter().map(|v| self.nodes[v.0].requires_grad).collect();
+                    let mut needs: Vec<bool> = inputs.iter().map(|v| self.nodes[v.0].requires_grad).collect();
+                    if let Some(wg) = weight_grad
+                        && needs[wg.weight]
+                        && let Some(name) = self.param_behind(inputs[wg.weight])
+                        && let Some(sink) = sinks.get_mut(name)
+                    {
+                        sink.add_weight_grad(&g, refs[wg.x], name)?;
+                        needs[wg.weight] = false;
+                    }
                     let input_grads = backward(&g, &refs, &needs)?;
                     for ((v, ig), need) in inputs.iter().zip(input_grads).zip(needs) {
                         let Some(ig) = ig else { continue };

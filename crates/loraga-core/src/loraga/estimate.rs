@@ -2,18 +2,20 @@
 //! model's own loss on micro-batch b (the mean over that batch's label tokens), as the reference
 //! computes it (sum over batches, then divide by the batch count; spec §2.1, §2.3).
 //!
-//! Only the target weights are trainable during a step. The tape's gradient hook adds each one's
-//! gradient into its f32 accumulator the moment it is final and drops it, so at most one layer's
-//! temporary gradient lives at a time; the accumulators (4 bytes per target weight element) are
-//! the whole cost, reported by [`MemoryPlan`] before anything is allocated.
+//! Only the target weights are trainable during a step, and no target's gradient is ever kept
+//! in the parameters; the accumulators (4 bytes per target weight element) are the whole cost,
+//! reported by [`MemoryPlan`] before anything is allocated.
 //!
-//! Where the accumulators live ([`AccumulatorPlacement`]): beside the weights (the tape's in-place
-//! add, on the CPU or the weights' CUDA device, which takes f32 or bf16 gradients into the f32
-//! sum), or in host memory, which takes gradients from any device (each is copied down and added
-//! in f32). The weight gradients come from the tape as a separate dW = dYᵀX per layer; fusing that
-//! GEMM into the accumulator (G += dYᵀX, `lora_linear::accumulate_weight_grad`) would save one
-//! [m, n] temporary and one pass over it per layer and batch, and needs a hook into the linear
-//! op's backward rather than on the finished gradient.
+//! Where the accumulators live ([`AccumulatorPlacement`]) decides how a gradient gets there:
+//! - `Device` (beside the weights, on the CPU or the weights' CUDA device): each accumulator is
+//!   the target's gradient sink ([`GradSinks`]), so the linear op's backward adds dYᵀX straight
+//!   into it with the accumulation GEMM (beta = 1; on the GPU the engine's in-place fp32 epilogue
+//!   for bf16 activations) and no [m, n] dW tensor is created, per layer or at all.
+//! - `Host` (host memory, for models whose accumulators do not fit beside them): the tape's
+//!   gradient hook takes each target's dW the moment it is final, copies it down and adds it in
+//!   f32, then drops it, so at most one layer's temporary gradient lives on the device at a time.
+//!   (A device-side sink per layer would need the same [m, n] temporary, so this path keeps dW.)
+//!
 //! Batches are processed in the order given and every sum runs in a fixed order, so the estimate
 //! is bit-for-bit deterministic for a given data order.
 
@@ -21,7 +23,7 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::autograd::{HookAction, Params, Tape, add_assign};
+use crate::autograd::{GradSinks, HookAction, Params, Tape};
 use crate::cpu::CpuStorage;
 use crate::cuda::ops::elementwise as cuda_ew;
 use crate::device::Device;
@@ -194,22 +196,39 @@ impl GradientEstimator {
     }
 
     fn run(&mut self, model: &Llama, params: &mut Params, batch: &Batch) -> Result<f32> {
+        let sink = self.plan.placement == AccumulatorPlacement::Device;
         let mut tape = Tape::new();
+        if sink {
+            for name in &self.names {
+                tape.sink(name)?;
+            }
+        }
         let out = model.forward(&mut tape, params, batch)?;
         let loss = out.loss.ok_or_else(|| Error::InvalidArgument(format!("{OP}: the model computed no loss")))?;
         let value = tape.value(loss).to_f32_vec()?[0];
-        let placement = self.plan.placement;
-        let (index, acc, counts) = (&self.index, &mut self.acc, &mut self.counts);
-        let mut hook = |name: &str, g: &Tensor| {
-            let Some(&i) = index.get(name) else { return Ok(HookAction::Keep) };
-            accumulate(&mut acc[i], g, name, placement)?;
-            counts[i] += 1;
-            Ok(HookAction::Drop)
-        };
-        let result = tape.backward(loss, params, Some(&mut hook));
-        // The forward pass touches no accumulator; a failed backward may have added to some.
-        self.failed = result.is_err();
-        result?;
+        if sink {
+            let mut sinks = GradSinks::new();
+            for (name, acc) in self.names.iter().zip(self.acc.iter_mut()) {
+                sinks.insert(params, name, acc, 1.0)?;
+            }
+            // The forward pass touches no accumulator; a failed backward may have added to some.
+            self.failed = true;
+            tape.backward_into(loss, params, None, &mut sinks)?;
+            for (name, count) in self.names.iter().zip(self.counts.iter_mut()) {
+                *count += usize::from(sinks.reached(name));
+            }
+        } else {
+            self.failed = true;
+            let (index, acc, counts) = (&self.index, &mut self.acc, &mut self.counts);
+            let mut hook = |name: &str, g: &Tensor| {
+                let Some(&i) = index.get(name) else { return Ok(HookAction::Keep) };
+                accumulate_on_host(&mut acc[i], g, name)?;
+                counts[i] += 1;
+                Ok(HookAction::Drop)
+            };
+            tape.backward(loss, params, Some(&mut hook))?;
+        }
+        self.failed = false;
         Ok(value)
     }
 
@@ -253,12 +272,8 @@ impl GradientEstimator {
     }
 }
 
-/// `acc += g` in f32. On the host any gradient is taken (copied down, bf16 widened); beside the
-/// weights it is the tape's own in-place add.
-fn accumulate(acc: &mut Tensor, g: &Tensor, name: &str, placement: AccumulatorPlacement) -> Result<()> {
-    if placement == AccumulatorPlacement::Device {
-        return add_assign(acc, g, name);
-    }
+/// `acc += g` in f32 on the host: any gradient is taken (copied down, bf16 widened).
+fn accumulate_on_host(acc: &mut Tensor, g: &Tensor, name: &str) -> Result<()> {
     if acc.dims() != g.dims() {
         return Err(Error::layer(OP, name, format!("gradient {:?} for an accumulator {:?}", g.dims(), acc.dims())));
     }
