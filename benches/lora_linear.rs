@@ -1,85 +1,216 @@
-//! The LoRA layer on the GPU: fused (GEMM engine, two K sources) vs the cuBLAS composition PEFT
-//! and unsloth use, against cuBLAS's base GEMMs alone (X Wᵀ forward, + dY W backward), at
-//! M = 8192 tokens, K = N = 4096, bf16, r in {16, 64}. Also LoRA-GA's in-place weight-gradient
-//! accumulation G += dYᵀ X (f32 G) by the engine and by cuBLAS GemmEx with beta = 1.
+//! The LoRA layer on the GPU, every path side by side: fused (GEMM engine, two K sources), PEFT's
+//! eager sequence on cuBLAS (`cublas-peft`: base, A, B GEMMs, `* s` and `+` kernels; autograd's
+//! backward), the adapter folded into beta = 1 cuBLAS GEMMs (`cublas-folded`), against cuBLAS's
+//! base GEMMs alone (X Wᵀ forward, + dY W backward); and LoRA-GA's in-place accumulation
+//! G += dYᵀ X (f32 G) by the engine and by cuBLAS GemmEx with beta = 1. bf16 operands, s = 2.
 //!
-//! CUDA-event timing per Criterion batch, three rotating input sets (each larger than L2),
-//! outputs preallocated; ends with the markdown summary (ratios to the cuBLAS base).
+//! Two parts, chosen by `LORA_BENCH` (`criterion`, `grid`, or unset for both):
+//! - Criterion groups at M = 8192, K = N = 4096, r in {16, 64}, ending with the markdown summary.
+//! - The grid of issue 4 (M in {4096, 8192, 16384}; (K, N) in {(4096, 4096), (4096, 11008),
+//!   (11008, 4096)}; r in {8, 16, 64, 128}) timed directly (median of `LORA_REPS`, default 10,
+//!   CUDA-event runs after 3 warm-ups), one table row per shape. `LORA_FILTER` keeps the shapes
+//!   whose label ("M=8192 K=4096 N=11008 r=16") contains every comma-separated term, e.g.
+//!   `LORA_FILTER=M=8192,r=16`. The whole grid runs in about two minutes on an H200.
+//!
+//! Inputs rotate over three sets (each larger than L2) and outputs are preallocated; the PEFT
+//! path's temporaries come from the stream-ordered pool inside the timing, as PyTorch's come from
+//! its caching allocator. `scripts/bench/torch_lora.py` prints PyTorch's numbers for the same grid.
 
 mod common;
 
 use common::{group, measure, setup};
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
-use loraga_core::cuda::GemmPath;
+use loraga_core::cuda::lora_skinny::{self, Small};
+use loraga_core::cuda::timing::median_ms;
+use loraga_core::cuda::{CudaDevice, GemmPath};
 use loraga_core::gemm::{Gemm, gemm_cuda};
 use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
+use loraga_core::storage::Storage;
 use loraga_core::testing::randn;
-use loraga_core::{DType, Device, Tensor};
+use loraga_core::{DType, Device, Result, Tensor};
 use rand::SeedableRng;
 
+const NT: Gemm = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+const NN: Gemm = Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
+/// The composed and fused paths timed (the naive one is orders of magnitude slower).
+const PATHS: [LoraPath; 3] = [LoraPath::Cublas, LoraPath::CublasFolded, LoraPath::Fused];
+
 fn main() {
+    let part = std::env::var("LORA_BENCH").unwrap_or_default();
     let (dev, mut c) = setup("lora_linear");
-    let device = Device::Cuda(dev.clone());
-    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    let mut t = |rows: usize, cols: usize, std: f32| {
-        let v: Vec<f32> = randn(&mut rng, rows * cols).into_iter().map(|x| x * std).collect();
-        Tensor::from_cpu(CpuStorage::from_f32_vec(DType::BF16, v), [rows, cols].into(), &device).unwrap()
-    };
+    let mut inputs = Inputs::new(&dev);
+    if part.is_empty() || part == "criterion" {
+        criterion_groups(&dev, &mut c, &mut inputs);
+    }
+    if part.is_empty() || part == "grid" {
+        grid(&dev, &mut inputs).unwrap();
+    }
+}
+
+/// Random bf16 tensors, cut from one pool of normal samples drawn once (drawing a fresh sample
+/// for every element of the grid's inputs would take minutes on the host).
+struct Inputs {
+    device: Device,
+    pool: Vec<f32>,
+    offset: usize,
+}
+
+impl Inputs {
+    fn new(dev: &CudaDevice) -> Inputs {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        Inputs { device: Device::Cuda(dev.clone()), pool: randn(&mut rng, (1 << 22) + 17), offset: 0 }
+    }
+
+    fn t(&mut self, rows: usize, cols: usize, std: f32) -> Tensor {
+        let p = self.pool.len();
+        let start = self.offset;
+        self.offset = (self.offset + 7919) % p;
+        let v: Vec<f32> = (0..rows * cols).map(|i| self.pool[(start + i) % p] * std).collect();
+        Tensor::from_cpu(CpuStorage::from_f32_vec(DType::BF16, v), [rows, cols].into(), &self.device).unwrap()
+    }
+
+    fn zeros(&self, rows: usize, cols: usize, dtype: DType) -> Tensor {
+        Tensor::zeros([rows, cols], dtype, &self.device).unwrap()
+    }
+}
+
+/// One problem's operands and preallocated outputs.
+struct Layer {
+    xs: Vec<Tensor>,
+    dys: Vec<Tensor>,
+    w: Tensor,
+    a: Tensor,
+    b: Tensor,
+    fwd: Forward,
+    grads: Grads,
+    v: Tensor,
+    dx_base: Tensor,
+    g: Tensor,
+}
+
+impl Layer {
+    fn new(inp: &mut Inputs, m: usize, k: usize, n: usize) -> Layer {
+        Layer {
+            xs: (0..3).map(|_| inp.t(m, k, 1.0)).collect(),
+            dys: (0..3).map(|_| inp.t(m, n, 1.0)).collect(),
+            w: inp.t(n, k, 0.02),
+            a: inp.zeros(1, k, DType::BF16),
+            b: inp.zeros(n, 1, DType::BF16),
+            fwd: Forward { y: inp.zeros(m, n, DType::BF16), u: inp.zeros(m, 1, DType::BF16) },
+            grads: Grads {
+                dx: inp.zeros(m, k, DType::BF16),
+                da: inp.zeros(1, k, DType::F32),
+                db: inp.zeros(n, 1, DType::F32),
+            },
+            v: inp.zeros(m, 1, DType::BF16),
+            dx_base: inp.zeros(m, k, DType::BF16),
+            g: inp.zeros(n, k, DType::F32),
+        }
+    }
+
+    /// Sets the adapter to rank r (fresh A, B and the rank-sized buffers).
+    fn rank(&mut self, inp: &mut Inputs, r: usize) {
+        let (m, k, n) = (self.xs[0].dims()[0], self.xs[0].dims()[1], self.w.dims()[0]);
+        self.a = inp.t(r, k, 0.02);
+        self.b = inp.t(n, r, 0.02);
+        self.fwd.u = inp.zeros(m, r, DType::BF16);
+        self.grads.da = inp.zeros(r, k, DType::F32);
+        self.grads.db = inp.zeros(n, r, DType::F32);
+        self.v = inp.zeros(m, r, DType::BF16);
+    }
+
+    fn base_fwd(&mut self, i: usize) -> Result<()> {
+        gemm_cuda(GemmPath::Cublas, &NT, &self.xs[i], &self.w, &mut self.fwd.y)
+    }
+
+    fn base_fwd_bwd(&mut self, i: usize) -> Result<()> {
+        self.base_fwd(i)?;
+        gemm_cuda(GemmPath::Cublas, &NN, &self.dys[i], &self.w, &mut self.dx_base)
+    }
+
+    fn fwd(&mut self, path: LoraPath, i: usize) -> Result<()> {
+        let l = Lora { w: &self.w, a: &self.a, b: &self.b, scale: 2.0 };
+        lora::forward_into(path, &l, &self.xs[i], &mut self.fwd)
+    }
+
+    fn fwd_bwd(&mut self, path: LoraPath, i: usize) -> Result<()> {
+        self.fwd(path, i)?;
+        let l = Lora { w: &self.w, a: &self.a, b: &self.b, scale: 2.0 };
+        lora::backward_into(path, &l, &self.xs[i], &self.fwd.u, &self.dys[i], &mut self.v, &mut self.grads)
+    }
+
+    fn accumulate(&mut self, path: LoraPath, i: usize) -> Result<()> {
+        lora::accumulate_weight_grad(path, &mut self.g, &self.dys[i], &self.xs[i], 1.0)
+    }
+
+    /// The forward's skinny product U' = s X Aᵀ alone, by one GEMM path or (None) by the fused
+    /// path's kernel (`kernels/lora_skinny.cu`).
+    fn skinny(&mut self, path: Option<GemmPath>, i: usize) -> Result<()> {
+        let Some(path) = path else {
+            let (m, k, r) = (self.xs[i].dims()[0], self.xs[i].dims()[1], self.a.dims()[0]);
+            fn cuda(t: &Tensor) -> &loraga_core::cuda::CudaStorage {
+                match t.storage() {
+                    Storage::Cuda(s) => s,
+                    Storage::Cpu(_) => unreachable!("the bench's tensors are on the GPU"),
+                }
+            }
+            let Storage::Cuda(u) = self.fwd.u.storage_mut() else { unreachable!("the bench's tensors are on the GPU") };
+            return lora_skinny::down(cuda(&self.xs[i]), cuda(&self.a), Small::A, (m, k, r), 2.0, u);
+        };
+        gemm_cuda(path, &Gemm { alpha: 2.0, ..NT }, &self.xs[i], &self.a, &mut self.fwd.u)
+    }
+}
+
+fn criterion_groups(dev: &CudaDevice, c: &mut criterion::Criterion, inp: &mut Inputs) {
     let (m, k, n) = (8192usize, 4096usize, 4096usize);
-    let xs: Vec<Tensor> = (0..3).map(|_| t(m, k, 1.0)).collect();
-    let dys: Vec<Tensor> = (0..3).map(|_| t(m, n, 1.0)).collect();
-    let w = t(n, k, 0.02);
+    let mut layer = Layer::new(inp, m, k, n);
     let mut rows = Vec::new();
     let base_flops = 2.0 * (m * n * k) as f64;
+    let row = |problem: &str, implementation: &str, median_ms: f64, flops: f64| Row {
+        problem: problem.into(),
+        implementation: implementation.into(),
+        median_ms,
+        flops,
+    };
 
     for r in [16usize, 64] {
-        let (a, b) = (t(r, k, 0.02), t(n, r, 0.02));
-        let l = Lora { w: &w, a: &a, b: &b, scale: 2.0 };
-        let zeros = |rr: usize, cc: usize, dt: DType| Tensor::zeros([rr, cc], dt, &device).unwrap();
-        let mut fwd = Forward { y: zeros(m, n, DType::BF16), u: zeros(m, r, DType::BF16) };
-        let mut grads =
-            Grads { dx: zeros(m, k, DType::BF16), da: zeros(r, k, DType::F32), db: zeros(n, r, DType::F32) };
-        let mut v = zeros(m, r, DType::BF16);
-        let mut dx_base = zeros(m, k, DType::BF16);
-
+        layer.rank(inp, r);
         let problem = format!("forward M={m} K={k} N={n} r={r}");
-        let mut g = group(&mut c, &format!("lora_fwd_r{r}"), base_flops);
-        let ms = measure(&dev, &mut g, "cublas base X W^T", |i| {
-            gemm_cuda(GemmPath::Cublas, &Gemm { trans_b: true, ..Gemm::default() }, &xs[i], &w, &mut fwd.y)
-        });
+        let mut g = group(c, &format!("lora_fwd_r{r}"), base_flops);
+        let ms = measure(dev, &mut g, "cublas base X W^T", |i| layer.base_fwd(i));
         rows.push(row(&problem, "cublas", ms, base_flops));
-        for path in [LoraPath::Cublas, LoraPath::Fused] {
-            let ms = measure(&dev, &mut g, &format!("lora {}", path.name()), |i| {
-                lora::forward_into(path, &l, &xs[i], &mut fwd)
-            });
+        for path in PATHS {
+            let ms = measure(dev, &mut g, &format!("lora {}", path.name()), |i| layer.fwd(path, i));
             rows.push(row(&problem, &format!("lora {}", path.name()), ms, base_flops));
         }
         g.finish();
 
         let problem = format!("forward+backward M={m} K={k} N={n} r={r}");
-        let mut g = group(&mut c, &format!("lora_fwd_bwd_r{r}"), 2.0 * base_flops);
-        let ms = measure(&dev, &mut g, "cublas base X W^T + dY W", |i| {
-            gemm_cuda(GemmPath::Cublas, &Gemm { trans_b: true, ..Gemm::default() }, &xs[i], &w, &mut fwd.y)?;
-            gemm_cuda(GemmPath::Cublas, &Gemm::default(), &dys[i], &w, &mut dx_base)
-        });
+        let mut g = group(c, &format!("lora_fwd_bwd_r{r}"), 2.0 * base_flops);
+        let ms = measure(dev, &mut g, "cublas base X W^T + dY W", |i| layer.base_fwd_bwd(i));
         rows.push(row(&problem, "cublas", ms, 2.0 * base_flops));
-        for path in [LoraPath::Cublas, LoraPath::Fused] {
-            let ms = measure(&dev, &mut g, &format!("lora {}", path.name()), |i| {
-                lora::forward_into(path, &l, &xs[i], &mut fwd)?;
-                lora::backward_into(path, &l, &xs[i], &fwd.u, &dys[i], &mut v, &mut grads)
-            });
+        for path in PATHS {
+            let ms = measure(dev, &mut g, &format!("lora {}", path.name()), |i| layer.fwd_bwd(path, i));
             rows.push(row(&problem, &format!("lora {}", path.name()), ms, 2.0 * base_flops));
+        }
+        g.finish();
+
+        // The skinny product alone, to see which GEMM serves it best.
+        let skinny_flops = 2.0 * (m * k * r) as f64;
+        let problem = format!("U' = s X A^T M={m} K={k} r={r}");
+        let mut g = group(c, &format!("lora_skinny_r{r}"), skinny_flops);
+        for (name, path) in [("cublas", Some(GemmPath::Cublas)), ("engine", Some(GemmPath::Engine)), ("kernel", None)] {
+            let ms = measure(dev, &mut g, name, |i| layer.skinny(path, i));
+            rows.push(row(&problem, name, ms, skinny_flops));
         }
         g.finish();
     }
 
-    // G += dYᵀ X, G f32 [N, K] in place.
-    let mut gbuf = Tensor::zeros([n, k], DType::F32, &device).unwrap();
     let problem = format!("G += dY^T X, M={m}, G {n}x{k} f32");
-    let mut g = group(&mut c, "weight_grad_accumulate", base_flops);
-    for (name, path) in [("cublas", LoraPath::Cublas), ("fused", LoraPath::Fused)] {
-        let ms = measure(&dev, &mut g, name, |i| lora::accumulate_weight_grad(path, &mut gbuf, &dys[i], &xs[i], 1.0));
+    let mut g = group(c, "weight_grad_accumulate", base_flops);
+    for (name, path) in [("cublas", LoraPath::CublasFolded), ("fused", LoraPath::Fused)] {
+        let ms = measure(dev, &mut g, name, |i| layer.accumulate(path, i));
         rows.push(row(&problem, name, ms, base_flops));
     }
     g.finish();
@@ -88,6 +219,84 @@ fn main() {
     summary::emit("lora_linear", "LoRA layer, bf16, fp32 accumulation (CUDA events, median per run)", &rows, "cublas");
 }
 
-fn row(problem: &str, implementation: &str, median_ms: f64, flops: f64) -> Row {
-    Row { problem: problem.into(), implementation: implementation.into(), median_ms, flops }
+/// The issue's grid, one row per shape; prints the table and writes it to
+/// `$LORAGA_BENCH_OUT/lora_linear_grid.md` when that is set.
+fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
+    let filter = std::env::var("LORA_FILTER").unwrap_or_default();
+    let reps: usize = std::env::var("LORA_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let keep = |label: &str| filter.split(',').filter(|t| !t.is_empty()).all(|t| label.contains(t));
+    let mut table = String::from(
+        "### LoRA layer grid (issue 4), bf16, s = 2, CUDA-event medians (ms)\n\n\
+         | M | K | N | r | base fwd | fused fwd | fused / base fwd | PEFT fwd / fused | base f+b | fused f+b \
+         | fused / base f+b | PEFT f+b | PEFT / fused f+b | folded / fused f+b | U' engine | U' cuBLAS | U' kernel |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut g_table = String::from(
+        "\n### G += dYᵀ X in place (f32 G [N, K]), ms\n\n\
+         | M | K | N | cuBLAS GemmEx beta=1 | fused (engine TMA add) | fused / cuBLAS |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
+    );
+    for m in [4096usize, 8192, 16384] {
+        for (k, n) in [(4096usize, 4096usize), (4096, 11008), (11008, 4096)] {
+            let labels: Vec<(usize, String)> = [8usize, 16, 64, 128]
+                .into_iter()
+                .map(|r| (r, format!("M={m} K={k} N={n} r={r}")))
+                .filter(|(_, l)| keep(l))
+                .collect();
+            if labels.is_empty() {
+                continue;
+            }
+            let mut layer = Layer::new(inp, m, k, n);
+            let time = |f: &mut dyn FnMut(usize) -> Result<()>| -> Result<f64> {
+                let mut turn = 0usize;
+                median_ms(dev, 3, reps, || {
+                    turn = (turn + 1) % 3;
+                    f(turn)
+                })
+            };
+            let cublas_acc = time(&mut |i| layer.accumulate(LoraPath::CublasFolded, i))?;
+            let fused_acc = time(&mut |i| layer.accumulate(LoraPath::Fused, i))?;
+            g_table +=
+                &format!("| {m} | {k} | {n} | {cublas_acc:.4} | {fused_acc:.4} | {:.3} |\n", fused_acc / cublas_acc);
+            for (r, label) in labels {
+                layer.rank(inp, r);
+                let base = time(&mut |i| layer.base_fwd(i))?;
+                let fused = time(&mut |i| layer.fwd(LoraPath::Fused, i))?;
+                let peft = time(&mut |i| layer.fwd(LoraPath::Cublas, i))?;
+                let base_fb = time(&mut |i| layer.base_fwd_bwd(i))?;
+                let fused_fb = time(&mut |i| layer.fwd_bwd(LoraPath::Fused, i))?;
+                let peft_fb = time(&mut |i| layer.fwd_bwd(LoraPath::Cublas, i))?;
+                let folded_fb = time(&mut |i| layer.fwd_bwd(LoraPath::CublasFolded, i))?;
+                let u_engine = time(&mut |i| layer.skinny(Some(GemmPath::Engine), i))?;
+                let u_cublas = time(&mut |i| layer.skinny(Some(GemmPath::Cublas), i))?;
+                let u_kernel = time(&mut |i| layer.skinny(None, i))?;
+                eprintln!("{label}: fused f+b {fused_fb:.4} ms");
+                table += &format!(
+                    "| {m} | {k} | {n} | {r} | {base:.4} | {fused:.4} | {:.3} | {:.3} | {base_fb:.4} | {fused_fb:.4} \
+                     | {:.3} | {peft_fb:.4} | {:.3} | {:.3} | {u_engine:.4} | {u_cublas:.4} | {u_kernel:.4} |\n",
+                    fused / base,
+                    peft / fused,
+                    fused_fb / base_fb,
+                    peft_fb / fused_fb,
+                    folded_fb / fused_fb,
+                );
+            }
+        }
+    }
+    let out = format!("{table}{g_table}");
+    println!("\n{out}");
+    if let Some(dir) = std::env::var_os("LORAGA_BENCH_OUT") {
+        write_atomically(&std::path::PathBuf::from(dir), "lora_linear_grid.md", &out);
+    }
+    Ok(())
+}
+
+fn write_atomically(dir: &std::path::Path, name: &str, text: &str) {
+    let (tmp, path) = (dir.join(format!(".{name}.tmp")), dir.join(name));
+    let r = std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&tmp, text))
+        .and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = r {
+        eprintln!("could not write {}: {e}", path.display());
+    }
 }

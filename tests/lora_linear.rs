@@ -1,14 +1,19 @@
-//! The LoRA layer's forward and backward (crates/loraga-core/src/lora.rs) by every path, against
-//! an f64 reference of the math: Y = X Wᵀ + s (X Aᵀ) Bᵀ, dX = dY W + s (dY B) A,
-//! dA = s (dY B)ᵀ X, dB = s dYᵀ (X Aᵀ).
+//! The LoRA layer's forward and backward (crates/loraga-core/src/lora_linear.rs) by every path,
+//! against an f64 reference of the math: Y = X Wᵀ + s (X Aᵀ) Bᵀ, dX = dY W + s (dY B) A,
+//! dA = s (dY B)ᵀ X, dB = s dYᵀ (X Aᵀ); and the in-place accumulation G += alpha dYᵀ X.
+//!
+//! GPU outputs start as NaN (preallocated outputs filled with NaN, the paths' temporaries
+//! poisoned through `poison_outputs`), so an element no kernel wrote fails the check.
 
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cpu::gemm::gemm_f64;
-use loraga_core::cuda::CudaDevice;
+use loraga_core::cuda::lora_skinny::{self, Small};
+use loraga_core::cuda::ops::poison_outputs;
+use loraga_core::cuda::{CudaDevice, CudaStorage};
 use loraga_core::gemm::{Gemm, GemmDims};
-use loraga_core::lora_linear::{self as lora, Lora, LoraPath};
+use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
 use loraga_core::testing::{randn, rel_error};
-use loraga_core::{DType, Device, Tensor};
+use loraga_core::{DType, Device, Storage, Tensor};
 use rand::SeedableRng;
 
 struct Case {
@@ -59,10 +64,17 @@ fn case(rng: &mut impl rand::Rng, (m, k, n, r): (usize, usize, usize, usize), dt
     Case { x, w, a, b, dy, scale: s as f32, y, dx, da, db }
 }
 
+/// Runs one path into NaN-filled outputs and compares all four results with the reference.
 fn check(path: LoraPath, c: &Case, bound: f64, what: &str) {
     let l = Lora { w: &c.w, a: &c.a, b: &c.b, scale: c.scale };
-    let f = lora::forward(path, &l, &c.x).unwrap();
-    let g = lora::backward(path, &l, &c.x, &f.u, &c.dy).unwrap();
+    let (dev, dt) = (c.x.device(), c.x.dtype());
+    let (m, k, n, r) = (c.x.dims()[0], c.x.dims()[1], c.w.dims()[0], c.a.dims()[0]);
+    let nan = |rows: usize, cols: usize, dtype: DType| Tensor::full([rows, cols], dtype, f32::NAN, &dev).unwrap();
+    let mut f = Forward { y: nan(m, n, dt), u: nan(m, r, dt) };
+    lora::forward_into(path, &l, &c.x, &mut f).unwrap();
+    let mut g = Grads { dx: nan(m, k, dt), da: nan(r, k, DType::F32), db: nan(n, r, DType::F32) };
+    let mut v = nan(m, r, dt);
+    lora::backward_into(path, &l, &c.x, &f.u, &c.dy, &mut v, &mut g).unwrap();
     for (name, out, reference) in [("Y", &f.y, &c.y), ("dX", &g.dx, &c.dx), ("dA", &g.da, &c.da), ("dB", &g.db, &c.db)]
     {
         let err = rel_error(&out.to_f32_vec().unwrap(), reference);
@@ -75,76 +87,174 @@ fn cpu_lora_matches_f64_reference() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
     for shape in [(70, 96, 80, 8), (33, 17, 50, 3), (128, 64, 64, 64)] {
         let c = case(&mut rng, shape, DType::F32, &Device::Cpu);
-        check(LoraPath::Fused, &c, 1e-5, &format!("{shape:?}"));
+        for path in LoraPath::ALL {
+            check(path, &c, 1e-5, &format!("{shape:?}"));
+        }
     }
 }
 
 #[test]
-fn bad_shapes_and_ranks_are_clear_errors() {
+fn bad_shapes_dtypes_and_ranks_are_clear_errors() {
     let dev = Device::Cpu;
     let z = |r: usize, c: usize| Tensor::zeros([r, c], DType::F32, &dev).unwrap();
     let (x, w, a, b) = (z(4, 8), z(6, 8), z(2, 8), z(6, 2));
+    let l = Lora { w: &w, a: &a, b: &b, scale: 1.0 };
+    let err = |r: loraga_core::Result<()>| r.unwrap_err().to_string();
+    let fwd = |l: &Lora, x: &Tensor| lora::forward(LoraPath::Fused, l, x).map(|_| ());
+
     let bad_b = z(5, 2);
-    let e =
-        lora::forward(LoraPath::Fused, &Lora { w: &w, a: &a, b: &bad_b, scale: 1.0 }, &x).err().unwrap().to_string();
+    let e = err(fwd(&Lora { b: &bad_b, ..l }, &x));
     assert!(e.contains("B is [5, 2], expected [6, 2]"), "{e}");
+    let bad_a = z(2, 7);
+    let e = err(fwd(&Lora { a: &bad_a, ..l }, &x));
+    assert!(e.contains("A is [2, 7]"), "{e}");
     let (big_a, big_b) = (z(7, 8), z(6, 7));
-    let e = lora::forward(LoraPath::Fused, &Lora { w: &w, a: &big_a, b: &big_b, scale: 1.0 }, &x)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = err(fwd(&Lora { a: &big_a, b: &big_b, ..l }, &x));
     assert!(e.contains("rank r = 7 must be in 1..=min(K, N) = 6"), "{e}");
     let x16 = Tensor::zeros([4, 8], DType::BF16, &dev).unwrap();
-    let e = lora::forward(LoraPath::Fused, &Lora { w: &w, a: &a, b: &b, scale: 1.0 }, &x16).err().unwrap().to_string();
+    let e = err(fwd(&l, &x16));
     assert!(e.contains("X is bf16 but W is f32"), "{e}");
+    let x3 = Tensor::zeros([4, 8, 1], DType::F32, &dev).unwrap();
+    let e = err(fwd(&l, &x3));
+    assert!(e.contains("X must be a matrix"), "{e}");
+
+    // Preallocated outputs and the backward's inputs are named when they do not fit.
+    let mut f = Forward { y: z(4, 5), u: z(4, 2) };
+    let e = err(lora::forward_into(LoraPath::Fused, &l, &x, &mut f));
+    assert!(e.contains("Y is [4, 5] f32, expected [4, 6] f32"), "{e}");
+    let f = lora::forward(LoraPath::Fused, &l, &x).unwrap();
+    let e = err(lora::backward(LoraPath::Fused, &l, &x, &f.u, &z(4, 5)).map(|_| ()));
+    assert!(e.contains("dY is [4, 5] f32, expected [4, 6] f32"), "{e}");
+    let e = err(lora::backward(LoraPath::Fused, &l, &x, &z(3, 2), &z(4, 6)).map(|_| ()));
+    assert!(e.contains("U is [3, 2] f32, expected [4, 2] f32"), "{e}");
+    let mut grads = Grads { dx: z(4, 8), da: Tensor::zeros([2, 8], DType::BF16, &dev).unwrap(), db: z(6, 2) };
+    let e = err(lora::backward_into(LoraPath::Fused, &l, &x, &f.u, &z(4, 6), &mut z(4, 2), &mut grads));
+    assert!(e.contains("dA is [2, 8] bf16, expected [2, 8] f32"), "{e}");
+
     let mut g16 = Tensor::zeros([6, 8], DType::BF16, &dev).unwrap();
-    let e = lora::accumulate_weight_grad(LoraPath::Fused, &mut g16, &z(4, 6), &x, 1.0).unwrap_err().to_string();
-    assert!(e.contains("must be f32"), "{e}");
+    let e = err(lora::accumulate_weight_grad(LoraPath::Fused, &mut g16, &z(4, 6), &x, 1.0));
+    assert!(e.contains("G must be f32"), "{e}");
+    let e = err(lora::accumulate_weight_grad(LoraPath::Fused, &mut z(6, 7), &z(4, 6), &x, 1.0));
+    assert!(e.contains("G must be [6, 8], got [6, 7]"), "{e}");
+    let e = err(lora::accumulate_weight_grad(LoraPath::Fused, &mut z(6, 8), &z(5, 6), &x, 1.0));
+    assert!(e.contains("dY is [5, 6] and X [4, 8]"), "{e}");
+    let dy16 = Tensor::zeros([4, 6], DType::BF16, &dev).unwrap();
+    let e = err(lora::accumulate_weight_grad(LoraPath::Fused, &mut z(6, 8), &dy16, &x, 1.0));
+    assert!(e.contains("dY is bf16 but X is f32"), "{e}");
 }
 
 fn gpu() -> Device {
     Device::Cuda(CudaDevice::new(0).expect("this test needs a CUDA GPU"))
 }
 
+/// Ranks 1..256 (multiples of 8 take the engine's two-source GEMMs on sm_90a, the others the
+/// cuBLAS fallback), ragged M, K and N, bf16 and f32 operands, every path.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn every_path_matches_f64_reference_on_the_gpu() {
+fn every_path_and_rank_matches_f64_reference_on_the_gpu() {
     let dev = gpu();
+    poison_outputs(true);
     let mut rng = rand::rngs::StdRng::seed_from_u64(22);
-    for shape in [(300, 512, 264, 16), (517, 136, 72, 8), (1024, 1024, 4096, 64), (200, 256, 320, 128)] {
-        let c = case(&mut rng, shape, DType::BF16, &dev);
-        for path in [LoraPath::Naive, LoraPath::Cublas, LoraPath::Fused] {
-            check(path, &c, 5e-3, &format!("{shape:?}"));
+    let shapes = [
+        (77, 96, 40, 1),
+        (100, 64, 72, 3),
+        (517, 136, 72, 8),
+        (131, 203, 96, 8),
+        (131, 200, 90, 13),
+        (300, 512, 264, 16),
+        (257, 264, 520, 64),
+        (200, 256, 320, 128),
+        (190, 300, 264, 256),
+        (64, 256, 256, 256),
+    ];
+    for (dtype, bound) in [(DType::BF16, 5e-3), (DType::F32, 1e-5)] {
+        for shape in shapes {
+            let c = case(&mut rng, shape, dtype, &dev);
+            for path in LoraPath::ALL {
+                check(path, &c, bound, &format!("{dtype} {shape:?}"));
+            }
         }
     }
-    // r = 3: the composed paths take it; the fused one says why it cannot (the adapter's K = r
-    // must be a multiple of 8 for TMA).
-    let c = case(&mut rng, (100, 64, 72, 3), DType::BF16, &dev);
-    check(LoraPath::Cublas, &c, 5e-3, "r = 3");
-    check(LoraPath::Naive, &c, 5e-3, "r = 3");
-    let l = Lora { w: &c.w, a: &c.a, b: &c.b, scale: c.scale };
-    let e = lora::forward(LoraPath::Fused, &l, &c.x).err().unwrap().to_string();
-    assert!(e.contains("not a multiple of 8"), "{e}");
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn weight_gradient_accumulates_in_place_on_the_gpu() {
     let dev = gpu();
+    poison_outputs(true);
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
-    let (m, n, k) = (384, 264, 520);
-    for path in [LoraPath::Naive, LoraPath::Cublas, LoraPath::Fused] {
-        let mut g = Tensor::full([n, k], DType::F32, 0.0, &dev).unwrap();
-        let mut reference = vec![0.0f64; n * k];
-        for _ in 0..3 {
-            let c = case(&mut rng, (m, k, n, 8), DType::BF16, &dev);
-            lora::accumulate_weight_grad(path, &mut g, &c.dy, &c.x, 0.25).unwrap();
-            let dy64: Vec<f64> = c.dy.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-            let x64: Vec<f64> = c.x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-            let tn = Gemm { trans_a: true, trans_b: false, alpha: 0.25, beta: 1.0 };
-            gemm_f64(&tn, GemmDims { m: n, n: k, k: m }, &dy64, &x64, &mut reference);
+    for (dtype, (m, n, k)) in
+        [(DType::BF16, (384, 264, 520)), (DType::BF16, (77, 90, 203)), (DType::F32, (130, 72, 96))]
+    {
+        for path in LoraPath::ALL {
+            let mut g = Tensor::full([n, k], DType::F32, 0.0, &dev).unwrap();
+            let mut reference = vec![0.0f64; n * k];
+            for _ in 0..3 {
+                let c = case(&mut rng, (m, k, n, 1), dtype, &dev);
+                lora::accumulate_weight_grad(path, &mut g, &c.dy, &c.x, 0.25).unwrap();
+                let dy64: Vec<f64> = c.dy.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+                let x64: Vec<f64> = c.x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+                let tn = Gemm { trans_a: true, trans_b: false, alpha: 0.25, beta: 1.0 };
+                gemm_f64(&tn, GemmDims { m: n, n: k, k: m }, &dy64, &x64, &mut reference);
+            }
+            let err = rel_error(&g.to_f32_vec().unwrap(), &reference);
+            assert!(err <= 1e-5, "{} {dtype} {m}x{n}x{k}: rel. error {err:.2e}", path.name());
         }
-        let err = rel_error(&g.to_f32_vec().unwrap(), &reference);
-        assert!(err <= 1e-5, "{}: rel. error {err:.2e}", path.name());
+    }
+}
+
+/// A tensor on the wrong device is an error naming it, on every path.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn mixed_devices_are_clear_errors_on_the_gpu() {
+    let dev = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+    let c = case(&mut rng, (16, 32, 24, 8), DType::BF16, &dev);
+    let b_cpu = c.b.to_device(&Device::Cpu).unwrap();
+    for path in LoraPath::ALL {
+        let l = Lora { w: &c.w, a: &c.a, b: &b_cpu, scale: 1.0 };
+        let e = lora::forward(path, &l, &c.x).err().unwrap().to_string();
+        assert!(e.contains("B on cpu"), "{}: {e}", path.name());
+        let l = Lora { w: &c.w, a: &c.a, b: &c.b, scale: 1.0 };
+        let f = lora::forward(path, &l, &c.x).unwrap();
+        let dy_cpu = c.dy.to_device(&Device::Cpu).unwrap();
+        let e = lora::backward(path, &l, &c.x, &f.u, &dy_cpu).err().unwrap().to_string();
+        assert!(e.contains("dY on cpu"), "{}: {e}", path.name());
+    }
+}
+
+/// The fused path's skinny kernel alone (`kernels/lora_skinny.cu`: U' = s X Aᵀ with A [r, C],
+/// V' = s dY B with B [C, r]), over several row and column blocks, C with and without 16-byte
+/// rows, against f64.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn skinny_kernel_matches_f64_reference_on_the_gpu() {
+    let dev = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+    fn cuda(t: &Tensor) -> &CudaStorage {
+        match t.storage() {
+            Storage::Cuda(s) => s,
+            Storage::Cpu(_) => unreachable!("made on the GPU"),
+        }
+    }
+    for (m, c, r) in [(1, 8, 1), (77, 203, 13), (1000, 520, 64), (300, 136, 130), (129, 264, 256), (65, 4096, 16)] {
+        for small in [Small::A, Small::B] {
+            let mut t = |rows: usize, cols: usize| {
+                let v = randn(&mut rng, rows * cols);
+                let wide: Vec<f64> =
+                    CpuStorage::from_f32_vec(DType::BF16, v.clone()).to_f32_vec().into_iter().map(f64::from).collect();
+                (Tensor::from_cpu(CpuStorage::from_f32_vec(DType::BF16, v), [rows, cols].into(), &dev).unwrap(), wide)
+            };
+            let (z, z64) = t(m, c);
+            let (s, s64) = if small == Small::A { t(r, c) } else { t(c, r) };
+            let g = Gemm { trans_a: false, trans_b: small == Small::A, alpha: 0.5, beta: 0.0 };
+            let mut reference = vec![0.0f64; m * r];
+            gemm_f64(&g, GemmDims { m, n: r, k: c }, &z64, &s64, &mut reference);
+            let mut p = Tensor::full([m, r], DType::BF16, f32::NAN, &dev).unwrap();
+            let Storage::Cuda(ps) = p.storage_mut() else { unreachable!("made on the GPU") };
+            lora_skinny::down(cuda(&z), cuda(&s), small, (m, c, r), 0.5, ps).unwrap();
+            let err = rel_error(&p.to_f32_vec().unwrap(), &reference);
+            assert!(err <= 5e-3, "{small:?} M={m} C={c} r={r}: rel. error {err:.2e}");
+        }
     }
 }

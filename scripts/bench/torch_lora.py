@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""PyTorch baselines for benches/lora_linear.rs, on the same GPU and shapes.
+"""PyTorch baselines for benches/lora_linear.rs, on the same GPU and the same grid.
 
 A PEFT-style LoRA linear layer (nn.Linear base, lora_A, lora_B, result + lora_B(lora_A(x)) * s,
-dropout 0, eager mode, no CUDA graphs) at M = 8192 tokens, K = N = 4096, bf16, r in {16, 64};
-the base layer alone; and LoRA-GA's reference accumulation G.add_((dY.T @ X).float()).
+dropout 0, eager mode, no CUDA graphs), the base layer alone, and LoRA-GA's reference
+accumulation G.add_((dY.T @ X).float()), over issue 4's grid: M in {4096, 8192, 16384};
+(K, N) in {(4096, 4096), (4096, 11008), (11008, 4096)}; r in {8, 16, 64, 128}; bf16, s = 2.
 Times are medians of CUDA-event timings of single runs after warm-up, over three rotating input
-sets (each larger than L2); TF32 is off. Prints a markdown table.
+sets (each larger than L2); TF32 is off. LORA_FILTER keeps the shapes whose label
+("M=8192 K=4096 N=11008 r=16") contains every comma-separated term, as in the Rust bench;
+LORA_REPS sets the timed runs per median (default 10). Prints markdown tables.
 
-    python3 scripts/bench/torch_lora.py
+    LORA_FILTER=M=8192 python3 scripts/bench/torch_lora.py
 """
+import os
 import statistics
 
 import torch
@@ -16,10 +20,12 @@ import torch.nn.functional as F
 
 torch.backends.cuda.matmul.allow_tf32 = False
 DEV, DT = "cuda", torch.bfloat16
-M, K, N = 8192, 4096, 4096
+S = 2.0
+REPS = int(os.environ.get("LORA_REPS", "10"))
+TERMS = [t for t in os.environ.get("LORA_FILTER", "").split(",") if t]
 
 
-def median_ms(fn, warmup=5, reps=30):
+def median_ms(fn, warmup=3, reps=REPS):
     for i in range(warmup):
         fn(i % 3)
     times = []
@@ -35,53 +41,56 @@ def median_ms(fn, warmup=5, reps=30):
 
 def main():
     torch.manual_seed(0)
-    xs = [torch.randn(M, K, device=DEV, dtype=DT) for _ in range(3)]
-    dys = [torch.randn(M, N, device=DEV, dtype=DT) for _ in range(3)]
-    w = torch.randn(N, K, device=DEV, dtype=DT) * 0.02
-    rows = []
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, eager, s = {S}")
+    rows = ["| M | K | N | r | base fwd | PEFT fwd | PEFT / base fwd | base f+b | PEFT f+b | PEFT / base f+b |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    g_rows = ["| M | K | N | G.add_((dY.T @ X).float()) ms |", "|---:|---:|---:|---:|"]
+    for m in (4096, 8192, 16384):
+        for k, n in ((4096, 4096), (4096, 11008), (11008, 4096)):
+            ranks = [r for r in (8, 16, 64, 128) if all(t in f"M={m} K={k} N={n} r={r}" for t in TERMS)]
+            if not ranks:
+                continue
+            xs = [torch.randn(m, k, device=DEV, dtype=DT) for _ in range(3)]
+            dys = [torch.randn(m, n, device=DEV, dtype=DT) for _ in range(3)]
+            w = torch.randn(n, k, device=DEV, dtype=DT) * 0.02
+            g = torch.zeros(n, k, device=DEV, dtype=torch.float32)
 
-    def base_fwd(i):
-        F.linear(xs[i], w)
+            def accumulate(i):
+                g.add_((dys[i].T @ xs[i]).float())
 
-    def base_fwd_bwd(i):
-        x = xs[i].requires_grad_(True)
-        F.linear(x, w).backward(dys[i])
-        x.grad = None
+            g_rows.append(f"| {m} | {k} | {n} | {median_ms(accumulate):.4f} |")
 
-    for r in (16, 64):
-        lora_a = (torch.randn(r, K, device=DEV, dtype=DT) * 0.02).requires_grad_(True)
-        lora_b = (torch.randn(N, r, device=DEV, dtype=DT) * 0.02).requires_grad_(True)
-        s = 2.0
+            def base_fwd(i):
+                F.linear(xs[i], w)
 
-        def peft_fwd(i):
-            with torch.no_grad():
-                F.linear(xs[i], w) + F.linear(F.linear(xs[i], lora_a), lora_b) * s
+            def base_fwd_bwd(i):
+                x = xs[i].requires_grad_(True)
+                F.linear(x, w).backward(dys[i])
+                x.grad = None
 
-        def peft_fwd_bwd(i):
-            x = xs[i].requires_grad_(True)
-            y = F.linear(x, w) + F.linear(F.linear(x, lora_a), lora_b) * s
-            y.backward(dys[i])
-            x.grad = lora_a.grad = lora_b.grad = None
+            for r in ranks:
+                lora_a = (torch.randn(r, k, device=DEV, dtype=DT) * 0.02).requires_grad_(True)
+                lora_b = (torch.randn(n, r, device=DEV, dtype=DT) * 0.02).requires_grad_(True)
 
-        fwd, fwd_bwd = median_ms(base_fwd), median_ms(base_fwd_bwd)
-        rows.append((f"forward r={r}", "torch base F.linear", fwd, fwd))
-        rows.append((f"forward r={r}", "torch PEFT-style LoRA", median_ms(peft_fwd), fwd))
-        rows.append((f"forward+backward r={r}", "torch base", fwd_bwd, fwd_bwd))
-        rows.append((f"forward+backward r={r}", "torch PEFT-style LoRA", median_ms(peft_fwd_bwd), fwd_bwd))
+                def peft_fwd(i):
+                    with torch.no_grad():
+                        F.linear(xs[i], w) + F.linear(F.linear(xs[i], lora_a), lora_b) * S
 
-    g = torch.zeros(N, K, device=DEV, dtype=torch.float32)
+                def peft_fwd_bwd(i):
+                    x = xs[i].requires_grad_(True)
+                    y = F.linear(x, w) + F.linear(F.linear(x, lora_a), lora_b) * S
+                    y.backward(dys[i])
+                    x.grad = lora_a.grad = lora_b.grad = None
 
-    def accumulate(i):
-        g.add_((dys[i].T @ xs[i]).float())
-
-    acc = median_ms(accumulate)
-    rows.append(("G += dY^T X (f32 G)", "torch G.add_((dY.T @ X).float())", acc, acc))
-
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, M={M} K={K} N={N}, bf16, eager")
-    print("| problem | implementation | median ms | / torch base |")
-    print("|---|---|---:|---:|")
-    for problem, name, ms, base in rows:
-        print(f"| {problem} | {name} | {ms:.4f} | {ms / base:.3f} |")
+                fwd, fwd_bwd = median_ms(base_fwd), median_ms(base_fwd_bwd)
+                pf, pfb = median_ms(peft_fwd), median_ms(peft_fwd_bwd)
+                rows.append(f"| {m} | {k} | {n} | {r} | {fwd:.4f} | {pf:.4f} | {pf / fwd:.3f} "
+                            f"| {fwd_bwd:.4f} | {pfb:.4f} | {pfb / fwd_bwd:.3f} |")
+            del xs, dys, w, g
+            torch.cuda.empty_cache()
+    print("\n".join(rows))
+    print()
+    print("\n".join(g_rows))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-//! The LoRA linear layer's three products, by three interchangeable paths.
+//! The LoRA linear layer's three products, by four interchangeable paths.
 //!
 //! PyTorch layouts: X [M, K], frozen W [N, K], A [r, K], B [N, r], scale s (alpha / r or
 //! alpha / sqrt(r)). With U' = s X Aᵀ [M, r] and V' = s dY B [M, r]:
@@ -8,14 +8,33 @@
 //!             dA = s (dY B)ᵀ X               = V'ᵀ X
 //!             dB = s dYᵀ U                   = dYᵀ U'
 //!
-//! Paths ([`LoraPath`]): `Fused` runs each `[.. | ..]` product as one GEMM-engine call over two K
-//! sources, after one skinny GEMM for U' (or V'); `Cublas` composes cuBLAS calls the way PEFT and
-//! unsloth do (base GEMM, two adapter GEMMs, the adapter added through beta = 1); `Naive` is the
-//! same composition on the naive kernel. On the CPU every path is the faer composition.
-//! Activations (Y, U', dX) are stored in the input dtype; the adapter gradients dA, dB in f32.
+//! Paths ([`LoraPath`]):
+//! - `Fused` runs each `[.. | ..]` product as one GEMM-engine call over two K sources, after one
+//!   skinny product for U' (or V') by the tensor-core kernel of `kernels/lora_skinny.cu`
+//!   (`cuda::lora_skinny`: it streams X or dY once, where the engine's 128 x 256 tile would
+//!   spend a whole base-GEMM tile on an N = r output). Every product the engine cannot take (f32
+//!   operands, a rank r that is not a multiple of 8, a device without wgmma) runs the folded
+//!   composition below on cuBLAS instead, so any r in 1..=min(K, N) and any M, K, N work; the
+//!   two-source GEMMs need bf16, sm_90a and r, K, N multiples of 8.
+//! - `Cublas` is the composition PEFT runs in eager PyTorch (`result = base(x); result = result +
+//!   lora_B(lora_A(x)) * scaling`, backward as autograd runs it): base GEMM, A GEMM, B GEMM into a
+//!   fresh [M, N], `* s` and `+` as two elementwise kernels; backward `dY * s`, two GEMMs per
+//!   adapter linear, the base's dX GEMM and the add of the two dX. Its temporaries come from the
+//!   stream-ordered pool, as PyTorch's come from its caching allocator.
+//! - `CublasFolded` is the stronger composition unsloth's LoRA code uses (its addmm): the
+//!   adapter's add folded into beta = 1 GEMMs (3 GEMMs forward, 5 backward, no elementwise
+//!   kernel).
+//! - `Naive` is the folded composition on the naive kernel.
+//!
+//! On the CPU every path is the folded composition on faer. Activations (Y, U', dX) are stored in
+//! the input dtype; the adapter gradients dA, dB in f32. Tensors are dense row-major by
+//! construction (loraga's `Tensor` has no strides), so there is no non-contiguous case to refuse;
+//! shapes, dtypes and devices are checked up front and errors name the tensor.
 
 use crate::cuda::GemmPath;
 use crate::cuda::gemm_sm90::{self, KSource};
+use crate::cuda::lora_skinny::{self, Small};
+use crate::cuda::ops::elementwise;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gemm::{Gemm, gemm, gemm_cuda};
@@ -25,15 +44,21 @@ use crate::tensor::Tensor;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraPath {
     Naive,
+    /// PEFT's eager sequence on cuBLAS (see the module docs).
     Cublas,
+    /// The composition with the adapter folded into beta = 1 cuBLAS GEMMs.
+    CublasFolded,
     Fused,
 }
 
 impl LoraPath {
+    pub const ALL: [LoraPath; 4] = [LoraPath::Naive, LoraPath::Cublas, LoraPath::CublasFolded, LoraPath::Fused];
+
     pub fn name(self) -> &'static str {
         match self {
             LoraPath::Naive => "naive",
-            LoraPath::Cublas => "cublas",
+            LoraPath::Cublas => "cublas-peft",
+            LoraPath::CublasFolded => "cublas-folded",
             LoraPath::Fused => "fused",
         }
     }
@@ -50,7 +75,8 @@ pub struct Lora<'a> {
 /// What the forward keeps for the backward.
 pub struct Forward {
     pub y: Tensor,
-    /// U' = s X Aᵀ [M, r], in the input dtype.
+    /// [M, r] in the input dtype: U' = s X Aᵀ, except on the `Cublas` (PEFT) path on a GPU, which
+    /// keeps PEFT's unscaled X Aᵀ. Hand it to the backward of the same path.
     pub u: Tensor,
 }
 
@@ -62,7 +88,7 @@ pub struct Grads {
     pub db: Tensor,
 }
 
-/// (M, K, N, r) after checking every shape and dtype against each other.
+/// (M, K, N, r) after checking every shape, dtype and device against each other.
 fn dims(l: &Lora, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
     let (m, k) = x.shape().dims2("lora", "X")?;
     let (n, kw) = l.w.shape().dims2("lora", "W")?;
@@ -82,18 +108,82 @@ fn dims(l: &Lora, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
         if t.dtype() != x.dtype() {
             return Err(Error::DType { op: "lora", msg: format!("X is {} but {what} is {}", x.dtype(), t.dtype()) });
         }
+        same_device("X", x, what, t)?;
     }
     Ok((m, k, n, r))
 }
 
-/// One product by the chosen path (CPU tensors always take the CPU backend).
-fn product(path: LoraPath, g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor) -> Result<()> {
-    match (c.device().is_cuda(), path) {
-        (false, _) => gemm(&g, a, b, c),
-        (true, LoraPath::Naive) => gemm_cuda(GemmPath::Naive, &g, a, b, c),
-        (true, LoraPath::Cublas) => gemm_cuda(GemmPath::Cublas, &g, a, b, c),
-        (true, LoraPath::Fused) => gemm_cuda(GemmPath::Engine, &g, a, b, c),
+fn same_device(what_ref: &str, reference: &Tensor, what: &str, t: &Tensor) -> Result<()> {
+    let (d0, d1) = (reference.device(), t.device());
+    if d0 != d1 {
+        return Err(Error::DeviceMismatch {
+            op: "lora",
+            lhs: format!("{what_ref} on {d0}"),
+            rhs: format!("{what} on {d1}"),
+        });
     }
+    Ok(())
+}
+
+/// An error naming `what` unless `t` is `dims` of `dtype` on X's device.
+fn expect<const N: usize>(what: &str, t: &Tensor, dims: [usize; N], dtype: DType, x: &Tensor) -> Result<()> {
+    if t.dims() != dims || t.dtype() != dtype {
+        return Err(Error::shape("lora", format!("{what} is {} {}, expected {dims:?} {dtype}", t.shape(), t.dtype())));
+    }
+    same_device("X", x, what, t)
+}
+
+/// Which GEMM runs one product of a composition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Cpu,
+    Naive,
+    Cublas,
+    /// The Hopper engine where it takes the problem, else cuBLAS.
+    Best,
+}
+
+impl Via {
+    fn of(path: LoraPath, x: &Tensor) -> Via {
+        match (x.device().is_cuda(), path) {
+            (false, _) => Via::Cpu,
+            (true, LoraPath::Naive) => Via::Naive,
+            (true, LoraPath::Cublas | LoraPath::CublasFolded) => Via::Cublas,
+            (true, LoraPath::Fused) => Via::Best,
+        }
+    }
+}
+
+fn product(via: Via, g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor) -> Result<()> {
+    match via {
+        Via::Cpu => gemm(&g, a, b, c),
+        Via::Naive => gemm_cuda(GemmPath::Naive, &g, a, b, c),
+        Via::Cublas => gemm_cuda(GemmPath::Cublas, &g, a, b, c),
+        Via::Best => {
+            let d = g.dims(a.dims(), b.dims(), c.dims())?;
+            let source = [KSource { a: cuda(a, "A")?, b: cuda(b, "B")?, k: d.k }];
+            let fits = gemm_sm90::unsupported(&g, &source, d.m, d.n, cuda(c, "C")?).is_none();
+            gemm_cuda(if fits { GemmPath::Engine } else { GemmPath::Cublas }, &g, a, b, c)
+        }
+    }
+}
+
+/// The skinny product `p = s z Aᵀ` (`Small::A`) or `p = s z B` (`Small::B`): on the fused path
+/// the tensor-core kernel of `kernels/lora_skinny.cu` where it applies, else a GEMM.
+fn down(via: Via, s: f32, z: &Tensor, small: &Tensor, layout: Small, p: &mut Tensor) -> Result<()> {
+    let g = match layout {
+        Small::A => Gemm { alpha: s, ..NT },
+        Small::B => Gemm { alpha: s, ..NN },
+    };
+    if via != Via::Best {
+        return product(via, g, z, small, p);
+    }
+    let (zs, ss) = (cuda(z, "X")?, cuda(small, "adapter")?);
+    if lora_skinny::unsupported(zs, ss, cuda(p, "U")?).is_some() {
+        return product(via, g, z, small, p);
+    }
+    let (m, c, r) = (z.dims()[0], z.dims()[1], p.dims()[1]);
+    lora_skinny::down(zs, ss, layout, (m, c, r), s, cuda_mut(p, "U")?)
 }
 
 const NT: Gemm = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
@@ -113,18 +203,21 @@ pub fn forward(path: LoraPath, l: &Lora, x: &Tensor) -> Result<Forward> {
 /// The forward into preallocated outputs (the training loop's form: no allocation per step).
 pub fn forward_into(path: LoraPath, l: &Lora, x: &Tensor, out: &mut Forward) -> Result<()> {
     let (m, _k, n, r) = dims(l, x)?;
-    expect_shape("Y", &out.y, [m, n], x.dtype())?;
-    expect_shape("U", &out.u, [m, r], x.dtype())?;
-    product(path, Gemm { alpha: l.scale, ..NT }, x, l.a, &mut out.u)?;
-    if path == LoraPath::Fused && x.device().is_cuda() {
-        two_sources(NT, [(x, l.w), (&out.u, l.b)], &mut out.y)
-    } else {
-        product(path, NT, x, l.w, &mut out.y)?;
-        product(path, Gemm { beta: 1.0, ..NT }, &out.u, l.b, &mut out.y)
+    expect("Y", &out.y, [m, n], x.dtype(), x)?;
+    expect("U", &out.u, [m, r], x.dtype(), x)?;
+    let via = Via::of(path, x);
+    if via == Via::Cublas && path == LoraPath::Cublas {
+        return peft_forward(l, x, out);
     }
+    down(via, l.scale, x, l.a, Small::A, &mut out.u)?;
+    if via == Via::Best && two_sources(NT, [(x, l.w), (&out.u, l.b)], &mut out.y)? {
+        return Ok(());
+    }
+    product(via, NT, x, l.w, &mut out.y)?;
+    product(via, Gemm { beta: 1.0, ..NT }, &out.u, l.b, &mut out.y)
 }
 
-/// The backward from dY [M, N]; `u` is [`Forward::u`].
+/// The backward from dY [M, N]; `u` is [`Forward::u`] of the same path.
 pub fn backward(path: LoraPath, l: &Lora, x: &Tensor, u: &Tensor, dy: &Tensor) -> Result<Grads> {
     let (m, k, n, r) = dims(l, x)?;
     let dev = x.device();
@@ -150,58 +243,115 @@ pub fn backward_into(
     grads: &mut Grads,
 ) -> Result<()> {
     let (m, k, n, r) = dims(l, x)?;
-    expect_shape("dY", dy, [m, n], x.dtype())?;
-    expect_shape("U", u, [m, r], x.dtype())?;
-    expect_shape("V scratch", v, [m, r], x.dtype())?;
-    expect_shape("dX", &grads.dx, [m, k], x.dtype())?;
-    expect_shape("dA", &grads.da, [r, k], DType::F32)?;
-    expect_shape("dB", &grads.db, [n, r], DType::F32)?;
-    product(path, Gemm { alpha: l.scale, ..NN }, dy, l.b, v)?;
-    if path == LoraPath::Fused && x.device().is_cuda() {
-        two_sources(NN, [(dy, l.w), (v, l.a)], &mut grads.dx)?;
-    } else {
-        product(path, NN, dy, l.w, &mut grads.dx)?;
-        product(path, Gemm { beta: 1.0, ..NN }, v, l.a, &mut grads.dx)?;
+    expect("dY", dy, [m, n], x.dtype(), x)?;
+    expect("U", u, [m, r], x.dtype(), x)?;
+    expect("V scratch", v, [m, r], x.dtype(), x)?;
+    expect("dX", &grads.dx, [m, k], x.dtype(), x)?;
+    expect("dA", &grads.da, [r, k], DType::F32, x)?;
+    expect("dB", &grads.db, [n, r], DType::F32, x)?;
+    let via = Via::of(path, x);
+    if via == Via::Cublas && path == LoraPath::Cublas {
+        return peft_backward(l, x, u, dy, v, grads);
     }
-    product(path, TN, v, x, &mut grads.da)?;
-    product(path, TN, dy, u, &mut grads.db)
+    down(via, l.scale, dy, l.b, Small::B, v)?;
+    if !(via == Via::Best && two_sources(NN, [(dy, l.w), (v, l.a)], &mut grads.dx)?) {
+        product(via, NN, dy, l.w, &mut grads.dx)?;
+        product(via, Gemm { beta: 1.0, ..NN }, v, l.a, &mut grads.dx)?;
+    }
+    product(via, TN, v, x, &mut grads.da)?;
+    product(via, TN, dy, u, &mut grads.db)
 }
 
-fn expect_shape<const N: usize>(what: &str, t: &Tensor, dims: [usize; N], dtype: DType) -> Result<()> {
-    if t.dims() != dims || t.dtype() != dtype {
-        return Err(Error::shape("lora", format!("{what} is {} {}, expected {dims:?} {dtype}", t.shape(), t.dtype())));
-    }
-    Ok(())
+/// PEFT's forward as eager PyTorch runs it: `result = base(x)`, `T = lora_A(x)` (kept as U),
+/// `Z = lora_B(T)`, `result = result + Z * s`.
+fn peft_forward(l: &Lora, x: &Tensor, out: &mut Forward) -> Result<()> {
+    let cublas = |g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor| gemm_cuda(GemmPath::Cublas, &g, a, b, c);
+    let (m, n) = (x.dims()[0], l.w.dims()[0]);
+    cublas(NT, x, l.w, &mut out.y)?;
+    cublas(NT, x, l.a, &mut out.u)?;
+    let mut z = fresh(x, [m, n], x.dtype())?;
+    cublas(NT, &out.u, l.b, &mut z)?;
+    let z = elementwise::scale(cuda(&z, "Z")?, l.scale)?;
+    elementwise::add_assign(cuda_mut(&mut out.y, "Y")?, &z, "Z * s")
+}
+
+/// PEFT's backward as autograd runs it: `dZ = dY * s`; lora_B's linear backward (`dT = dZ B`,
+/// `dB = dZᵀ T`); lora_A's (`dX_lora = dT A`, `dA = dTᵀ X`); the base's `dX = dY W`; then the
+/// two dX contributions summed. `dT` (= V') lands in `v`.
+fn peft_backward(l: &Lora, x: &Tensor, t: &Tensor, dy: &Tensor, v: &mut Tensor, grads: &mut Grads) -> Result<()> {
+    let cublas = |g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor| gemm_cuda(GemmPath::Cublas, &g, a, b, c);
+    let (m, k, n) = (x.dims()[0], x.dims()[1], l.w.dims()[0]);
+    let dz = elementwise::scale(cuda(dy, "dY")?, l.scale)?;
+    let dz = Tensor::from_storage(Storage::Cuda(dz), [m, n])?;
+    cublas(NN, &dz, l.b, v)?;
+    cublas(TN, &dz, t, &mut grads.db)?;
+    let mut dx_lora = fresh(x, [m, k], x.dtype())?;
+    cublas(NN, v, l.a, &mut dx_lora)?;
+    cublas(TN, v, x, &mut grads.da)?;
+    cublas(NN, dy, l.w, &mut grads.dx)?;
+    elementwise::add_assign(cuda_mut(&mut grads.dx, "dX")?, cuda(&dx_lora, "dX_lora")?, "dX_lora")
+}
+
+/// An unset device tensor from the stream-ordered pool (every element is written before it is
+/// read).
+fn fresh<const N: usize>(like: &Tensor, dims: [usize; N], dtype: DType) -> Result<Tensor> {
+    let dev = &cuda(like, "X")?.device;
+    let n = dims.iter().product();
+    Tensor::from_storage(Storage::Cuda(crate::cuda::ops::output(dev, dtype, n)?), dims)
 }
 
 /// `g += alpha * dYᵀ X` into an f32 gradient [N, K] in place: LoRA-GA's estimation step.
+/// `Fused` runs the engine's in-place fp32 epilogue (cuBLAS where the engine cannot take the
+/// problem); `Cublas` and `CublasFolded` run cuBLAS GemmEx with beta = 1.
 pub fn accumulate_weight_grad(path: LoraPath, g: &mut Tensor, dy: &Tensor, x: &Tensor, alpha: f32) -> Result<()> {
+    const OP: &str = "accumulate_weight_grad";
     if g.dtype() != DType::F32 {
-        return Err(Error::DType {
-            op: "accumulate_weight_grad",
-            msg: format!("the gradient buffer must be f32, got {}", g.dtype()),
-        });
+        return Err(Error::DType { op: OP, msg: format!("the gradient buffer G must be f32, got {}", g.dtype()) });
     }
-    product(path, Gemm { alpha, beta: 1.0, ..TN }, dy, x, g)
+    if dy.dtype() != x.dtype() {
+        return Err(Error::DType { op: OP, msg: format!("dY is {} but X is {}", dy.dtype(), x.dtype()) });
+    }
+    let (m, k) = x.shape().dims2(OP, "X")?;
+    let (my, n) = dy.shape().dims2(OP, "dY")?;
+    let (gn, gk) = g.shape().dims2(OP, "G")?;
+    if my != m || (gn, gk) != (n, k) {
+        return Err(Error::shape(
+            OP,
+            format!("dY is [{my}, {n}] and X [{m}, {k}], so G must be [{n}, {k}], got [{gn}, {gk}]"),
+        ));
+    }
+    same_device("X", x, "dY", dy)?;
+    same_device("X", x, "G", g)?;
+    product(Via::of(path, x), Gemm { alpha, beta: 1.0, ..TN }, dy, x, g)
 }
 
-fn on_device(t: &Tensor) -> Result<&crate::cuda::CudaStorage> {
+fn cuda<'t>(t: &'t Tensor, what: &str) -> Result<&'t crate::cuda::CudaStorage> {
     match t.storage() {
         Storage::Cuda(s) => Ok(s),
-        Storage::Cpu(_) => Err(Error::DeviceMismatch { op: "lora", lhs: "cuda".into(), rhs: "cpu".into() }),
+        Storage::Cpu(_) => Err(Error::DeviceMismatch { op: "lora", lhs: "cuda".into(), rhs: format!("{what} on cpu") }),
     }
 }
 
-/// `c = [a1 | a2] [b1 | b2]` as one engine GEMM over both K sources.
-fn two_sources(g: Gemm, pairs: [(&Tensor, &Tensor); 2], c: &mut Tensor) -> Result<()> {
+fn cuda_mut<'t>(t: &'t mut Tensor, what: &str) -> Result<&'t mut crate::cuda::CudaStorage> {
+    match t.storage_mut() {
+        Storage::Cuda(s) => Ok(s),
+        Storage::Cpu(_) => Err(Error::DeviceMismatch { op: "lora", lhs: "cuda".into(), rhs: format!("{what} on cpu") }),
+    }
+}
+
+/// `c = [a1 | a2] [b1 | b2]` as one engine GEMM over both K sources, if the engine takes the
+/// problem; false (nothing launched) if it does not.
+fn two_sources(g: Gemm, pairs: [(&Tensor, &Tensor); 2], c: &mut Tensor) -> Result<bool> {
     let (m, n) = c.shape().dims2("lora", "output")?;
     let k_of = |a: &Tensor| a.dims()[1];
     let sources = [
-        KSource { a: on_device(pairs[0].0)?, b: on_device(pairs[0].1)?, k: k_of(pairs[0].0) },
-        KSource { a: on_device(pairs[1].0)?, b: on_device(pairs[1].1)?, k: k_of(pairs[1].0) },
+        KSource { a: cuda(pairs[0].0, "X")?, b: cuda(pairs[0].1, "W")?, k: k_of(pairs[0].0) },
+        KSource { a: cuda(pairs[1].0, "U")?, b: cuda(pairs[1].1, "adapter")?, k: k_of(pairs[1].0) },
     ];
-    let Storage::Cuda(out) = c.storage_mut() else {
-        return Err(Error::DeviceMismatch { op: "lora", lhs: "cuda".into(), rhs: "cpu".into() });
-    };
-    gemm_sm90::gemm(&g, &sources, m, n, out)
+    let out = cuda_mut(c, "output")?;
+    if gemm_sm90::unsupported(&g, &sources, m, n, out).is_some() {
+        return Ok(false);
+    }
+    gemm_sm90::gemm(&g, &sources, m, n, out)?;
+    Ok(true)
 }

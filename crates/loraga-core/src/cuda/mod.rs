@@ -10,6 +10,7 @@ pub mod gemm;
 pub mod gemm_sm90;
 pub mod kernels;
 pub mod libs;
+pub mod lora_skinny;
 pub mod nvrtc;
 pub mod ops;
 pub mod storage;
