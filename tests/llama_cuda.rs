@@ -9,12 +9,28 @@
 //!   their relative error is larger: measured on the H200 (2026-11-29) 4.0e-2 (untied) and
 //!   5.9e-2 (tied), bound 1e-1; a wrong gradient is off by O(1). f32 on CUDA measured 4-6e-7
 //!   (logits) and 1-2e-6 (gradients).
+//!
+//! LoRA layers run as one tape op (`Tape::lora_linear`). The fixtures have r = 4, which the fused
+//! kernels do not take (r must be a multiple of 8), so there the default `Fused` path falls back
+//! to `Cublas`; both requested paths are checked against transformers. The fused kernels
+//! themselves run in `fused_and_cublas_lora_paths_agree_on_cuda` (the fixture's base model with
+//! r = 8 adapters, both paths against the CPU in f32 and against each other) and in
+//! `lora_linear_op_on_cuda_matches_the_cpu` (the op alone, ragged token counts, a fused shape and
+//! a fallback one).
 
 mod common;
 
 use common::llama_fixture;
+use loraga_core::autograd::lora_linear::effective_path;
+use loraga_core::autograd::{Params, Tape};
 use loraga_core::cuda::CudaDevice;
-use loraga_core::{DType, Device};
+use loraga_core::cuda::ops::poison_outputs;
+use loraga_core::lora::{LoraConfig, LoraTarget, lora_b_name};
+use loraga_core::lora_linear::LoraPath;
+use loraga_core::model::{Batch, Llama};
+use loraga_core::testing::{randn, rel_error};
+use loraga_core::{DType, Device, Tensor};
+use rand::SeedableRng;
 
 fn gpu() -> Device {
     Device::Cuda(CudaDevice::new(0).expect("this test needs a CUDA GPU"))
@@ -27,15 +43,18 @@ fn check(case: &str) {
     eprintln!("{case} f32 on CUDA: {e:?}");
     assert!(e.logits <= 1e-4 && e.loss <= 1e-4 && e.lora_grad <= 1e-4, "{case} f32: {e:?}");
 
-    let mut mixed = c.params.to_device(&gpu(), |p| if p.trainable() { DType::F32 } else { DType::BF16 }).unwrap();
     let mut c = c;
     c.model.dtype = DType::BF16;
-    let e = c.errors(&mut mixed);
-    eprintln!("{case} bf16 on CUDA: {e:?}");
-    assert!(e.logits <= 3e-2 && e.loss <= 5e-3 && e.lora_grad <= 1e-1, "{case} bf16: {e:?}");
-    // Master copies stay f32 and receive f32 gradients.
-    let g = mixed.grad(&c.lora_names[0]).unwrap().unwrap();
-    assert_eq!(g.dtype(), DType::F32);
+    for path in [LoraPath::Fused, LoraPath::Cublas] {
+        c.model.lora_path = path;
+        let mut mixed = c.params.to_device(&gpu(), |p| if p.trainable() { DType::F32 } else { DType::BF16 }).unwrap();
+        let e = c.errors(&mut mixed);
+        eprintln!("{case} bf16 on CUDA, {} path: {e:?}", path.name());
+        assert!(e.logits <= 3e-2 && e.loss <= 5e-3 && e.lora_grad <= 1e-1, "{case} bf16 {}: {e:?}", path.name());
+        // Master copies stay f32 and receive f32 gradients.
+        let g = mixed.grad(&c.lora_names[0]).unwrap().unwrap();
+        assert_eq!(g.dtype(), DType::F32);
+    }
 }
 
 #[test]
@@ -48,4 +67,157 @@ fn untied_gqa_lora_matches_transformers_on_cuda() {
 #[ignore = "needs a CUDA GPU"]
 fn tied_gqa_rslora_matches_transformers_on_cuda() {
     check("gqa_tied");
+}
+
+/// Logits, loss and every LoRA gradient of one forward + backward of `model` on `params`.
+struct Run {
+    logits: Vec<f32>,
+    loss: f32,
+    grads: Vec<Vec<f32>>,
+}
+
+fn run(model: &Llama, params: &mut Params, batch: &Batch, names: &[String]) -> Run {
+    let mut tape = Tape::new();
+    let out = model.forward(&mut tape, params, batch).unwrap();
+    let logits = tape.value(out.logits).to_f32_vec().unwrap();
+    let loss_var = out.loss.unwrap();
+    let loss = tape.value(loss_var).to_f32_vec().unwrap()[0];
+    tape.backward(loss_var, params, None).unwrap();
+    let grads = names
+        .iter()
+        .map(|n| {
+            let g = params.grad(n).unwrap().unwrap_or_else(|| panic!("no gradient for {n}"));
+            assert_eq!(g.dtype(), DType::F32, "{n}: LoRA gradients are f32");
+            g.to_f32_vec().unwrap()
+        })
+        .collect();
+    Run { logits, loss, grads }
+}
+
+fn wide(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// (logits, loss, largest LoRA gradient) relative errors of `got` against `want`.
+fn errors(got: &Run, want: &Run) -> (f64, f64, f64) {
+    let grad = got.grads.iter().zip(&want.grads).map(|(g, w)| rel_error(g, &wide(w))).fold(0.0, f64::max);
+    (rel_error(&got.logits, &wide(&want.logits)), rel_error(&[got.loss], &[want.loss as f64]), grad)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_and_cublas_lora_paths_agree_on_cuda() {
+    let dev = gpu();
+    let Device::Cuda(cuda) = &dev else { unreachable!() };
+    assert!(cuda.arch().has_wgmma(), "the fused LoRA kernels need an sm_90a GPU, this one is {}", cuda.arch());
+    poison_outputs(true);
+    // The fixture's base model (hidden 32, q 32, k/v 16, MLP 48: all multiples of 8) and batch,
+    // with fresh r = 8 adapters (random B too, so the LoRA term shows).
+    let case = llama_fixture::load("gqa_untied");
+    let mut params = Params::new();
+    for p in case.params.iter().filter(|p| !case.lora_names.iter().any(|n| n == p.name())) {
+        params.insert(p.name(), p.value().to(&Device::Cpu, DType::F32).unwrap(), false).unwrap();
+    }
+    let mut model = Llama::new(case.model.config.clone()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let lora = LoraConfig { r: 8, alpha: 16.0, use_rslora: false, targets: LoraTarget::ALL.to_vec() };
+    model.add_lora(&mut params, lora, &mut rng).unwrap();
+    let mut names = Vec::new();
+    for l in 0..model.config.num_hidden_layers {
+        for t in LoraTarget::ALL {
+            let b = lora_b_name(&t.module_path(l));
+            let dims = params.get(&b).unwrap().dims().to_vec();
+            let v: Vec<f32> = randn(&mut rng, dims[0] * dims[1]).iter().map(|x| 0.1 * x).collect();
+            params.set_value(&b, Tensor::from_vec(v, dims, &Device::Cpu).unwrap()).unwrap();
+            names.push(loraga_core::lora::lora_a_name(&t.module_path(l)));
+            names.push(b);
+        }
+    }
+    let want = run(&model, &mut params.to_device(&Device::Cpu, |_| DType::F32).unwrap(), &case.batch, &names);
+
+    // The fused kernels take every LoRA layer of this model in bf16 on this GPU.
+    let tokens = case.batch.batch * case.batch.seq;
+    let c = &model.config;
+    let bf = |r: usize, k: usize| Tensor::zeros([r, k], DType::BF16, &dev).unwrap();
+    let (q, kv, h, i) =
+        (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, c.intermediate_size);
+    for (inp, out) in [(h, q), (h, kv), (q, h), (h, i), (i, h)] {
+        let got = effective_path(LoraPath::Fused, &bf(tokens, inp), &bf(out, inp), &bf(8, inp), &bf(out, 8));
+        assert_eq!(got, LoraPath::Fused, "in {inp}, out {out}");
+    }
+
+    model.dtype = DType::BF16;
+    let mut runs = Vec::new();
+    for path in [LoraPath::Fused, LoraPath::Cublas] {
+        model.lora_path = path;
+        let mut mixed = params.to_device(&dev, |p| if p.trainable() { DType::F32 } else { DType::BF16 }).unwrap();
+        let got = run(&model, &mut mixed, &case.batch, &names);
+        let (logits, loss, grad) = errors(&got, &want);
+        eprintln!(
+            "{} path, bf16 on CUDA vs the CPU in f32: logits {logits:.2e}, loss {loss:.2e}, LoRA grads {grad:.2e}",
+            path.name()
+        );
+        assert!(logits <= 3e-2 && loss <= 5e-3 && grad <= 1e-1, "{}: {logits:.2e} {loss:.2e} {grad:.2e}", path.name());
+        runs.push(got);
+    }
+    // The two paths round differently (the fused forward rounds Y once, the composed one twice),
+    // so they agree to the same bf16 bounds, not bit for bit; a missing or wrong term is O(1).
+    let (logits, loss, grad) = errors(&runs[0], &runs[1]);
+    eprintln!("fused vs cublas: logits {logits:.2e}, loss {loss:.2e}, LoRA grads {grad:.2e}");
+    assert!(logits <= 3e-2 && loss <= 5e-3 && grad <= 1e-1, "fused vs cublas: {logits:.2e} {loss:.2e} {grad:.2e}");
+    poison_outputs(false);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn lora_linear_op_on_cuda_matches_the_cpu() {
+    let dev = gpu();
+    let Device::Cuda(cuda) = &dev else { unreachable!() };
+    poison_outputs(true);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    // (tokens, in, out, r): one shape the fused kernels take (on sm_90a), one they do not (r = 3,
+    // in = 20), both with ragged token counts.
+    for (m, k, n, r) in [(37, 64, 48, 8), (29, 20, 40, 3)] {
+        for dtype in [DType::BF16, DType::F32] {
+            let mut t = |rows: usize, cols: usize, std: f32| {
+                let v: Vec<f32> = randn(&mut rng, rows * cols).iter().map(|x| std * x).collect();
+                // Rounded to the dtype first, so the CPU sees exactly the GPU's operands.
+                Tensor::from_vec(v, [rows, cols], &Device::Cpu).unwrap().to(&Device::Cpu, dtype).unwrap()
+            };
+            let ops = [t(m, k, 1.0), t(n, k, 0.2), t(r, k, 0.2), t(n, r, 0.2)];
+            let seed = t(m, n, 1.0);
+            let on = |d: &Device, x: &Tensor, dt: DType| x.to(d, dt).unwrap();
+            let eval = |d: &Device, dt: DType| {
+                let mut tape = Tape::new();
+                let x = tape.leaf(on(d, &ops[0], dt), true);
+                let w = tape.constant(on(d, &ops[1], dt));
+                let a = tape.leaf(on(d, &ops[2], dt), true);
+                let b = tape.leaf(on(d, &ops[3], dt), true);
+                let y = tape.lora_linear(x, w, a, b, 1.7, LoraPath::Fused).unwrap();
+                let yv = tape.value(y).to_f32_vec().unwrap();
+                assert_eq!(tape.value(y).dtype(), dt);
+                let g = tape.backward_with(y, on(d, &seed, dt), &mut Params::new(), None).unwrap();
+                let grad = |v: loraga_core::autograd::Var| g.get(v).unwrap().to_f32_vec().unwrap();
+                for (v, want) in [(x, dt), (a, DType::F32), (b, DType::F32)] {
+                    assert_eq!(g.get(v).unwrap().dtype(), want);
+                }
+                [yv, grad(x), grad(a), grad(b)]
+            };
+            let want = eval(&Device::Cpu, DType::F32);
+            let got = eval(&dev, dtype);
+            let xs: Vec<Tensor> = ops.iter().map(|o| on(&dev, o, dtype)).collect();
+            let path = effective_path(LoraPath::Fused, &xs[0], &xs[1], &xs[2], &xs[3]);
+            let fused = dtype == DType::BF16 && r % 8 == 0 && k % 8 == 0 && cuda.arch().has_wgmma();
+            assert_eq!(path, if fused { LoraPath::Fused } else { LoraPath::Cublas }, "{m} {k} {n} {r} {dtype}");
+            // bf16 outputs are rounded once (2^-9 relative) after f32 accumulation; f32 runs full
+            // f32 cuBLAS (no TF32).
+            let bound = if dtype == DType::BF16 { 1e-2 } else { 1e-5 };
+            for (i, what) in ["y", "dx", "dA", "dB"].iter().enumerate() {
+                let e = rel_error(&got[i], &wide(&want[i]));
+                eprintln!("[{m}, {k}] x [{n}, {k}] r {r} {dtype} {}: {what} {e:.2e}", path.name());
+                assert!(e <= bound, "[{m}, {k}] r {r} {dtype} {what}: {e:.2e} > {bound:.0e}");
+            }
+        }
+    }
+    poison_outputs(false);
 }

@@ -8,7 +8,7 @@
 //!   the backward pass and may take it away (LoRA-GA adds each target weight's gradient into its
 //!   own fp32 buffer, so the full set of weight gradients never lives at once).
 //!
-//! The ops ([`ops`], [`elementwise`], [`norm`], [`rope`], [`attention`], [`loss`]) dispatch on
+//! The ops ([`ops`], [`lora_linear`], [`elementwise`], [`norm`], [`rope`], [`attention`], [`loss`]) dispatch on
 //! the tensors' storage. Tensors all on the CPU run the f32 reference code (a bf16 CPU tensor is a
 //! dtype error). Tensors all on one CUDA device run the kernels of
 //! [`crate::cuda::ops`] in f32 or bf16 (its docs give the dtype rules; [`Tape::cast`] is how mixed
@@ -18,6 +18,7 @@
 pub mod attention;
 mod data;
 pub mod elementwise;
+pub mod lora_linear;
 pub mod loss;
 pub mod norm;
 pub mod ops;
@@ -30,9 +31,9 @@ pub(crate) mod gradcheck;
 #[cfg(test)]
 mod tests;
 
-pub use attention::AttentionShape;
+pub use attention::{AttentionShape, PaddingMask};
 pub(crate) use data::add_assign;
 pub use loss::IGNORE_INDEX;
 pub use params::{Param, Params};
-pub use rope::RopeTable;
+pub use rope::{Positions, RopeTable};
 pub use tape::{GradHook, HookAction, LeafGrads, Tape, Var};
