@@ -290,3 +290,25 @@ fn attend_host(
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_checked_against_their_cache() {
+        let cache = |cap| KvCache::new(2, 4, 2, 8, 3, cap, &Device::Cpu, DType::F32).unwrap();
+        let (mut a, b) = (cache(5), cache(6));
+        let at = |slot, pos| TokenAt { slot, pos };
+        let err = |r: Result<Step>| r.err().unwrap().to_string();
+        assert!(err(a.step(&[at(0, 1), at(0, 1)])).contains("two new tokens at slot 0 position 1"));
+        assert!(err(a.step(&[at(3, 0)])).contains("slot 3 position 0 is outside"));
+        assert!(err(a.step(&[at(0, 5)])).contains("outside the cache (3 slots of 5)"));
+        assert!(err(a.step(&[])).contains("without tokens"));
+        let step = b.step(&[at(1, 0)]).unwrap();
+        let z = |w| Tensor::zeros([1, w], DType::F32, &Device::Cpu).unwrap();
+        let e = a.attend(0, &z(32), &z(16), &z(16), &step).unwrap_err().to_string();
+        assert!(e.contains("another cache"), "{e}");
+        assert_eq!(a.device(), Device::Cpu);
+    }
+}
