@@ -12,9 +12,12 @@
 //!
 //! LoRA layers run as one tape op (`Tape::lora_linear`). The fixtures have r = 4, which the fused
 //! kernels do not take (r must be a multiple of 8), so there the default `Fused` path falls back
-//! to `Cublas`; both requested paths are checked against transformers. The fused kernels
-//! themselves run in `fused_and_cublas_lora_paths_agree_on_cuda` (the fixture's base model with
-//! r = 8 adapters, both paths against the CPU in f32 and against each other) and in
+//! to `Cublas`; both requested paths are checked against transformers. To check the fused kernels
+//! against transformers too, each case also runs with its adapters zero-padded to r = 8 (A gets
+//! zero rows, B zero columns, alpha rescaled so that the scaling stays): exactly the same model,
+//! whose padded gradient rows/columns must be exactly zero. The fused kernels also run in
+//! `fused_and_cublas_lora_paths_agree_on_cuda` (the fixture's base model with random r = 8
+//! adapters, both paths against the CPU in f32 and against each other) and in
 //! `lora_linear_op_on_cuda_matches_the_cpu` (the op alone, ragged token counts, a fused shape and
 //! a fallback one).
 
@@ -55,6 +58,81 @@ fn check(case: &str) {
         let g = mixed.grad(&c.lora_names[0]).unwrap().unwrap();
         assert_eq!(g.dtype(), DType::F32);
     }
+    check_padded_to_rank_8(c);
+}
+
+/// The case with its adapters zero-padded to r = 8 (see the module docs), in bf16 on the fused
+/// path, against transformers with the bounds of `check`.
+fn check_padded_to_rank_8(c: llama_fixture::Case) {
+    const R8: usize = 8;
+    let lora = c.model.lora.clone().unwrap();
+    let r = lora.r;
+    assert!(r < R8 && R8.is_multiple_of(r), "{}: r = {r}", c.name);
+    let grow = if lora.use_rslora { (R8 as f32 / r as f32).sqrt() } else { R8 as f32 / r as f32 };
+    let padded_cfg = LoraConfig { r: R8, alpha: lora.alpha * grow, ..lora.clone() };
+    assert!((padded_cfg.scaling() - lora.scaling()).abs() <= 1e-6 * lora.scaling());
+    // [rows, cols] -> [new_rows, new_cols] with zeros added at the ends.
+    let pad = |t: &Tensor, rows: usize, cols: usize| {
+        let (r0, c0) = (t.dims()[0], t.dims()[1]);
+        let v = t.to_f32_vec().unwrap();
+        let mut out = vec![0.0f32; rows * cols];
+        for i in 0..r0 {
+            out[i * cols..i * cols + c0].copy_from_slice(&v[i * c0..(i + 1) * c0]);
+        }
+        Tensor::from_vec(out, [rows, cols], &Device::Cpu).unwrap()
+    };
+    let mut params = Params::new();
+    for p in c.params.iter() {
+        let (v, d) = (p.value(), p.value().dims());
+        let value = if p.name().ends_with("lora_A.weight") {
+            pad(v, R8, d[1])
+        } else if p.name().ends_with("lora_B.weight") {
+            pad(v, d[0], R8)
+        } else {
+            v.to(&Device::Cpu, DType::F32).unwrap()
+        };
+        params.insert(p.name(), value, p.trainable()).unwrap();
+    }
+    let mut model = Llama::new(c.model.config.clone()).unwrap();
+    model.lora = Some(padded_cfg);
+    model.dtype = DType::BF16;
+    model.lora_path = LoraPath::Fused;
+    let mut mixed = params.to_device(&gpu(), |p| if p.trainable() { DType::F32 } else { DType::BF16 }).unwrap();
+    let got = run(&model, &mut mixed, &c.batch, &c.lora_names);
+
+    let outputs = loraga_core::io::SafetensorsCheckpoint::open(loraga_core::testing::repo_path(&format!(
+        "tests/fixtures/llama/{}/outputs.safetensors",
+        c.name
+    )))
+    .unwrap();
+    let reference = |n: &str| wide(&outputs.tensor(n, DType::F32, &Device::Cpu).unwrap().to_f32_vec().unwrap());
+    let (v, mask) = (c.model.config.vocab_size, c.batch.attention_mask.as_ref().unwrap());
+    let real =
+        |x: &[f64]| -> Vec<f64> { x.chunks(v).zip(mask).filter(|(_, m)| **m).flat_map(|(r, _)| r.to_vec()).collect() };
+    let got_real: Vec<f32> = real(&wide(&got.logits)).iter().map(|&x| x as f32).collect();
+    let logits = rel_error(&got_real, &real(&reference("logits")));
+    let loss = rel_error(&[got.loss], &reference("loss"));
+    let mut lora_grad = 0.0f64;
+    for (n, g) in c.lora_names.iter().zip(&got.grads) {
+        let dims = c.params.get(n).unwrap().dims().to_vec();
+        let is_a = n.ends_with("lora_A.weight");
+        let width = if is_a { dims[1] } else { R8 };
+        // The unpadded part: A's first r rows, B's first r columns.
+        let in_rank = |i: usize| if is_a { i / width < r } else { i % width < r };
+        let padding_zero = g.iter().enumerate().filter(|(i, _)| !in_rank(*i)).all(|(_, x)| *x == 0.0);
+        assert!(padding_zero, "{}: {n}: the padded part of the gradient is not zero", c.name);
+        let kept: Vec<f32> = g.iter().enumerate().filter(|(i, _)| in_rank(*i)).map(|(_, x)| *x).collect();
+        lora_grad = lora_grad.max(rel_error(&kept, &reference(&format!("grad.{n}"))));
+    }
+    eprintln!(
+        "{} bf16 on CUDA, fused path (adapters padded to r = 8): logits {logits:.2e}, loss {loss:.2e}, LoRA grads {lora_grad:.2e}",
+        c.name
+    );
+    assert!(
+        logits <= 3e-2 && loss <= 5e-3 && lora_grad <= 1e-1,
+        "{} padded fused: {logits:.2e} {loss:.2e} {lora_grad:.2e}",
+        c.name
+    );
 }
 
 #[test]
