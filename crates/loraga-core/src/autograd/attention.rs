@@ -12,12 +12,16 @@
 //! (output and gradients in the inputs' dtype) and runs [`crate::cuda::attention`]: cuBLAS
 //! batched GEMMs and a fused masked-softmax kernel, which keep nothing between the passes but
 //! q, k, v and the key mask (the backward recomputes the scores; see that module for the memory
-//! and time this costs).
+//! and time this costs). The key mask of a forward is prepared once ([`PaddingMask`], uploaded
+//! once to the device) and shared by every layer's attention.
 
 use super::data::{cuda_storage, cuda_storage_mut, zeros_like};
 use super::data::{dims2, f32s, tensor};
+use std::sync::Arc;
+
 use super::tape::{BackwardFn, Tape, Var};
 use crate::cuda::attention::{self as cuda_attention, AttentionGrads, KeyMask};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
@@ -59,6 +63,34 @@ impl AttentionShape {
     }
 }
 
+/// The padding mask of one forward (`key_mask[token]` false for padding, None for no padding),
+/// on the host and, for a CUDA forward, on its device: built once per forward, so that every
+/// layer's attention (and its backward) reads one upload.
+pub struct PaddingMask {
+    host: Option<Vec<bool>>,
+    device: Option<Arc<KeyMask>>,
+}
+
+impl PaddingMask {
+    /// The mask of `tokens` tokens for ops whose tensors live on `device`.
+    pub fn new(key_mask: Option<&[bool]>, tokens: usize, device: &Device) -> Result<PaddingMask> {
+        if let Some(m) = key_mask
+            && m.len() != tokens
+        {
+            return Err(Error::shape(OP, format!("the padding mask has {} entries for {tokens} tokens", m.len())));
+        }
+        let device = match device {
+            Device::Cpu => None,
+            Device::Cuda(d) => Some(Arc::new(KeyMask::upload(d, tokens, key_mask)?)),
+        };
+        Ok(PaddingMask { host: key_mask.map(<[bool]>::to_vec), device })
+    }
+
+    pub fn as_slice(&self) -> Option<&[bool]> {
+        self.host.as_deref()
+    }
+}
+
 /// Row offset of token (b, i), and column offset of head h, in a [batch * seq, heads * d] matrix.
 struct Index {
     s: AttentionShape,
@@ -88,21 +120,31 @@ impl Tape {
     pub fn attention(&mut self, q: Var, k: Var, v: Var, s: AttentionShape, key_mask: Option<&[bool]>) -> Result<Var> {
         let (qv, kv, vv) = (self.value(q), self.value(k), self.value(v));
         s.check(qv, kv, vv, key_mask)?;
+        let mask = PaddingMask::new(key_mask, s.batch * s.seq, &qv.device())?;
+        self.attention_masked(q, k, v, s, &mask)
+    }
+
+    /// The same with the mask prepared once for the whole forward ([`PaddingMask`]).
+    pub fn attention_masked(&mut self, q: Var, k: Var, v: Var, s: AttentionShape, mask: &PaddingMask) -> Result<Var> {
+        let (qv, kv, vv) = (self.value(q), self.value(k), self.value(v));
+        s.check(qv, kv, vv, mask.as_slice())?;
         let (y, back) = match qv.storage() {
-            Storage::Cuda(_) => attention_cuda([qv, kv, vv], s, key_mask)?,
-            Storage::Cpu(_) => attention_cpu([qv, kv, vv], s, key_mask)?,
+            Storage::Cuda(_) => {
+                let dev_mask = mask.device.clone().ok_or_else(|| Error::DeviceMismatch {
+                    op: OP,
+                    lhs: format!("q on {}", qv.device()),
+                    rhs: "the padding mask on the CPU".into(),
+                })?;
+                attention_cuda([qv, kv, vv], s, dev_mask)?
+            }
+            Storage::Cpu(_) => attention_cpu([qv, kv, vv], s, mask.as_slice())?,
         };
         Ok(self.push_op(OP, y, &[q, k, v], back))
     }
 }
 
-fn attention_cuda(
-    [qv, kv, vv]: [&Tensor; 3],
-    s: AttentionShape,
-    key_mask: Option<&[bool]>,
-) -> Result<(Tensor, BackwardFn)> {
+fn attention_cuda([qv, kv, vv]: [&Tensor; 3], s: AttentionShape, mask: Arc<KeyMask>) -> Result<(Tensor, BackwardFn)> {
     let (qs, ks, vs) = (cuda_storage(qv, OP, "q")?, cuda_storage(kv, OP, "k")?, cuda_storage(vv, OP, "v")?);
-    let mask = KeyMask::upload(&qs.device, s.batch * s.seq, key_mask)?;
     let mut y = zeros_like(qv)?;
     cuda_attention::forward(qs, ks, vs, s, &mask, cuda_storage_mut(&mut y, OP, "the output")?)?;
     let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], needs: &[bool]| {

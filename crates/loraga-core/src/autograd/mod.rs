@@ -11,7 +11,7 @@
 //!   backward adds `alpha * dYᵀ X` straight into a caller's fp32 buffer, so a weight's gradient
 //!   is never a tensor of its own (LoRA-GA's estimation with accumulators beside the weights).
 //!
-//! The ops ([`ops`], [`elementwise`], [`norm`], [`rope`], [`attention`], [`loss`]) dispatch on
+//! The ops ([`ops`], [`lora_linear`], [`elementwise`], [`norm`], [`rope`], [`attention`], [`loss`]) dispatch on
 //! the tensors' storage. Tensors all on the CPU run the f32 reference code (a bf16 CPU tensor is a
 //! dtype error). Tensors all on one CUDA device run the kernels of
 //! [`crate::cuda::ops`] in f32 or bf16 (its docs give the dtype rules; [`Tape::cast`] is how mixed
@@ -21,6 +21,7 @@
 pub mod attention;
 mod data;
 pub mod elementwise;
+pub mod lora_linear;
 pub mod loss;
 pub mod norm;
 pub mod ops;
@@ -36,10 +37,10 @@ mod sink_tests;
 #[cfg(test)]
 mod tests;
 
-pub use attention::AttentionShape;
+pub use attention::{AttentionShape, PaddingMask};
 pub(crate) use data::add_assign;
 pub use loss::IGNORE_INDEX;
 pub use params::{Param, Params};
-pub use rope::RopeTable;
+pub use rope::{Positions, RopeTable};
 pub use sink::GradSinks;
 pub use tape::{GradHook, HookAction, LeafGrads, Tape, Var};

@@ -7,16 +7,59 @@
 //! with angle(pos, i) = pos * theta^(-2i / head_dim) for i < head_dim/2, repeated for both halves.
 //!
 //! On the CPU x is f32; on CUDA (`kernels/rope.cu`) f32 or bf16, and the output and gradient have
-//! x's dtype. The table is computed on the host and uploaded once per device that uses it.
+//! x's dtype. The table is computed on the host and uploaded once per device that uses it; the
+//! positions of a forward are uploaded once too ([`Positions`]) and shared by every layer.
 
 use std::sync::{Arc, Mutex};
 
 use super::data::{cuda, cuda_tensor, dims2, f32s, on_cuda, tensor};
 use super::tape::{Tape, Var};
+use cudarc::driver::CudaSlice;
+
 use crate::cuda::CudaDevice;
 use crate::cuda::ops::rope::{self as cuda_rope, RopeTables};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+
+/// The position of each row of one forward, on the host and, for a CUDA forward, on its device:
+/// built once per forward, so that every layer's RoPE (and its backward) reads one upload.
+pub struct Positions {
+    host: Vec<u32>,
+    device: Option<(CudaDevice, Arc<CudaSlice<u32>>)>,
+}
+
+impl Positions {
+    /// `positions` for ops whose tensors live on `device` (uploaded there when it is CUDA).
+    pub fn new(positions: Vec<u32>, device: &Device) -> Result<Positions> {
+        let device = match device {
+            Device::Cpu => None,
+            Device::Cuda(d) => Some((d.clone(), Arc::new(cuda_rope::upload_positions(d, &positions)?))),
+        };
+        Ok(Positions { host: positions, device })
+    }
+
+    pub fn as_slice(&self) -> &[u32] {
+        &self.host
+    }
+
+    /// The device copy, for an op on `dev`.
+    fn on(&self, dev: &CudaDevice) -> Result<Arc<CudaSlice<u32>>> {
+        match &self.device {
+            Some((d, p)) if d == dev => Ok(p.clone()),
+            Some((d, _)) => Err(Error::DeviceMismatch {
+                op: "rope",
+                lhs: format!("x on {dev:?}"),
+                rhs: format!("positions on {d:?}"),
+            }),
+            None => Err(Error::DeviceMismatch {
+                op: "rope",
+                lhs: format!("x on {dev:?}"),
+                rhs: "positions on the CPU".into(),
+            }),
+        }
+    }
+}
 
 /// cos and sin of every angle for positions 0..max_positions, [max_positions, head_dim].
 pub struct RopeTable {
@@ -82,6 +125,13 @@ fn rotate(x: &[f32], t: &RopeTable, positions: &[u32], width: usize, sign: f32) 
 impl Tape {
     /// RoPE on x [rows, n_heads * head_dim]; row r is at position `positions[r]`.
     pub fn rope(&mut self, x: Var, table: &Arc<RopeTable>, positions: &[u32]) -> Result<Var> {
+        let positions = Positions::new(positions.to_vec(), &self.value(x).device())?;
+        self.rope_at(x, table, &positions)
+    }
+
+    /// The same with positions prepared once for the whole forward ([`Positions`]).
+    pub fn rope_at(&mut self, x: Var, table: &Arc<RopeTable>, prepared: &Positions) -> Result<Var> {
+        let positions = prepared.as_slice();
         let xv = self.value(x);
         let (rows, width) = dims2(xv, "rope", "x")?;
         if !width.is_multiple_of(table.head_dim) || positions.len() != rows {
@@ -104,8 +154,8 @@ impl Tape {
         if on_cuda("rope", &[xv])? {
             let xs = cuda(xv, "rope")?;
             let tables = table.on_device(&xs.device)?;
-            // Uploaded once; the backward rotates with the same copy.
-            let pos = cuda_rope::upload_positions(&xs.device, positions)?;
+            // The backward rotates with the same device copy.
+            let pos = prepared.on(&xs.device)?;
             let y = cuda_tensor(cuda_rope::rotate(xs, &tables, &pos, rows, width, 1.0)?, &[rows, width])?;
             let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], _: &[bool]| {
                 on_cuda("rope", &[dy, inp[0]])?;

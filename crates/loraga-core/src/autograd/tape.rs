@@ -150,6 +150,14 @@ impl Tape {
         &self.nodes[v.0].value
     }
 
+    /// The value of `v`, taken out of the tape, which is dropped: how a forward-only caller (the
+    /// decoder) keeps one result without copying it. A value shared elsewhere (a parameter's) is
+    /// copied.
+    pub fn into_value(mut self, v: Var) -> Result<Tensor> {
+        let value = std::mem::take(&mut self.nodes).swap_remove(v.0).value;
+        Arc::try_unwrap(value).or_else(|shared| shared.to(&shared.device(), shared.dtype()))
+    }
+
     pub fn requires_grad(&self, v: Var) -> bool {
         self.nodes[v.0].requires_grad
     }

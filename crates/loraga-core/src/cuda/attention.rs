@@ -59,10 +59,11 @@
 //! dimension). A fused flash-style kernel would remove that traffic and the seq² memory; this path
 //! is the baseline such a kernel would be checked against.
 //!
-//! The key mask is uploaded once per call of the tape op ([`KeyMask`], batch·seq bytes from
-//! pageable host memory, which the driver may stage by waiting for the stream; one device mask
-//! shared by all layers would save that). All other scratch is allocated uninitialised, and every
-//! element is written before it is read.
+//! The key mask ([`KeyMask`], batch·seq bytes) is uploaded once per forward and shared by every
+//! layer (`crate::autograd::attention::PaddingMask`): the upload comes from pageable host memory,
+//! which the driver may stage by waiting for the stream, so once per layer would cost a stall per
+//! layer. All other scratch is allocated uninitialised, and every element is written before it
+//! is read.
 
 use cudarc::cublas::result as blas_result;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};

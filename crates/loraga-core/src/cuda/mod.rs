@@ -5,6 +5,7 @@ pub mod arch;
 pub mod attention;
 pub mod cache;
 pub mod cross_entropy;
+pub mod decode;
 pub mod device;
 pub mod gemm;
 pub mod gemm_sm90;

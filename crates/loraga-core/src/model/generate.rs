@@ -20,16 +20,19 @@
 //! The linear layers, norms, RoPE and the MLP are the tape's ops, each layer on a throwaway tape
 //! (so only one layer's activations live at a time), on whatever device the parameters are and
 //! in the model's activation dtype, as in the forward. Attention against the cache is
-//! [`KvCache::attend`], on the CPU in f32 for now (a CUDA model's q, k, v go through the host).
+//! [`KvCache::attend`]: on a CUDA model the cache and its attention live on the device, so a
+//! decoding step moves only the token ids and cache rows up and the chosen tokens down
+//! ([`argmax_rows`] runs on the device too); the positions and cache rows are uploaded once per
+//! step and shared by every layer.
 
 use std::sync::Arc;
 
-use super::kv_cache::{KvCache, TokenAt};
+use super::kv_cache::{KvCache, Step, TokenAt};
 use super::llama::Llama;
-use crate::autograd::{Params, RopeTable, Tape, Var};
-use crate::device::Device;
+use crate::autograd::{Params, Positions, RopeTable, Tape, Var};
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraTarget};
+use crate::storage::Storage;
 use crate::tensor::Tensor;
 
 pub struct Decoder<'m> {
@@ -50,6 +53,7 @@ impl<'m> Decoder<'m> {
                 c.max_position_embeddings
             )));
         }
+        let device = params.get("model.embed_tokens.weight")?.device();
         let cache = KvCache::new(
             c.num_hidden_layers,
             c.num_attention_heads,
@@ -57,6 +61,8 @@ impl<'m> Decoder<'m> {
             c.head_dim,
             slots,
             capacity,
+            &device,
+            model.dtype,
         )?;
         let rope = Arc::new(RopeTable::new(c.head_dim, capacity, c.rope_theta)?);
         Ok(Decoder { model, params, rope, cache })
@@ -106,29 +112,31 @@ impl<'m> Decoder<'m> {
         if inputs.is_empty() {
             return Err(Error::InvalidArgument("decoder: no inputs".into()));
         }
-        let positions: Vec<u32> = at.iter().map(|a| a.pos as u32).collect();
+        // Uploaded once for every layer.
+        let step = self.cache.step(&at)?;
+        let device = self.params.get("model.embed_tokens.weight")?.device();
+        let positions = Positions::new(at.iter().map(|a| a.pos as u32).collect(), &device)?;
 
         let dt = self.model.dtype;
         let mut tape = Tape::new();
         let embed = tape.param_as(self.params, "model.embed_tokens.weight", dt)?;
         let x = tape.embedding(&ids, embed)?;
-        let mut h = owned(&tape, x)?;
+        let mut h = tape.into_value(x)?;
         for l in 0..c.num_hidden_layers {
-            h = self.layer(l, h, &at, &positions)?;
+            h = self.layer(l, h, &step, &positions)?;
         }
-        // Only the last token of each input needs logits; the norm is per row, so gather first.
-        let width = c.hidden_size;
-        let hs = h.to_f32_vec()?;
-        let rows: Vec<f32> = last.iter().flat_map(|&r| hs[r * width..(r + 1) * width].iter().copied()).collect();
-        let rows = Tensor::from_vec(rows, [last.len(), width], &Device::Cpu)?.to(&h.device(), dt)?;
+        // Only the last token of each input needs logits; the norm is per row, so gather those
+        // rows first (the embedding lookup is a row gather, on h's device).
         let mut tape = Tape::new();
-        let x = tape.constant(rows);
+        let hv = tape.constant(h);
+        let rows: Vec<u32> = last.iter().map(|&r| r as u32).collect();
+        let x = tape.embedding(&rows, hv)?;
         let w = tape.param_as(self.params, "model.norm.weight", dt)?;
         let n = tape.rms_norm(x, w, c.rms_norm_eps)?;
         let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let head = tape.param_as(self.params, head, dt)?;
         let logits = tape.linear(n, head)?;
-        let logits = owned(&tape, logits)?;
+        let logits = tape.into_value(logits)?;
         for &(slot, toks) in inputs {
             self.cache.advance(slot, toks.len());
         }
@@ -136,7 +144,7 @@ impl<'m> Decoder<'m> {
     }
 
     /// One decoder layer on the packed tokens `h` [tokens, hidden].
-    fn layer(&mut self, l: usize, h: Tensor, at: &[TokenAt], positions: &[u32]) -> Result<Tensor> {
+    fn layer(&mut self, l: usize, h: Tensor, step: &Step, positions: &Positions) -> Result<Tensor> {
         let c = &self.model.config;
         let p = format!("model.layers.{l}");
         let mut tape = Tape::new();
@@ -146,9 +154,9 @@ impl<'m> Decoder<'m> {
         let q = self.linear(&mut tape, n, l, LoraTarget::Q)?;
         let k = self.linear(&mut tape, n, l, LoraTarget::K)?;
         let v = self.linear(&mut tape, n, l, LoraTarget::V)?;
-        let q = tape.rope(q, &self.rope, positions)?;
-        let k = tape.rope(k, &self.rope, positions)?;
-        let a = self.cache.attend(l, tape.value(q), tape.value(k), tape.value(v), at)?;
+        let q = tape.rope_at(q, &self.rope, positions)?;
+        let k = tape.rope_at(k, &self.rope, positions)?;
+        let a = self.cache.attend(l, tape.value(q), tape.value(k), tape.value(v), step)?;
         let a = tape.constant(a);
         let o = self.linear(&mut tape, a, l, LoraTarget::O)?;
         let h = tape.add(h, o)?;
@@ -160,19 +168,19 @@ impl<'m> Decoder<'m> {
         let act = tape.swiglu(gate, up)?;
         let down = self.linear(&mut tape, act, l, LoraTarget::Down)?;
         let h = tape.add(h, down)?;
-        owned(&tape, h)
+        tape.into_value(h)
     }
 
     fn linear(&self, tape: &mut Tape, x: Var, layer: usize, t: LoraTarget) -> Result<Var> {
-        lora::linear(tape, self.params, x, &t.module_path(layer), self.model.lora.as_ref().map(|c| (c, t)))
+        lora::linear(
+            tape,
+            self.params,
+            x,
+            &t.module_path(layer),
+            self.model.lora.as_ref().map(|c| (c, t)),
+            self.model.lora_path,
+        )
     }
-}
-
-/// A copy of a value on the tape, to outlive it (through the host: there is no device-side
-/// copy yet, and these are a few rows).
-fn owned(tape: &Tape, v: Var) -> Result<Tensor> {
-    let t = tape.value(v);
-    t.to(&t.device(), t.dtype())
 }
 
 /// When greedy decoding stops.
@@ -241,9 +249,13 @@ pub fn greedy_until(
 }
 
 /// The index of each row's largest logit (the first, on ties, as `torch.argmax`). A non-finite
-/// logit is an error: greedy decoding on it would be meaningless.
+/// logit is an error: greedy decoding on it would be meaningless. Logits on a CUDA device are
+/// reduced there ([`crate::cuda::decode::argmax_rows`]): only the indices come down.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     let (rows, vocab) = logits.shape().dims2("argmax", "logits")?;
+    if let Storage::Cuda(s) = logits.storage() {
+        return crate::cuda::decode::argmax_rows(s, rows, vocab);
+    }
     let v = logits.to_f32_vec()?;
     (0..rows)
         .map(|r| {

@@ -11,10 +11,11 @@
 
 use std::sync::Arc;
 
-use crate::autograd::{AttentionShape, IGNORE_INDEX, Params, RopeTable, Tape, Var};
+use crate::autograd::{AttentionShape, IGNORE_INDEX, PaddingMask, Params, Positions, RopeTable, Tape, Var};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig, LoraTarget};
+use crate::lora_linear::LoraPath;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -149,6 +150,9 @@ pub struct Llama {
     /// The dtype activations are computed in: f32 on the CPU, bf16 or f32 on CUDA. Weights
     /// stored in another dtype are cast on the tape.
     pub dtype: DType,
+    /// How LoRA layers run ([`Tape::lora_linear`]): `Fused` by default, which on CUDA falls back
+    /// to `CublasFolded` where the fused kernels do not apply; tests set `Cublas` to compare.
+    pub lora_path: LoraPath,
     rope: Arc<RopeTable>,
 }
 
@@ -156,7 +160,7 @@ impl Llama {
     pub fn new(config: LlamaConfig) -> Result<Llama> {
         config.validate()?;
         let rope = Arc::new(RopeTable::new(config.head_dim, config.max_position_embeddings, config.rope_theta)?);
-        Ok(Llama { config, lora: None, dtype: DType::F32, rope })
+        Ok(Llama { config, lora: None, dtype: DType::F32, lora_path: LoraPath::Fused, rope })
     }
 
     /// Checks that `params` holds every base weight with its shape.
@@ -182,7 +186,7 @@ impl Llama {
     }
 
     fn linear(&self, tape: &mut Tape, params: &Params, x: Var, layer: usize, t: LoraTarget) -> Result<Var> {
-        lora::linear(tape, params, x, &t.module_path(layer), self.lora.as_ref().map(|c| (c, t)))
+        lora::linear(tape, params, x, &t.module_path(layer), self.lora.as_ref().map(|c| (c, t)), self.lora_path)
     }
 
     /// Records the forward pass on `tape`: logits, and the loss when the batch has labels.
@@ -195,7 +199,11 @@ impl Llama {
                 batch.seq, c.max_position_embeddings
             )));
         }
+        // Positions and the padding mask are uploaded once here, not once per layer.
+        let device = params.get("model.embed_tokens.weight")?.device();
         let positions: Vec<u32> = (0..batch.batch).flat_map(|_| 0..batch.seq as u32).collect();
+        let positions = Positions::new(positions, &device)?;
+        let mask = PaddingMask::new(batch.attention_mask.as_deref(), batch.batch * batch.seq, &device)?;
         let shape = AttentionShape {
             batch: batch.batch,
             seq: batch.seq,
@@ -203,7 +211,6 @@ impl Llama {
             n_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
         };
-        let mask = batch.attention_mask.as_deref();
 
         let dt = self.dtype;
         let embed = tape.param_as(params, "model.embed_tokens.weight", dt)?;
@@ -215,9 +222,9 @@ impl Llama {
             let q = self.linear(tape, params, n, l, LoraTarget::Q)?;
             let k = self.linear(tape, params, n, l, LoraTarget::K)?;
             let v = self.linear(tape, params, n, l, LoraTarget::V)?;
-            let q = tape.rope(q, &self.rope, &positions)?;
-            let k = tape.rope(k, &self.rope, &positions)?;
-            let a = tape.attention(q, k, v, shape, mask)?;
+            let q = tape.rope_at(q, &self.rope, &positions)?;
+            let k = tape.rope_at(k, &self.rope, &positions)?;
+            let a = tape.attention_masked(q, k, v, shape, &mask)?;
             let o = self.linear(tape, params, a, l, LoraTarget::O)?;
             h = tape.add(h, o)?;
 

@@ -2,8 +2,8 @@
 //! `crate::autograd::rope`, forward (sign +1) and backward (sign -1, the inverse rotation).
 //!
 //! The cos/sin tables [max_positions, head_dim] are uploaded once per table and device
-//! ([`RopeTables`], cached by `RopeTable`); the positions are uploaded per call and reused by
-//! that call's backward.
+//! ([`RopeTables`], cached by `RopeTable`); the positions once per forward
+//! (`crate::autograd::rope::Positions`), shared by every layer and its backward.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
