@@ -52,6 +52,10 @@ enum Command {
         /// Weight of the exponential moving average that smooths training losses.
         #[arg(long, default_value_t = 0.9)]
         ema: f64,
+        /// Group runs named `<group>-s<seed>` and report each group's mean ± standard deviation
+        /// over seeds (curves: the mean over seeds); --reference then names a group.
+        #[arg(long)]
+        seeds: bool,
         /// Output path without extension: writes OUT.png and OUT.md.
         #[arg(long, default_value = "report")]
         out: std::path::PathBuf,
@@ -78,8 +82,8 @@ fn main() -> ExitCode {
                 fmt(s.eval_loss)
             );
         }),
-        Command::Report { runs, reference, ema, out } => {
-            loraga::report::run(&runs, reference.as_deref(), ema, &out).map(|table| print!("{table}"))
+        Command::Report { runs, reference, ema, seeds, out } => {
+            loraga::report::run(&runs, reference.as_deref(), ema, seeds, &out).map(|table| print!("{table}"))
         }
     };
     match result {

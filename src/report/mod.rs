@@ -8,7 +8,10 @@
 //!
 //! "Steps to reach" is the first step at which a run's smoothed training loss is at or below the
 //! reference run's final smoothed training loss (the convergence-speed comparison of LoRA-GA's
-//! paper, with vanilla LoRA as the reference).
+//! paper, with vanilla LoRA as the reference). With `--seeds`, runs repeated over seeds are
+//! reported per group (see [`seeds`]).
+
+pub mod seeds;
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +22,7 @@ use crate::metrics::{self, Record};
 
 /// DejaVu Sans (Bitstream Vera licence, assets/fonts/DejaVuSans.LICENSE): bundled so that
 /// plots render on machines without system fonts.
-const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
 pub struct Run {
     pub name: String,
@@ -77,7 +80,7 @@ pub fn steps_to_reach(curve: &[(usize, f64)], target: f64) -> Option<usize> {
     curve.iter().find(|p| p.1 <= target).map(|p| p.0)
 }
 
-fn fmt(v: Option<f64>, digits: usize) -> String {
+pub(crate) fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
@@ -176,8 +179,9 @@ fn panel(
         .map_err(|e| plot_error(path, e))
 }
 
-/// `loraga report`: loads the runs, writes `<out>.png` and `<out>.md`, returns the table.
-pub fn run(dirs: &[PathBuf], reference: Option<&str>, weight: f64, out: &Path) -> Result<String> {
+/// `loraga report`: loads the runs, writes `<out>.png` and `<out>.md`, returns the table. With
+/// `by_seed`, runs named `<group>-s<seed>` are reported per group, and `reference` names a group.
+pub fn run(dirs: &[PathBuf], reference: Option<&str>, weight: f64, by_seed: bool, out: &Path) -> Result<String> {
     if dirs.is_empty() {
         return Err(Error::InvalidArgument("report: give at least one run folder".into()));
     }
@@ -185,18 +189,29 @@ pub fn run(dirs: &[PathBuf], reference: Option<&str>, weight: f64, out: &Path) -
         return Err(Error::InvalidArgument(format!("report: the EMA weight must be in [0, 1), got {weight}")));
     }
     let runs: Vec<Run> = dirs.iter().map(|d| Run::load(d)).collect::<Result<_>>()?;
-    let reference = match reference {
-        None => None,
-        Some(name) => Some(runs.iter().find(|r| r.name == name).ok_or_else(|| {
-            let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
-            Error::InvalidArgument(format!("report: no run is named '{name}' (runs: {names:?})"))
-        })?),
+    let (table, curves) = if by_seed {
+        let groups = seeds::group(runs);
+        let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+        let reference = find(&names, reference)?.map(|i| &groups[i]);
+        (seeds::table(&groups, reference, weight), groups.iter().map(|g| g.mean_run()).collect())
+    } else {
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        let reference = find(&names, reference)?.map(|i| &runs[i]);
+        (table(&runs, reference, weight), runs)
     };
-    let table = table(&runs, reference, weight);
     let png = out.with_extension("png");
-    plot(&runs, weight, "loss curves", &png)?;
+    plot(&curves, weight, "loss curves", &png)?;
     loraga_core::io::atomic::write(&out.with_extension("md"), table.as_bytes())?;
     Ok(table)
+}
+
+/// The index of the run (or group) named `name`, if a name is given.
+fn find(names: &[&str], name: Option<&str>) -> Result<Option<usize>> {
+    let Some(name) = name else { return Ok(None) };
+    match names.iter().position(|n| *n == name) {
+        Some(i) => Ok(Some(i)),
+        None => Err(Error::InvalidArgument(format!("report: nothing is named '{name}' (runs: {names:?})"))),
+    }
 }
 
 #[cfg(test)]
