@@ -179,7 +179,9 @@ __device__ void gemm_sm80(Source s1, Source s2, Tout* C, int M, int N, float alp
         load(kt + STAGES - 1);
         const T* a = sa + (kt % STAGES) * TA::ELEMS;
         const T* b = sb + (kt % STAGES) * TB::ELEMS;
-#pragma unroll
+        // Two MMA K steps per k-tile, kept rolled: unrolled, the second step's fragment loads are
+        // hoisted over the first's MMAs and the layouts with an MN-major bf16 B spill registers.
+#pragma unroll 1
         for (int kk = 0; kk < BK; kk += KSTEP) {
             unsigned fa[4][4], fb[4][2];
 #pragma unroll

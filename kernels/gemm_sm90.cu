@@ -505,7 +505,7 @@ gemm_sm90_nt_f32_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant_
 extern "C" __global__ void gemm_pack_k_major_f32(const float* __restrict__ src, i64 rs, i64 cs, int rows, int k,
                                                  float* __restrict__ dst, int ld) {
     __shared__ float tile[32][33];
-    const int r0 = blockIdx.y * 32, j0 = blockIdx.x * 32;
+    const int r0 = blockIdx.x * 32, j0 = blockIdx.y * 32;  // rows on x: up to 2^31 blocks
     const int tx = threadIdx.x, ty = threadIdx.y;  // 32 x 8 threads
     // Read with the thread index along whichever source dimension is contiguous.
     const bool along_j = cs == 1;

@@ -261,6 +261,15 @@ fn engines_refuse_what_they_cannot_do_and_auto_falls_back() {
     gemm_cuda(GemmPath::AutoTf32, &g, &a, &b, &mut c).unwrap();
     let err = rel_error(&c.to_f32_vec().unwrap(), &p.reference);
     assert!((1e-5..=TF32_BOUNDS.0).contains(&err), "AutoTf32 with f32 operands: rel. error {err:.2e}");
+    // Two K sources of f32 operands under Auto: the naive kernel takes one source and no engine
+    // keeps full fp32, so an error (AutoTf32 takes them: two_k_sources_equal_the_concatenated_gemm).
+    let (x, _) = random_tensor(&mut rng, 64, 64, DType::F32, &dev);
+    let (w, _) = random_tensor(&mut rng, 64, 64, DType::F32, &dev);
+    let mut c = Tensor::full([64, 64], DType::F32, f32::NAN, &dev).unwrap();
+    let sources = [KSource { a: cuda(&x), b: cuda(&w), k: 64 }, KSource { a: cuda(&x), b: cuda(&w), k: 64 }];
+    let Storage::Cuda(cs) = c.storage_mut() else { unreachable!() };
+    let e = gemm_sources(GemmPath::Auto, &g, &sources, 64, 64, cs).unwrap_err().to_string();
+    assert!(e.contains("AutoTf32"), "{e}");
     // Mixed operand types are refused by name.
     let (x, _) = random_tensor(&mut rng, 64, 64, DType::F32, &dev);
     let (w, _) = random_tensor(&mut rng, 64, 64, DType::BF16, &dev);

@@ -135,16 +135,24 @@ pub fn gemm_sources(
         GemmPath::Auto | GemmPath::AutoTf32 => {
             let f32_operands = sources.first().is_some_and(|s| s.a.dtype() == DType::F32);
             let keep_fp32 = f32_operands && path == GemmPath::Auto;
-            if !keep_fp32 && gemm_sm90::unsupported(g, sources, m, n, c).is_none() {
-                gemm_sm90::gemm(g, sources, m, n, c)
-            } else if !keep_fp32 && gemm_sm80::unsupported(g, sources, m, n, c).is_none() {
-                gemm_sm80::gemm(g, sources, m, n, c)
-            } else if let [s] = sources {
-                naive(g, GemmDims { m, n, k: s.k }, s.a, s.b, c)
-            } else {
-                // Two sources the engines cannot take (e.g. f32 under Auto): the engine's answer
-                // says why; an error, not a silent second path.
-                gemm_sm80::gemm(g, sources, m, n, c)
+            if !keep_fp32 {
+                if gemm_sm90::unsupported(g, sources, m, n, c).is_none() {
+                    return gemm_sm90::gemm(g, sources, m, n, c);
+                }
+                if gemm_sm80::unsupported(g, sources, m, n, c).is_none() {
+                    return gemm_sm80::gemm(g, sources, m, n, c);
+                }
+            }
+            match sources {
+                [s] => naive(g, GemmDims { m, n, k: s.k }, s.a, s.b, c),
+                // The naive kernel takes one source; an error rather than a silent second path.
+                _ if keep_fp32 => Err(Error::InvalidArgument(
+                    "two K sources of f32 operands under GemmPath::Auto: no engine keeps full fp32 (use AutoTf32, or one GEMM per source)".into(),
+                )),
+                _ => Err(Error::InvalidArgument(format!(
+                    "two K sources that no engine takes: {}",
+                    gemm_sm80::unsupported(g, sources, m, n, c).unwrap_or_default()
+                ))),
             }
         }
         _ => Err(Error::InvalidArgument(format!(

@@ -188,10 +188,13 @@ fn k_major_f32<'a>(
         return tensor_map(src, rows, k, k, box_rows, Elem::F32);
     }
     let ld = k.next_multiple_of(4);
+    if ld.div_ceil(32) > 65535 {
+        return Err(Error::shape("gemm (TF32 repack)", format!("K = {k} exceeds the repack grid's 2,097,120")));
+    }
     let mut dst = super::ops::uninit::<f32>(dev, rows * ld)?;
     let f = dev.function("gemm_sm90", "gemm_pack_k_major_f32")?;
     let cfg = LaunchConfig {
-        grid_dim: (ld.div_ceil(32) as u32, rows.div_ceil(32) as u32, 1),
+        grid_dim: (rows.div_ceil(32) as u32, ld.div_ceil(32) as u32, 1),
         block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
