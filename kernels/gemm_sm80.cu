@@ -17,8 +17,8 @@
 //   tt: A [K, M], B [N, K]                         A MN-major
 // Each operand's tile lands in shared memory in its own memory order (K-major: [rows][BK];
 // MN-major: [BK][rows]), rows padded by 16 or 32 bytes so that the fragment reads below hit 32
-// different banks; fragments are then read element by element, so every layout is one code path
-// with a different index function. The contiguous dimension of every operand must be a multiple of
+// different banks. bf16 fragments come through ldmatrix (.trans for an MN-major tile), TF32 ones
+// element by element; either way every layout is one code path with a different index function. The contiguous dimension of every operand must be a multiple of
 // 16 bytes (8 bf16 or 4 f32): cp.async moves 16-byte chunks, and a chunk is then either wholly
 // inside the matrix or wholly outside (zero-filled), which handles ragged M, N and K. C is
 // row-major [M, N] (ldc = N), bf16 or f32; stores are guarded; beta == 0 never reads C, and
@@ -43,9 +43,11 @@
 template <typename T, bool MN, int ROWS>
 struct Tile {
     static constexpr int BK = BK_BYTES / sizeof(T);
-    // K-major rows are 64 bytes + 16 of padding = 20 words: rows g = 0..7 start at banks 20 g mod 32,
-    // all different, and a fragment read spans 4 words per row. MN-major rows are ROWS elements + 8:
-    // 68 words (bf16) or 136 (f32), so the 4 K rows one fragment read touches start 8 banks apart.
+    // Padding against bank conflicts. K-major rows are 64 bytes + 16 = 20 words: 8 consecutive rows
+    // start at banks 20 g mod 32 = 0, 20, 8, 28, 16, 4, 24, 12, so the 4 words each row gives a
+    // TF32 fragment read or an ldmatrix phase (16 bytes) cover all 32 banks once. MN-major rows are
+    // ROWS + 8 elements: 68 words for bf16 (8 ldmatrix rows start 4 banks apart, 4 words each) and
+    // 136 for f32 (the 4 K rows of a TF32 fragment read start 8 banks apart, 8 words each).
     static constexpr int LD = MN ? ROWS + 8 : BK + 16 / sizeof(T);
     static constexpr int ELEMS = MN ? BK * LD : ROWS * LD;
     __device__ static int at(int mn, int k) { return MN ? k * LD + mn : mn * LD + k; }
@@ -84,21 +86,49 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, i64 ld, int mn0,
     }
 }
 
-// One 32-bit MMA operand register holding the element(s) at (mn, k): for bf16 the pair
-// (mn, k), (mn, k + 1) with k in the low half; for f32 the element rounded to TF32.
-template <typename T, bool MN, int ROWS>
-__device__ __forceinline__ unsigned frag(const T* t, int mn, int k) {
-    using Tl = Tile<T, MN, ROWS>;
-    if constexpr (sizeof(T) == 2) {
-        if constexpr (!MN) return *reinterpret_cast<const unsigned*>(t + Tl::at(mn, k));  // k even: aligned pair
-        unsigned short lo = reinterpret_cast<const unsigned short*>(t)[Tl::at(mn, k)];
-        unsigned short hi = reinterpret_cast<const unsigned short*>(t)[Tl::at(mn, k + 1)];
-        return (unsigned)lo | ((unsigned)hi << 16);
+// One TF32 MMA operand register: the f32 element at (mn, k) of a tile, rounded to nearest TF32.
+// (ldmatrix moves 16-bit elements, so f32 fragments are read one element at a time.)
+template <bool MN, int ROWS>
+__device__ __forceinline__ unsigned frag_tf32(const float* t, int mn, int k) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(t[Tile<float, MN, ROWS>::at(mn, k)]));
+    return r;
+}
+
+// Four 8 x 8 bf16 matrices from shared memory in one instruction: lanes 8i..8i+7 give the
+// addresses of matrix i's 8 rows (16 bytes each); lane l receives, in register i, matrix i's
+// elements (row l / 4, columns 2 (l % 4) and + 1), or with TRANS (rows 2 (l % 4) and + 1, column
+// l / 4). TRANS turns an MN-major tile into the K-pairs an MMA fragment holds.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const bf16* row) {
+    if constexpr (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(row)));
     } else {
-        unsigned r;
-        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(t[Tl::at(mn, k)]));
-        return r;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(row)));
     }
+}
+
+// The bf16 fragments of one K step (kk) through ldmatrix: A for the 16 rows from m (registers as
+// in `mma`), and B for the 16 columns from n (r[0..1] = the first 8 columns' b, r[2..3] the
+// next 8's). Which row of which 8 x 8 matrix lane l addresses follows from the fragment layout:
+// A's matrices are (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15);
+// B's are (cols 0-7, k 0-7), (cols 0-7, k 8-15), (cols 8-15, k 0-7), (cols 8-15, k 8-15). An
+// MN-major tile stores each matrix transposed (rows along K), hence TRANS.
+template <bool MN, int ROWS>
+__device__ __forceinline__ void ldsm_a(unsigned* r, const bf16* tile, int m, int kk, int lane) {
+    using Tl = Tile<bf16, MN, ROWS>;
+    const int i = lane % 8, hi_mn = 8 * ((lane / 8) % 2), hi_k = 8 * (lane / 16);
+    ldmatrix_x4<MN>(r, tile + (MN ? Tl::at(m + hi_mn, kk + hi_k + i) : Tl::at(m + hi_mn + i, kk + hi_k)));
+}
+template <bool MN, int ROWS>
+__device__ __forceinline__ void ldsm_b(unsigned* r, const bf16* tile, int n, int kk, int lane) {
+    using Tl = Tile<bf16, MN, ROWS>;
+    const int i = lane % 8, hi_k = 8 * ((lane / 8) % 2), hi_n = 8 * (lane / 16);
+    ldmatrix_x4<MN>(r, tile + (MN ? Tl::at(n + hi_n, kk + hi_k + i) : Tl::at(n + hi_n + i, kk + hi_k)));
 }
 
 // d[16 x 8] += a[16 x K] b[K x 8]: K = 16 for bf16, 8 for TF32. Fragment registers (g = lane / 4,
@@ -184,19 +214,26 @@ __device__ void gemm_sm80(Source s1, Source s2, Tout* C, int M, int N, float alp
 #pragma unroll 1
         for (int kk = 0; kk < BK; kk += KSTEP) {
             unsigned fa[4][4], fb[4][2];
+            if constexpr (sizeof(T) == 2) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                int row = wm + 16 * i + g;
-                fa[i][0] = frag<T, A_MN, BM>(a, row, kk + k_lo);
-                fa[i][1] = frag<T, A_MN, BM>(a, row + 8, kk + k_lo);
-                fa[i][2] = frag<T, A_MN, BM>(a, row, kk + k_lo + KSTEP / 2);
-                fa[i][3] = frag<T, A_MN, BM>(a, row + 8, kk + k_lo + KSTEP / 2);
-            }
+                for (int i = 0; i < 4; ++i) ldsm_a<A_MN, BM>(fa[i], a, wm + 16 * i, kk, lane);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                int col = wn + 8 * j + g;
-                fb[j][0] = frag<T, B_MN, BN>(b, col, kk + k_lo);
-                fb[j][1] = frag<T, B_MN, BN>(b, col, kk + k_lo + KSTEP / 2);
+                for (int j = 0; j < 4; j += 2) ldsm_b<B_MN, BN>(&fb[j][0], b, wn + 8 * j, kk, lane);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    int row = wm + 16 * i + g;
+                    fa[i][0] = frag_tf32<A_MN, BM>(a, row, kk + k_lo);
+                    fa[i][1] = frag_tf32<A_MN, BM>(a, row + 8, kk + k_lo);
+                    fa[i][2] = frag_tf32<A_MN, BM>(a, row, kk + k_lo + KSTEP / 2);
+                    fa[i][3] = frag_tf32<A_MN, BM>(a, row + 8, kk + k_lo + KSTEP / 2);
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    int col = wn + 8 * j + g;
+                    fb[j][0] = frag_tf32<B_MN, BN>(b, col, kk + k_lo);
+                    fb[j][1] = frag_tf32<B_MN, BN>(b, col, kk + k_lo + KSTEP / 2);
+                }
             }
 #pragma unroll
             for (int i = 0; i < 4; ++i)
