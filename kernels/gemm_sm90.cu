@@ -1,5 +1,5 @@
-// GEMM engine for Hopper (sm_90a): bf16 operands, fp32 accumulation, the GEMM under every
-// hot loraga kernel.
+// GEMM engine for Hopper (sm_90a): bf16 operands, or f32 operands on TF32 tensor cores, fp32
+// accumulation; the GEMM under every hot loraga kernel.
 //
 //   C[m, n] = alpha * sum_k opA[m, k] opB[k, n]  +  beta * C[m, n]
 //
@@ -8,15 +8,21 @@
 // so that the LoRA forward X W^T + (s X A^T) B^T is one GEMM over K1 + r, and likewise the
 // backward dY W + (s dY B) A.
 //
-// Layouts (all bf16 row-major in memory; the entry name gemm_sm90_<ta><tb>_bf16_<out> says which):
+// Layouts (all row-major in memory; the entry name gemm_sm90_<ta><tb>_<in>_<out> says which):
 //   nt: A [M, K], B [N, K]   (opB = B^T: x @ W^T)       both operands K-major
 //   nn: A [M, K], B [K, N]   (dY @ W)                    B MN-major
 //   tn: A [K, M], B [K, N]   (dY^T @ X, weight gradient)  both MN-major
 //   tt: A [K, M], B [N, K]                               A MN-major
+// bf16 operands come in all four layouts. f32 operands (the SVD path) run m64n256k8 TF32 MMAs,
+// which wgmma only reads K-major, so f32 has the nt entry points alone: the host repacks an
+// MN-major (or unaligned) f32 operand into a K-major scratch buffer with gemm_pack_k_major_f32
+// (one read and one write of the operand) and launches nt. TF32 keeps 10 of f32's 23 mantissa
+// bits (the tensor cores truncate the rest); products and sums are fp32.
 // Each operand is described by a TMA tensor map built on the host (gemm_sm90.rs) with 128-byte
-// swizzle: K-major operands in boxes of 64 K x rows, MN-major ones in boxes of 64 MN x 64 K (one
-// 128-byte "stripe" per box, the layout wgmma reads with its transpose bit set). The contiguous
-// dimension of every operand must have 16-byte rows (a multiple of 8 elements). C is row-major
+// swizzle: K-major operands in boxes of 128 bytes of K (64 bf16 or 32 f32) x rows, MN-major ones
+// in boxes of 64 MN x 64 K (one 128-byte "stripe" per box, the layout wgmma reads with its
+// transpose bit set). The contiguous dimension of every operand must have 16-byte rows (a multiple
+// of 8 bf16 or 4 f32 elements). C is row-major
 // [M, N] with leading dimension ldc, stored as bf16 or f32 (the kernel name's suffix). Ragged
 // M, N, K: TMA zero-fills the parts of a box outside the matrix, and stores are guarded. beta == 0
 // never reads C (BLAS semantics); beta == 1 with an f32 C is in-place accumulation.
@@ -37,6 +43,7 @@
 //   f32 C with beta == 1 (gradient accumulation). Otherwise (other betas, rows not 16-byte
 //   aligned) straight from registers to global memory, a pair of columns per store.
 #include "common.cuh"
+#include "gemm_common.cuh"
 
 // wgmma, setmaxnreg and TMA exist only on sm_90a. Other targets compile the entry points with a
 // trapping body, so every kernel file builds for every arch; the host never launches these there
@@ -164,71 +171,72 @@ __device__ __forceinline__ void fence_accumulators(float* d) {
     for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// One m64n256k16 warpgroup MMA: d[64 x 256] += A[64 x 16] B[16 x 256], both from shared
-// memory, 128-byte swizzled. d is this thread's 128-register slice of the accumulator.
-// TRANS_A / TRANS_B = 1 read that operand MN-major.
-template <int TRANS_A, int TRANS_B>
-__device__ __forceinline__ void wgmma_m64n256k16(float* d, unsigned long long desc_a, unsigned long long desc_b) {
+// The 128 accumulator registers of an m64n256 warpgroup MMA, as asm operands %0..%127.
+#define WGMMA_D_REGS                                                                                               \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "  \
+    "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "   \
+    "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, "   \
+    "%65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, "   \
+    "%86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, " \
+    "%106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, "     \
+    "%123, %124, %125, %126, %127}"
+#define WGMMA_D_OPERANDS                                                                                           \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),     \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),      \
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),     \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),     \
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),     \
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),     \
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),     \
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),     \
+        "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),     \
+        "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]),     \
+        "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]),     \
+        "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]),     \
+        "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),              \
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]),           \
+        "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]),           \
+        "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]),           \
+        "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+
+// One 32-byte K step of a warpgroup MMA: d[64 x 256] += A[64 x k] B[k x 256], both from shared
+// memory, 128-byte swizzled; d is this thread's 128-register slice of the accumulator. For bf16
+// that is m64n256k16; TRANS_A / TRANS_B = 1 read that operand MN-major.
+template <typename T, int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void wgmma_k32b(float* d, unsigned long long desc_a, unsigned long long desc_b) {
     asm volatile(
         "{\n"
         ".reg .pred accumulate;\n"
         "setp.eq.u32 accumulate, 1, 1;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-        "%128, %129, accumulate, 1, 1, %130, %131;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WGMMA_D_REGS
+        ", %128, %129, accumulate, 1, 1, %130, %131;\n"
         "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : WGMMA_D_OPERANDS
         : "l"(desc_a), "l"(desc_b), "n"(TRANS_A), "n"(TRANS_B));
 }
-
-// Tile t of the grouped order -> (tile row, tile column).
-__device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int& tm, int& tn) {
-    int per_group = GROUP_M * tiles_n;
-    int first_m = (t / per_group) * GROUP_M;
-    int rows = min(tiles_m - first_m, GROUP_M);
-    int in_group = t % per_group;
-    tm = first_m + in_group % rows;
-    tn = in_group / rows;
+// For f32 operands, m64n256k8 on TF32 (the tensor cores read the top 19 bits of each f32: sign,
+// 8 exponent bits and 10 mantissa bits, i.e. they truncate). wgmma has no transpose bits for tf32:
+// both operands must be K-major, so the host repacks MN-major f32 operands first.
+template <>
+__device__ __forceinline__ void wgmma_k32b<float, 0, 0>(float* d, unsigned long long desc_a, unsigned long long desc_b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred accumulate;\n"
+        "setp.eq.u32 accumulate, 1, 1;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32 " WGMMA_D_REGS ", %128, %129, accumulate, 1, 1;\n"
+        "}\n"
+        : WGMMA_D_OPERANDS
+        : "l"(desc_a), "l"(desc_b));
 }
 
-template <typename Tout>
-__device__ __forceinline__ void store_pair(Tout* C, int M, int N, i64 ldc, int r, int c, float v0, float v1, float alpha, float beta) {
-    if (r >= M) return;
-    Tout* p = C + r * ldc + c;
-    if (c + 1 < N) {
-        float o0 = alpha * v0, o1 = alpha * v1;
-        if (beta != 0.0f) {
-            o0 += beta * to_f32(p[0]);
-            o1 += beta * to_f32(p[1]);
-        }
-        p[0] = from_f32<Tout>(o0);
-        p[1] = from_f32<Tout>(o1);
-    } else if (c < N) {
-        float o0 = alpha * v0;
-        if (beta != 0.0f) o0 += beta * to_f32(p[0]);
-        p[0] = from_f32<Tout>(o0);
-    }
-}
-
-template <bool A_MN, bool B_MN, typename Tout>
+// T is the operand type (bf16, or float read as TF32). A k-tile is 128 bytes of K either way (64 bf16
+// or 32 f32), so the ring, the swizzle and the descriptors are the same bytes for both.
+template <typename T, bool A_MN, bool B_MN, typename Tout>
 __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, const TmaDesc* ta2,
                           const TmaDesc* tb2, int k2_tiles, int k_splits, const TmaDesc* tc, int epilogue, Tout* C, int M,
                           int N, i64 ldc, float alpha, float beta) {
+    static_assert(sizeof(T) == 2 || (!A_MN && !B_MN), "wgmma reads tf32 operands K-major only");
+    constexpr int BK_ELEMS = 128 / sizeof(T);
     extern __shared__ unsigned char smem_raw[];
     Smem& s = *reinterpret_cast<Smem*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
 
@@ -256,14 +264,14 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
         int it = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
             int tm, tn;
-            tile_coords(u / k_splits, tiles_m, tiles_n, tm, tn);
+            tile_coords(u / k_splits, tiles_m, tiles_n, GROUP_M, tm, tn);
             const int kt_end = min(k_tiles, (u % k_splits + 1) * k_per_split);
             for (int kt = (u % k_splits) * k_per_split; kt < kt_end; ++kt, ++it) {
                 int st = it % STAGES;
                 if (it >= STAGES) mbar_wait(&s.empty[st], ((it / STAGES) - 1) & 1);
                 mbar_expect_tx(&s.full[st], STAGE_BYTES);
                 bool first = kt < k1_tiles;
-                int k = (first ? kt : kt - k1_tiles) * BK;
+                int k = (first ? kt : kt - k1_tiles) * BK_ELEMS;
                 const TmaDesc* ta = first ? ta1 : ta2;
                 const TmaDesc* tb = first ? tb1 : tb2;
                 if (A_MN) {
@@ -290,7 +298,7 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
     int it = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
         int tm, tn;
-        tile_coords(u / k_splits, tiles_m, tiles_n, tm, tn);
+        tile_coords(u / k_splits, tiles_m, tiles_n, GROUP_M, tm, tn);
         const int kt_begin = (u % k_splits) * k_per_split, kt_end = min(k_tiles, kt_begin + k_per_split);
         if (kt_begin >= kt_end && k_splits > 1) continue;  // an empty slice adds nothing
 #pragma unroll
@@ -304,11 +312,11 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk) {
                 // This consumer's 64 rows of A are rows c*64.. of a K-major tile, or stripe c of an
-                // MN-major one; each k16 step moves 16 elements along K.
+                // MN-major one; each step moves 32 bytes along K (16 bf16, or 8 tf32).
                 unsigned long long da = A_MN ? desc_mn_major(s.a[st] + c * 64 * BK + kk * 16 * 64)
                                              : desc_k_major(s.a[st] + c * 64 * BK + kk * 16);
                 unsigned long long db = B_MN ? desc_mn_major(s.b[st] + kk * 16 * 64) : desc_k_major(s.b[st] + kk * 16);
-                wgmma_m64n256k16<A_MN, B_MN>(d, da, db);
+                wgmma_k32b<T, A_MN, B_MN>(d, da, db);
             }
             wgmma_commit();
             // Keep this k-tile's MMAs in flight; the previous ones are done, so release their stage.
@@ -399,7 +407,7 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
 }
 
 #else
-template <bool A_MN, bool B_MN, typename Tout>
+template <typename T, bool A_MN, bool B_MN, typename Tout>
 __device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, const TmaDesc*, int, int, const TmaDesc*,
                           int, Tout*, int, int, i64, float, float) {
     __trap();
@@ -413,7 +421,7 @@ gemm_sm90_nt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constan
                        const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -421,7 +429,7 @@ gemm_sm90_nt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant
                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -429,7 +437,7 @@ gemm_sm90_nn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constan
                        const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -437,7 +445,7 @@ gemm_sm90_nn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant
                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -445,7 +453,7 @@ gemm_sm90_tn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constan
                        const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -453,7 +461,7 @@ gemm_sm90_tn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant
                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -461,7 +469,7 @@ gemm_sm90_tt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constan
                        const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -469,5 +477,47 @@ gemm_sm90_tt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant
                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+}
+
+// f32 operands (TF32 MMAs): the nt layout only; the host repacks other layouts into it.
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_nt_f32_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+                      const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
+                      float beta) {
+    gemm_sm90<float, false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+gemm_sm90_nt_f32_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
+                     const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+                     const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
+                     float beta) {
+    gemm_sm90<float, false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+}
+
+// Repacks op(X) [rows, k] of an f32 operand (element (r, j) at src[r * rs + j * cs]) into the
+// K-major [rows, ld] buffer the TF32 path reads (dst[r * ld + j], ld >= k a multiple of 4 for
+// TMA's 16-byte rows; columns k..ld are zeroed). 32 x 32 tiles through shared memory so that both
+// the transposed read and the write are coalesced. Plain CUDA: runs on every arch.
+extern "C" __global__ void gemm_pack_k_major_f32(const float* __restrict__ src, i64 rs, i64 cs, int rows, int k,
+                                                 float* __restrict__ dst, int ld) {
+    __shared__ float tile[32][33];
+    const int r0 = blockIdx.x * 32, j0 = blockIdx.y * 32;  // rows on x: up to 2^31 blocks
+    const int tx = threadIdx.x, ty = threadIdx.y;  // 32 x 8 threads
+    // Read with the thread index along whichever source dimension is contiguous.
+    const bool along_j = cs == 1;
+    for (int i = ty; i < 32; i += 8) {
+        int r = along_j ? r0 + i : r0 + tx, j = along_j ? j0 + tx : j0 + i;
+        float v = (r < rows && j < k) ? src[r * rs + j * cs] : 0.0f;
+        if (along_j) tile[i][tx] = v;
+        else tile[tx][i] = v;
+    }
+    __syncthreads();
+    for (int i = ty; i < 32; i += 8) {
+        int r = r0 + i, j = j0 + tx;
+        if (r < rows && j < ld) dst[(i64)r * ld + j] = tile[i][tx];
+    }
 }

@@ -38,6 +38,12 @@ impl Arch {
     pub fn has_wgmma(&self) -> bool {
         self.major == 9 && self.accel
     }
+
+    /// Ampere's warp MMAs with bf16 and TF32 operands and cp.async (the sm_80 GEMM engine) are
+    /// available: sm_80 and every later GPU.
+    pub fn has_mma_sync(&self) -> bool {
+        self.major >= 8
+    }
 }
 
 impl std::fmt::Display for Arch {
@@ -66,5 +72,7 @@ mod tests {
         assert_eq!(Arch::for_device(8, 0).to_string(), "sm_80");
         assert!(Arch::for_device(9, 0).has_wgmma());
         assert!(!Arch::for_device(8, 9).has_wgmma());
+        assert!(Arch::for_device(8, 0).has_mma_sync() && Arch::for_device(9, 0).has_mma_sync());
+        assert!(!Arch::for_device(7, 5).has_mma_sync());
     }
 }

@@ -2,8 +2,12 @@
 //! launch, and the checks that keep a launch inside what the kernel handles.
 //!
 //! The engine computes `C = alpha * sum_i op(A_i) op(B_i) + beta * C` over one or two "K sources"
-//! (bf16, row-major; `Gemm::trans_a` / `trans_b` say how each is stored, as everywhere in loraga),
-//! storing C [M, N] as bf16 or f32.
+//! (row-major; `Gemm::trans_a` / `trans_b` say how each is stored, as everywhere in loraga),
+//! storing C [M, N] as bf16 or f32. Operands are bf16 (any layout, contiguous dimensions multiples
+//! of 8), or f32 computed on TF32 tensor cores: wgmma reads TF32 operands K-major only, so an f32
+//! operand that is MN-major (or whose K is not a multiple of 4) is first repacked into a K-major
+//! scratch buffer with rows padded to 16 bytes (`gemm_pack_k_major_f32`, one extra read and write
+//! of that operand), and every f32 problem runs the kernel's nt entry point.
 
 use cudarc::driver::sys::{
     self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
@@ -11,19 +15,23 @@ use cudarc::driver::sys::{
 };
 use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::gemm::{check_sources, layout_name, misaligned, nothing_to_do};
 use super::storage::{CudaSlices, CudaStorage};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gemm::Gemm;
 
+pub use super::gemm::KSource;
+
 // Must match kernels/gemm_sm90.cu.
 const BM: usize = 128;
 const BN: usize = 256;
-const BK: usize = 64;
+/// A k-tile is 128 bytes of K: 64 bf16 or 32 f32 elements.
+const BK_BYTES: usize = 128;
 const STAGES: usize = 3;
 const THREADS: u32 = 384;
 /// The operand ring, the bf16 output staging tile, the barriers, and 1024 bytes of alignment slack.
-const SMEM_BYTES: usize = STAGES * (BM + BN) * BK * 2 + BM * BN * 2 + 2 * STAGES * 8 + 1024;
+const SMEM_BYTES: usize = STAGES * (BM + BN) * BK_BYTES + BM * BN * 2 + 2 * STAGES * 8 + 1024;
 
 /// A CUtensorMap: 128 opaque bytes the driver fills, handed to the kernel by value.
 #[repr(C, align(64))]
@@ -33,58 +41,18 @@ struct TmaDesc([u64; 16]);
 // SAFETY: plain bytes with the layout and alignment of the kernel's `TmaDesc` parameter.
 unsafe impl DeviceRepr for TmaDesc {}
 
-/// One operand pair of the K loop: op(A) [m, k] and op(B) [k, n], bf16, stored as the GEMM's
-/// transpose flags say (A [m, k] or [k, m]; B [k, n] or [n, k]).
-pub struct KSource<'a> {
-    pub a: &'a CudaStorage,
-    pub b: &'a CudaStorage,
-    pub k: usize,
-}
-
 /// Why the engine cannot take a problem, or None if it can. Callers use this to choose a path.
 pub fn unsupported(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &CudaStorage) -> Option<String> {
     if !c.device.arch().has_wgmma() {
         return Some(format!("the GEMM engine needs sm_90a (wgmma); this device is {}", c.device.arch()));
     }
-    if sources.is_empty() || sources.len() > 2 {
-        return Some(format!("the GEMM engine takes 1 or 2 K sources, got {}", sources.len()));
+    if let Some(why) = check_sources("GEMM engine", sources, m, n, c) {
+        return Some(why);
     }
-    for (i, s) in sources.iter().enumerate() {
-        if s.a.device != c.device || s.b.device != c.device {
-            return Some(format!("K source {i}: operands and C are on different devices"));
-        }
-        if s.a.dtype() != DType::BF16 || s.b.dtype() != DType::BF16 {
-            return Some(format!(
-                "K source {i}: the GEMM engine takes bf16 operands, got {} and {}",
-                s.a.dtype(),
-                s.b.dtype()
-            ));
-        }
-        // TMA needs the contiguous dimension of every operand in 16-byte rows.
-        let contiguous = [("K", s.k, !g.trans_a || g.trans_b), ("M", m, g.trans_a), ("N", n, !g.trans_b)];
-        for (what, v, applies) in contiguous {
-            if applies && !v.is_multiple_of(8) {
-                return Some(format!(
-                    "K source {i}: {what} = {v} is not a multiple of 8 (with trans_a = {}, trans_b = {} it is an operand's contiguous dimension, and TMA needs 16-byte rows)",
-                    g.trans_a, g.trans_b
-                ));
-            }
-        }
-        if s.a.len() != m * s.k || s.b.len() != n * s.k {
-            return Some(format!(
-                "K source {i}: buffers of {} and {} elements do not hold A [{m}, {}] and B [{n}, {}]",
-                s.a.len(),
-                s.b.len(),
-                s.k,
-                s.k
-            ));
-        }
-    }
-    if c.len() != m * n {
-        return Some(format!("C holds {} elements, not [{m}, {n}]", c.len()));
-    }
-    if m > i32::MAX as usize || n > i32::MAX as usize {
-        return Some(format!("[{m}, {n}] exceeds 32-bit dimensions"));
+    // TMA needs the contiguous dimension of every bf16 operand in 16-byte rows; f32 operands that
+    // are not K-major in 16-byte rows are repacked.
+    if sources[0].a.dtype() == DType::BF16 {
+        return sources.iter().enumerate().find_map(|(i, s)| misaligned(g, i, s, m, n, 8));
     }
     None
 }
@@ -92,31 +60,47 @@ pub fn unsupported(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &CudaSt
 /// `c = alpha * sum_i op(a_i) op(b_i) + beta * c` on the engine, with `g`'s transposes and scales.
 pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStorage) -> Result<()> {
     let (alpha, beta) = (g.alpha, g.beta);
-    if let Some(why) = unsupported(g, sources, m, n, c) {
-        return Err(Error::InvalidArgument(why));
-    }
-    if m == 0 || n == 0 {
+    if nothing_to_do(unsupported(g, sources, m, n, c), m, n)? {
         return Ok(());
     }
     let dev = c.device.clone();
     let stream = dev.stream();
-    let layout = format!("{}{}", if g.trans_a { "t" } else { "n" }, if g.trans_b { "t" } else { "n" });
-    let name = format!("gemm_sm90_{layout}_bf16_{}", c.dtype());
+    let f32_operands = sources[0].a.dtype() == DType::F32;
+    // f32 operands all run as nt (K-major) after repacking; bf16 ones in their own layout.
+    let (ta, tb) = if f32_operands { (false, true) } else { (g.trans_a, g.trans_b) };
+    let name = format!("gemm_sm90_{}_{}_{}", layout_name(ta, tb), sources[0].a.dtype(), c.dtype());
     let f = dev.function_with_shared_memory("gemm_sm90", &name, SMEM_BYTES)?;
 
     let mut maps = Vec::with_capacity(4);
     let mut k_tiles = [0i32; 2];
     let mut guards = Vec::new();
+    let mut scratch = Vec::new(); // repacked f32 operands, freed (stream-ordered) after the launch
     for (i, s) in sources.iter().enumerate() {
-        let (pa, ga) = bf16_ptr(s.a, stream);
-        let (pb, gb) = bf16_ptr(s.b, stream);
-        guards.push(ga);
-        guards.push(gb);
-        // K-major operands load in boxes of [tile rows, 64 K]; MN-major ones in [64 K, 64 MN].
-        let bf = Elem::Bf16;
-        maps.push(if g.trans_a { tensor_map(pa, s.k, m, BK, bf)? } else { tensor_map(pa, m, s.k, BM, bf)? });
-        maps.push(if g.trans_b { tensor_map(pb, n, s.k, BN, bf)? } else { tensor_map(pb, s.k, n, BK, bf)? });
-        k_tiles[i] = s.k.div_ceil(BK) as i32;
+        if f32_operands {
+            // op(A) [m, k] and op(B)ᵀ [n, k], K-major. (row, k) of op(A) is at r * rs + k * cs.
+            let (a_rs, a_cs) = if g.trans_a { (1, m) } else { (s.k, 1) };
+            let (b_rs, b_cs) = if g.trans_b { (s.k, 1) } else { (1, n) };
+            maps.push(k_major_f32(s.a, m, s.k, (a_rs, a_cs), BM, &mut scratch, &mut guards)?);
+            maps.push(k_major_f32(s.b, n, s.k, (b_rs, b_cs), BN, &mut scratch, &mut guards)?);
+        } else {
+            let (pa, ga) = device_ptr(s.a, stream);
+            let (pb, gb) = device_ptr(s.b, stream);
+            guards.push(ga);
+            guards.push(gb);
+            // K-major operands load in boxes of [tile rows, 64 K]; MN-major ones in [64 K, 64 MN].
+            let bf = Elem::Bf16;
+            maps.push(if g.trans_a {
+                tensor_map(pa, s.k, m, m, 64, bf)?
+            } else {
+                tensor_map(pa, m, s.k, s.k, BM, bf)?
+            });
+            maps.push(if g.trans_b {
+                tensor_map(pb, n, s.k, s.k, BN, bf)?
+            } else {
+                tensor_map(pb, s.k, n, n, 64, bf)?
+            });
+        }
+        k_tiles[i] = s.k.div_ceil(BK_BYTES / sources[0].a.dtype().size_in_bytes()) as i32;
     }
     if sources.len() == 1 {
         // The second source is empty (0 K tiles); its maps are never read but must be valid bytes.
@@ -129,11 +113,11 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
     // The read guard records nothing: event tracking is off (one stream per device).
     let (c_map, epilogue) = match &c.slice {
         CudaSlices::BF16(x) if beta == 0.0 && n.is_multiple_of(8) => {
-            (tensor_map(x.device_ptr(stream).0, m, n, 64, Elem::Bf16)?, EPI_TMA_STORE)
+            (tensor_map(x.device_ptr(stream).0, m, n, n, 64, Elem::Bf16)?, EPI_TMA_STORE)
         }
         CudaSlices::F32(x) if (beta == 0.0 || beta == 1.0) && n.is_multiple_of(4) => {
             let mode = if beta == 0.0 { EPI_TMA_STORE } else { EPI_TMA_ADD };
-            (tensor_map(x.device_ptr(stream).0, m, n, 64, Elem::F32)?, mode)
+            (tensor_map(x.device_ptr(stream).0, m, n, n, 64, Elem::F32)?, mode)
         }
         _ => (maps[0], EPI_DIRECT),
     };
@@ -167,18 +151,63 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
         CudaSlices::BF16(z) => launch.arg(z),
     };
     launch.arg(&mi).arg(&ni).arg(&ldc).arg(&alpha).arg(&beta);
-    // SAFETY: the arguments match gemm_sm90_<layout>_bf16_<out>; the tensor maps describe live buffers
-    // whose sizes `unsupported` checked; the shared memory size matches the kernel's layout.
+    // SAFETY: the arguments match gemm_sm90_<layout>_<in>_<out>; the tensor maps describe live
+    // buffers (the operands, or the scratch copies still owned here) whose sizes `unsupported`
+    // checked; the shared memory size matches the kernel's layout.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(gemm_sm90)"))?;
     drop(guards);
+    drop(scratch); // stream-ordered: freed after the kernel that reads it
     Ok(())
 }
 
-fn bf16_ptr<'a>(s: &'a CudaStorage, stream: &'a cudarc::driver::CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
+fn device_ptr<'a>(s: &'a CudaStorage, stream: &'a cudarc::driver::CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
     match &s.slice {
         CudaSlices::BF16(x) => x.device_ptr(stream),
         CudaSlices::F32(x) => x.device_ptr(stream),
     }
+}
+
+/// The tensor map of an f32 operand as the TF32 kernel reads it: K-major [rows, k] in boxes of
+/// [box_rows, 32 K]. `(rs, cs)` are the strides of (row, k) in `x`; an operand that is already
+/// K-major with 16-byte rows (cs == 1, k a multiple of 4) is used in place, anything else is
+/// repacked into a new buffer (pushed on `scratch`) with rows padded to a multiple of 4.
+fn k_major_f32<'a>(
+    x: &'a CudaStorage,
+    rows: usize,
+    k: usize,
+    (rs, cs): (usize, usize),
+    box_rows: usize,
+    scratch: &mut Vec<cudarc::driver::CudaSlice<f32>>,
+    guards: &mut Vec<cudarc::driver::SyncOnDrop<'a>>,
+) -> Result<TmaDesc> {
+    let dev = &x.device;
+    let stream = dev.stream();
+    let (src, guard) = device_ptr(x, stream);
+    guards.push(guard);
+    if cs == 1 && k.is_multiple_of(4) {
+        return tensor_map(src, rows, k, k, box_rows, Elem::F32);
+    }
+    let ld = k.next_multiple_of(4);
+    if ld.div_ceil(32) > 65535 {
+        return Err(Error::shape("gemm (TF32 repack)", format!("K = {k} exceeds the repack grid's 2,097,120")));
+    }
+    let mut dst = super::ops::uninit::<f32>(dev, rows * ld)?;
+    let f = dev.function("gemm_sm90", "gemm_pack_k_major_f32")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(32) as u32, ld.div_ceil(32) as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rs, cs, rows_i, k_i, ld_i) = (rs as i64, cs as i64, rows as i32, k as i32, ld as i32);
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&src).arg(&rs).arg(&cs).arg(&rows_i).arg(&k_i).arg(&mut dst).arg(&ld_i);
+    // SAFETY: gemm_pack_k_major_f32(src, rs, cs, rows, k, dst, ld): src holds rows x k elements at
+    // those strides (sizes checked by `unsupported`), dst holds rows x ld.
+    unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(gemm_pack_k_major_f32)"))?;
+    let (p, _) = dst.device_ptr(stream);
+    let map = tensor_map(p, rows, k, ld, box_rows, Elem::F32)?;
+    scratch.push(dst);
+    Ok(map)
 }
 
 // Must match EPI_* in kernels/gemm_sm90.cu.
@@ -192,17 +221,17 @@ enum Elem {
     F32,
 }
 
-/// The tensor map of a row-major [rows, cols] matrix moved in boxes of `box_rows` rows x 128 bytes
-/// (64 bf16 or 32 f32) with 128-byte swizzle; out-of-bounds parts of a box read as zeros and are
-/// not written.
-fn tensor_map(ptr: u64, rows: usize, cols: usize, box_rows: usize, elem: Elem) -> Result<TmaDesc> {
+/// The tensor map of a row-major [rows, cols] matrix with `ld` elements between rows, moved in
+/// boxes of `box_rows` rows x 128 bytes (64 bf16 or 32 f32) with 128-byte swizzle; out-of-bounds
+/// parts of a box read as zeros and are not written.
+fn tensor_map(ptr: u64, rows: usize, cols: usize, ld: usize, box_rows: usize, elem: Elem) -> Result<TmaDesc> {
     let (size, dtype) = match elem {
         Elem::Bf16 => (2, CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16),
         Elem::F32 => (4, CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32),
     };
     let mut map = TmaDesc([0; 16]);
     let dims = [cols as u64, rows as u64];
-    let strides = [(cols * size) as u64]; // bytes between rows; the innermost stride is implied
+    let strides = [(ld * size) as u64]; // bytes between rows; the innermost stride is implied
     let boxes = [(128 / size) as u32, box_rows as u32];
     let elem_strides = [1u32, 1];
     // SAFETY: every pointer refers to a local array of the rank the call is told (2).

@@ -8,6 +8,7 @@ pub mod cross_entropy;
 pub mod decode;
 pub mod device;
 pub mod gemm;
+pub mod gemm_sm80;
 pub mod gemm_sm90;
 pub mod kernels;
 pub mod libs;

@@ -1,6 +1,7 @@
 //! The linear layer `y = x Wᵀ` on the device, as three GEMMs through [`crate::cuda::gemm`] with
-//! [`GemmPath::Auto`] (the Hopper engine for bf16 operands whose contiguous dimensions are
-//! multiples of 8 on sm_90a, else the naive kernel; both accumulate in f32, neither uses TF32):
+//! [`GemmPath::Auto`] (for bf16 operands whose contiguous dimensions are multiples of 8 the Hopper
+//! engine on sm_90a or the sm_80 engine on other sm_80+ GPUs, else the naive kernel; all accumulate
+//! in f32, and f32 operands stay full fp32: no TF32):
 //!
 //!   forward:        y  [n, m] = x [n, k] Wᵀ            in x's dtype
 //!   input gradient: dx [n, k] = dy [n, m] W [m, k]      in x's dtype
