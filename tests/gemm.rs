@@ -19,10 +19,10 @@ const CASES: &[(DType, DType, f64)] =
 fn variants() -> Vec<Gemm> {
     let mut v = Vec::new();
     for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
-        v.push(Gemm { trans_a, trans_b, alpha: 1.0, beta: 0.0 });
+        v.push(Gemm { trans_a, trans_b, alpha: 1.0, beta: 0.0, deterministic: false });
     }
-    v.push(Gemm { trans_a: false, trans_b: true, alpha: 1.5, beta: 0.5 });
-    v.push(Gemm { trans_a: true, trans_b: false, alpha: -0.25, beta: 1.0 });
+    v.push(Gemm { trans_a: false, trans_b: true, alpha: 1.5, beta: 0.5, deterministic: false });
+    v.push(Gemm { trans_a: true, trans_b: false, alpha: -0.25, beta: 1.0, deterministic: false });
     v
 }
 

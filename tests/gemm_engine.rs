@@ -80,9 +80,9 @@ fn check_every_layout(path: GemmPath, dtype: DType, seed: u64) {
     let (mut checked, mut refused) = (0, 0);
     for (trans_a, trans_b) in LAYOUTS {
         let gemms = [
-            Gemm { trans_a, trans_b, alpha: 1.0, beta: 0.0 },
-            Gemm { trans_a, trans_b, alpha: 0.75, beta: 1.0 },
-            Gemm { trans_a, trans_b, alpha: -2.0, beta: 0.5 },
+            Gemm { trans_a, trans_b, alpha: 1.0, beta: 0.0, deterministic: false },
+            Gemm { trans_a, trans_b, alpha: 0.75, beta: 1.0, deterministic: false },
+            Gemm { trans_a, trans_b, alpha: -2.0, beta: 0.5, deterministic: false },
         ];
         for (dout, bound) in [(DType::F32, bounds.0), (DType::BF16, bounds.1)] {
             for g in gemms {
@@ -147,7 +147,7 @@ fn repeated_accumulation_in_place_matches_the_sum() {
         for (dtype, bound) in [(DType::BF16, BF16_BOUNDS.0), (DType::F32, TF32_BOUNDS.0)] {
             let mut c = Tensor::full([m, n], DType::F32, 0.0, &dev).unwrap();
             let mut reference = vec![0.0f64; m * n];
-            let g = Gemm { trans_a: true, trans_b: false, alpha: 0.5, beta: 1.0 };
+            let g = Gemm { trans_a: true, trans_b: false, alpha: 0.5, beta: 1.0, deterministic: false };
             for _ in 0..4 {
                 let p = problem(&mut rng, GemmDims { m, n, k }, Gemm { beta: 0.0, ..g }, dtype);
                 let (a, b) = p.operands(&dev);
@@ -161,6 +161,36 @@ fn repeated_accumulation_in_place_matches_the_sum() {
             assert!(err <= bound, "{} {dtype}: rel. error {err:.2e}", path.name());
         }
     }
+}
+
+/// `deterministic` turns the engine's split K off for a skinny f32 accumulation (LoRA-GA's
+/// G += dYᵀX at SmolLM2's 576 x 576 with ~2k tokens: 15 tiles, so it would split): repeated runs
+/// are then bit-identical; the split run agrees within the bf16 bound.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn deterministic_accumulation_is_bit_reproducible() {
+    let dev = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (m, n, k) = (576, 576, 2048);
+    let g = Gemm { trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0, deterministic: true };
+    let p = problem(&mut rng, GemmDims { m, n, k }, Gemm { beta: 0.0, ..g }, DType::BF16);
+    let (a, b) = p.operands(&dev);
+    let run = |g: &Gemm| {
+        let mut c = Tensor::full([m, n], DType::F32, 0.25, &dev).unwrap();
+        for _ in 0..3 {
+            gemm_cuda(GemmPath::Engine, g, &a, &b, &mut c).unwrap();
+        }
+        c.to_f32_vec().unwrap()
+    };
+    let first = run(&g);
+    for _ in 0..4 {
+        assert!(run(&g).iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits()), "a deterministic rerun differs");
+    }
+    let want: Vec<f64> = p.reference.iter().map(|r| 0.25 + 3.0 * r).collect();
+    let err = rel_error(&first, &want);
+    assert!(err <= BF16_BOUNDS.0, "deterministic: rel. error {err:.2e}");
+    let err = rel_error(&run(&Gemm { deterministic: false, ..g }), &want);
+    assert!(err <= BF16_BOUNDS.0, "split K: rel. error {err:.2e}");
 }
 
 /// A random [rows, cols] matrix of `dtype` on the device and its exact values in f64.
@@ -198,7 +228,7 @@ fn two_k_sources_equal_the_concatenated_gemm() {
                     let (u, u64_) = random_tensor(&mut rng, m, k2, dtype, &dev);
                     let (bm, b64) = random_tensor(&mut rng, b_dims(k2).0, b_dims(k2).1, dtype, &dev);
                     let mut reference = vec![0.0f64; m * n];
-                    let g = Gemm { trans_a: false, trans_b, alpha: 1.0, beta: 0.0 };
+                    let g = Gemm { trans_a: false, trans_b, alpha: 1.0, beta: 0.0, deterministic: false };
                     let d = |k| GemmDims { m, n, k };
                     loraga_core::cpu::gemm::gemm_f64(&g, d(k1), &x64, &w64, &mut reference);
                     loraga_core::cpu::gemm::gemm_f64(&Gemm { beta: 1.0, ..g }, d(k2), &u64_, &b64, &mut reference);
@@ -223,7 +253,7 @@ fn engines_refuse_what_they_cannot_do_and_auto_falls_back() {
     let dev = gpu();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     // K = 100 is not a multiple of 8: both engines refuse bf16, Auto takes the naive kernel.
-    let g = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+    let g = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0, deterministic: false };
     let p = problem(&mut rng, GemmDims { m: 70, n: 90, k: 100 }, g, DType::BF16);
     let (a, b) = p.operands(&dev);
     let mut c = p.output(&dev, DType::F32);
@@ -321,7 +351,7 @@ fn auto_takes_an_engine_for_bf16_on_this_gpu() {
     let expected = if cd.arch().has_wgmma() { GemmPath::Engine } else { GemmPath::Sm80 };
     assert!(cd.arch().has_mma_sync(), "this test needs an sm_80 or later GPU, got {}", cd.arch());
     let mut rng = rand::rngs::StdRng::seed_from_u64(77);
-    let g = Gemm { trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0 };
+    let g = Gemm { trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
     let p = problem(&mut rng, GemmDims { m: 200, n: 264, k: 136 }, g, DType::BF16);
     let (a, b) = p.operands(&dev);
     let mut auto = p.output(&dev, DType::F32);

@@ -52,7 +52,7 @@ fn case(rng: &mut impl rand::Rng, (m, k, n, r): (usize, usize, usize, usize), dt
     let (b, b64) = t(n, r, 0.05);
     let (dy, dy64) = t(m, n, 1.0);
     let s = 2.0f64;
-    let nt = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+    let nt = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0, deterministic: false };
     let nn = Gemm { trans_b: false, ..nt };
     let tn = Gemm { trans_a: true, trans_b: false, ..nt };
     let u = mm(nt, m, r, k, &x64, &a64, 1.0); // X Aᵀ
@@ -194,7 +194,7 @@ fn weight_gradient_accumulates_in_place_on_the_gpu() {
                 lora::accumulate_weight_grad(path, &mut g, &c.dy, &c.x, 0.25).unwrap();
                 let dy64: Vec<f64> = c.dy.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
                 let x64: Vec<f64> = c.x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-                let tn = Gemm { trans_a: true, trans_b: false, alpha: 0.25, beta: 1.0 };
+                let tn = Gemm { trans_a: true, trans_b: false, alpha: 0.25, beta: 1.0, deterministic: false };
                 gemm_f64(&tn, GemmDims { m: n, n: k, k: m }, &dy64, &x64, &mut reference);
             }
             let err = rel_error(&g.to_f32_vec().unwrap(), &reference);
@@ -247,7 +247,7 @@ fn skinny_kernel_matches_f64_reference_on_the_gpu() {
             };
             let (z, z64) = t(m, c);
             let (s, s64) = if small == Small::A { t(r, c) } else { t(c, r) };
-            let g = Gemm { trans_a: false, trans_b: small == Small::A, alpha: 0.5, beta: 0.0 };
+            let g = Gemm { trans_a: false, trans_b: small == Small::A, alpha: 0.5, beta: 0.0, deterministic: false };
             let mut reference = vec![0.0f64; m * r];
             gemm_f64(&g, GemmDims { m, n: r, k: c }, &z64, &s64, &mut reference);
             let mut p = Tensor::full([m, r], DType::BF16, f32::NAN, &dev).unwrap();

@@ -15,11 +15,15 @@ pub struct Gemm {
     pub trans_b: bool,
     pub alpha: f32,
     pub beta: f32,
+    /// Bit-reproducible results: the Hopper engine then never splits K across SMs (its split-K
+    /// adds the slices into C in whatever order they finish, so the last bits vary run to run).
+    /// The other paths are deterministic either way.
+    pub deterministic: bool,
 }
 
 impl Default for Gemm {
     fn default() -> Self {
-        Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }
+        Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false }
     }
 }
 

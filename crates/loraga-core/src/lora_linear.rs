@@ -162,7 +162,7 @@ fn product(via: Via, g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor) -> Result<
         Via::Best => {
             let d = g.dims(a.dims(), b.dims(), c.dims())?;
             let source = [KSource { a: cuda(a, "A")?, b: cuda(b, "B")?, k: d.k }];
-            let fits = gemm_sm90::unsupported(&g, &source, d.m, d.n, cuda(c, "C")?).is_none();
+            let fits = engine_takes(&g, &source, d.m, d.n, cuda(c, "C")?);
             gemm_cuda(if fits { GemmPath::Engine } else { GemmPath::Cublas }, &g, a, b, c)
         }
     }
@@ -186,9 +186,9 @@ fn down(via: Via, s: f32, z: &Tensor, small: &Tensor, layout: Small, p: &mut Ten
     lora_skinny::down(zs, ss, layout, (m, c, r), s, cuda_mut(p, "U")?)
 }
 
-const NT: Gemm = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
-const NN: Gemm = Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
-const TN: Gemm = Gemm { trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0 };
+const NT: Gemm = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0, deterministic: false };
+const NN: Gemm = Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
+const TN: Gemm = Gemm { trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
 
 pub fn forward(path: LoraPath, l: &Lora, x: &Tensor) -> Result<Forward> {
     let (m, _k, n, r) = dims(l, x)?;
@@ -339,6 +339,12 @@ fn cuda_mut<'t>(t: &'t mut Tensor, what: &str) -> Result<&'t mut crate::cuda::Cu
     }
 }
 
+/// Whether the Hopper engine runs this product. Only bf16 operands: the engine runs f32 ones as
+/// TF32 (~1e-3 relative), and the f32 LoRA layer is held to full f32 accuracy (cuBLAS fp32).
+fn engine_takes(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &crate::cuda::CudaStorage) -> bool {
+    sources[0].a.dtype() == DType::BF16 && gemm_sm90::unsupported(g, sources, m, n, c).is_none()
+}
+
 /// `c = [a1 | a2] [b1 | b2]` as one engine GEMM over both K sources, if the engine takes the
 /// problem; false (nothing launched) if it does not.
 fn two_sources(g: Gemm, pairs: [(&Tensor, &Tensor); 2], c: &mut Tensor) -> Result<bool> {
@@ -349,7 +355,7 @@ fn two_sources(g: Gemm, pairs: [(&Tensor, &Tensor); 2], c: &mut Tensor) -> Resul
         KSource { a: cuda(pairs[1].0, "U")?, b: cuda(pairs[1].1, "adapter")?, k: k_of(pairs[1].0) },
     ];
     let out = cuda_mut(c, "output")?;
-    if gemm_sm90::unsupported(&g, &sources, m, n, out).is_some() {
+    if !engine_takes(&g, &sources, m, n, out) {
         return Ok(false);
     }
     gemm_sm90::gemm(&g, &sources, m, n, out)?;

@@ -114,7 +114,7 @@ impl Sink<'_> {
     /// `y = x Wᵀ` without a dW tensor. On CUDA dy is taken in x's dtype, as the linear backward
     /// does.
     pub(crate) fn add_weight_grad(&mut self, dy: &Tensor, x: &Tensor, weight: &str) -> Result<()> {
-        let g = Gemm { trans_a: true, trans_b: false, alpha: self.alpha, beta: 1.0 };
+        let g = Gemm { trans_a: true, trans_b: false, alpha: self.alpha, beta: 1.0, deterministic: true };
         let result = if on_cuda(OP, &[dy, x, &*self.buffer])? && dy.dtype() != x.dtype() {
             let dy = Tensor::from_storage(Storage::Cuda(cuda_ew::cast(cuda(dy, OP)?, x.dtype())?), dy.dims())?;
             gemm(&g, &dy, x, self.buffer)

@@ -123,11 +123,12 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
     };
 
     // Skinny f32 products (fewer tiles than half the SMs, long K) split K across the idle SMs and
-    // add their slices into C; with beta == 0, C is zeroed first.
+    // add their slices into C; with beta == 0, C is zeroed first. Not when the caller asked for
+    // bit-reproducible results: the slices are added in the order they finish.
     let tiles = m.div_ceil(BM) * n.div_ceil(BN);
     let total_k_tiles = (k_tiles[0] + k_tiles[1]) as usize;
     let mut k_splits = 1usize;
-    if epilogue != EPI_DIRECT && c.dtype() == DType::F32 && tiles * 2 <= dev.sm_count() {
+    if !g.deterministic && epilogue != EPI_DIRECT && c.dtype() == DType::F32 && tiles * 2 <= dev.sm_count() {
         k_splits = (dev.sm_count() / tiles).min(total_k_tiles / 4).max(1);
     }
     let mut epilogue = epilogue;

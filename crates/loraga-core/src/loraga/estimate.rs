@@ -17,7 +17,8 @@
 //!   (A device-side sink per layer would need the same [m, n] temporary, so this path keeps dW.)
 //!
 //! Batches are processed in the order given and every sum runs in a fixed order, so the estimate
-//! is bit-for-bit deterministic for a given data order.
+//! is bit-for-bit deterministic for a given data order (the sinks ask the GEMM for
+//! `deterministic`: no split K on the Hopper engine).
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
