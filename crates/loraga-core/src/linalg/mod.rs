@@ -6,10 +6,15 @@
 //! [`crate::Tensor`] is read without a copy. Work happens in f64 (see [`rsvd`] for why); results
 //! come back as f32 in a [`TruncatedSvd`].
 
+pub mod cusolver;
+pub mod gesvdr_cuda;
 pub mod rsvd;
 pub mod rsvd_cuda;
+mod rsvd_cuda_device;
+mod rsvd_cuda_host;
 pub mod svd;
 
+pub use gesvdr_cuda::CusolverGesvdr;
 pub use rsvd::{
     RsvdConfig, gaussian_test_matrix, svd_lowrank, svd_lowrank_batch, svd_lowrank_tensor, svd_lowrank_with_omega,
 };
