@@ -5,11 +5,14 @@
 //! compare at torch's q (all columns), it is called with k = q − ⌊q/2⌋ and p = ⌊q/2⌋, which is
 //! LoRA-GA's split (keep the top 2r of q = 4r), fp32 in and out, `niters` power iterations.
 //!
-//! Layout: the row-major A [m, n] is the column-major M = Aᵀ [n, m] (ld n), so gesvdr factors
-//! M = U' Σ V'ᵀ and A = V' Σ U'ᵀ: A's U is V'[:, :k] and A's Vᵀ is U'[:, :k]ᵀ, whose column-major
-//! [n, k] storage is already the row-major [k, n] that [`TruncatedSvd`] wants. gesvdr destroys
-//! its input, so A is copied into a scratch buffer first (inside any timing: one device copy).
-//! U' and V' get full square buffers (ld × ld), the size cuSOLVER's documentation gives them.
+//! Layout: gesvdr is handed the tall orientation T [p, c] (p ≥ c) of A in column-major order,
+//! which every gesvd-style routine accepts: the row-major A [m, n] is the column-major Aᵀ, so a
+//! wide A is T = Aᵀ as it lies, and a tall A is transposed into T = A by cublasSgeam. gesvdr
+//! destroys its input anyway, so T is that scratch copy (inside any timing: one device copy or
+//! transpose). T = U' Σ V'ᵀ gives A's U = U', V = V' for a tall A and U = V', V = U' for a wide
+//! one; the column-major [n, k] storage of A's V is already the row-major [k, n] of Vᵀ that
+//! [`TruncatedSvd`] wants. U' and V' get full square buffers (ld × ld), the size cuSOLVER's
+//! documentation gives them.
 
 use cudarc::cusolver::result as solver_result;
 use cudarc::cusolver::sys::{self as sys, cudaDataType};
@@ -68,12 +71,16 @@ impl CusolverGesvdr {
             return Err(Error::layer(OP, name, format!("q = {q} must be in 2..={} for shape [{m}, {n}]", m.min(n))));
         }
         let (p, k) = (q / 2, q - q / 2);
-        // M = Aᵀ: m' = n rows, n' = m columns.
-        let (mm, nn) = (n, m);
+        let tall = m >= n;
+        let (mm, nn) = (m.max(n), m.min(n)); // T is [mm, nn], ld mm
         self.prepare((mm, nn, q, niters))?;
         let stream = self.dev.stream().clone();
         let b = self.bufs.as_mut().expect("prepared");
-        stream.memcpy_dtod(&a.slice().slice(..m * n), &mut b.a).map_err(Error::cuda("cuMemcpyDtoD"))?;
+        if tall {
+            transpose(self.dev.cublas()?, n, m, dptr(a.slice(), &self.dev), dptr(&b.a, &self.dev))?;
+        } else {
+            stream.memcpy_dtod(&a.slice().slice(..m * n), &mut b.a).map_err(Error::cuda("cuMemcpyDtoD"))?;
+        }
         let f32t = cudaDataType::CUDA_R_32F;
         let (ap, sp, up, vp) =
             (dptr(&b.a, &self.dev), dptr(&b.s, &self.dev), dptr(&b.u, &self.dev), dptr(&b.v, &self.dev));
@@ -120,13 +127,14 @@ impl CusolverGesvdr {
             return Err(Error::layer(OP, name, format!("gesvdr returned info = {info}")));
         }
         let s = down(&b.s, k)?;
-        let vt = down(&b.u, n * k)?; // U'[:, :k], ld n = m'
-        let v_prime = down(&b.v, m * k)?; // V'[:, :k], ld m = n'
-        let u = (0..m).flat_map(|i| (0..k).map(move |j| (i, j))).map(|(i, j)| v_prime[i + j * m]).collect();
+        // U'[:, :k] (ld mm) and V'[:, :k] (ld nn), column-major.
+        let (u_t, v_t) = (down(&b.u, mm * k)?, down(&b.v, nn * k)?);
+        let (u_cols, vt) = if tall { (u_t, v_t) } else { (v_t, u_t) };
+        let u = (0..m).flat_map(|i| (0..k).map(move |j| (i, j))).map(|(i, j)| u_cols[i + j * m]).collect();
         TruncatedSvd::from_parts(u, s, vt, m, n)
     }
 
-    /// Buffers and workspace for gesvdr of an m' × n' matrix with q columns in all.
+    /// Buffers and workspace for gesvdr of an m' × n' matrix (m' ≥ n') with q columns in all.
     fn prepare(&mut self, key: (usize, usize, usize, usize)) -> Result<()> {
         if self.bufs.as_ref().is_some_and(|b| b.key == key) {
             return Ok(());
@@ -175,4 +183,32 @@ impl CusolverGesvdr {
         self.bufs = Some(Buffers { key, a, s, u, v, work, host_work: vec![0; host_bytes.max(1)], info });
         Ok(())
     }
+}
+
+/// Column-major C [cols, rows] = Bᵀ for the column-major B [rows, cols] (ld rows), via
+/// cublasSgeam (C = 1·Bᵀ + 0·C).
+fn transpose(blas: &cudarc::cublas::CudaBlas, rows: usize, cols: usize, b: u64, c: u64) -> Result<()> {
+    use cudarc::cublas::sys::{cublasOperation_t, cublasSgeam};
+    let (one, zero) = (1.0f32, 0.0f32);
+    // SAFETY: b holds rows*cols f32 (ld rows), c as many (ld cols); beta = 0 so the second
+    // operand (c itself, ld cols) is not read for its values.
+    unsafe {
+        cublasSgeam(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            cols as i32,
+            rows as i32,
+            &one,
+            b as *const f32,
+            rows as i32,
+            &zero,
+            c as *const f32,
+            cols as i32,
+            c as *mut f32,
+            cols as i32,
+        )
+    }
+    .result()
+    .map_err(Error::cublas("cublasSgeam(transpose)"))
 }
