@@ -119,3 +119,22 @@ impl Solver {
         .map_err(Error::cusolver("cusolverDnDsyevd"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_cusolver_is_an_error_that_says_what_and_where_not_a_panic() {
+        // CI has no cuSOLVER: this is the error LoRA-GA's GPU path would return there. A GPU
+        // machine has it, and then the check must simply pass.
+        match libs::ensure_cusolver() {
+            Ok(()) => {}
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(matches!(e, Error::NoCusolver { .. }), "{msg}");
+                assert!(msg.contains("cuSOLVER not found") && msg.contains("libcusolver.so.12"), "{msg}");
+            }
+        }
+    }
+}

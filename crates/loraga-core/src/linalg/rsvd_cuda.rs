@@ -42,7 +42,7 @@
 //! device per (rows, q, seed) by a [`CudaRsvd`] plan, so repeated calls pay for it once.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::{self as blas_sys, cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{CudaBlas, result as blas_result};
@@ -117,7 +117,7 @@ impl<'a> CudaMatrixRef<'a> {
 /// the CPU path, and bit-identical results on one GPU (cuBLAS's default algorithms are
 /// deterministic for a fixed problem on one stream).
 pub fn svd_lowrank_cuda(name: &str, a: CudaMatrixRef<'_>, cfg: &RsvdConfig) -> Result<TruncatedSvd> {
-    CudaRsvd::new(a.device(), GemmMath::Fp32).run(name, a, cfg)
+    with_shared_plan(a.device(), |plan| plan.run(name, a, cfg))
 }
 
 /// [`super::svd_lowrank_batch`] on the GPU: every layer with the same config, results in input
@@ -125,7 +125,30 @@ pub fn svd_lowrank_cuda(name: &str, a: CudaMatrixRef<'_>, cfg: &RsvdConfig) -> R
 /// CPU.
 pub fn svd_lowrank_batch_cuda(items: &[(&str, CudaMatrixRef<'_>)], cfg: &RsvdConfig) -> Result<Vec<TruncatedSvd>> {
     let Some((_, first)) = items.first() else { return Ok(Vec::new()) };
-    CudaRsvd::new(first.device(), GemmMath::Fp32).run_batch(items, cfg)
+    with_shared_plan(first.device(), |plan| plan.run_batch(items, cfg))
+}
+
+/// Runs `f` on the process's fp32 plan for `dev`. A plan's lanes (streams, cuBLAS and cuSOLVER
+/// handles) take milliseconds to create, which LoRA-GA, calling once per layer, would otherwise
+/// pay per layer. The plan keeps its workspace (the largest layer seen) for the life of the
+/// process; its Ω cache is emptied past a few entries, so that callers drawing fresh seeds do
+/// not grow it without bound. Calls on one device are serialised by the lock.
+fn with_shared_plan<T>(dev: &CudaDevice, f: impl FnOnce(&mut CudaRsvd) -> Result<T>) -> Result<T> {
+    static PLANS: Mutex<Vec<CudaRsvd>> = Mutex::new(Vec::new());
+    const MAX_OMEGAS: usize = 16;
+    let mut plans = PLANS.lock().unwrap_or_else(|e| e.into_inner());
+    let i = match plans.iter().position(|p| p.dev == *dev) {
+        Some(i) => i,
+        None => {
+            plans.push(CudaRsvd::new(dev, GemmMath::Fp32));
+            plans.len() - 1
+        }
+    };
+    let plan = &mut plans[i];
+    if plan.omegas.len() > MAX_OMEGAS {
+        plan.omegas.clear();
+    }
+    f(plan)
 }
 
 /// Layers in flight at once, each on its own stream ([`Lane`]).
