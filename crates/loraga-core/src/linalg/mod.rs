@@ -1,6 +1,7 @@
 //! Dense linear algebra: the randomized SVD that LoRA-GA runs on every target layer's gradient,
-//! on the host ([`rsvd`]) and on the GPU ([`rsvd_cuda`], same config, Ω and result type), and
-//! the exact SVD the tests hold them against ([`svd`]).
+//! on the host ([`rsvd`]) and on the GPU ([`rsvd_cuda`], same config, Ω and result type; its
+//! q × q factorisations through [`cusolver`]), cuSOLVER's own randomized SVD as the GPU baseline
+//! ([`gesvdr_cuda`]), and the exact SVD the tests hold them against ([`svd`]).
 //!
 //! Inputs are row-major f32 matrices borrowed as [`MatrixRef`], the layout tensors use, so a CPU
 //! [`crate::Tensor`] is read without a copy. Work happens in f64 (see [`rsvd`] for why); results
