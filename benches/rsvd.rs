@@ -1,30 +1,35 @@
 //! The GPU randomized SVD (`loraga_core::linalg::rsvd_cuda`) at LoRA-GA's sizes, niter = 4:
-//! 4096x4096 and 11008x4096 with q = 32, 128, 512 (full fp32, and TF32 products), then the
-//! 224 layer shapes of a Llama-2-7B (q, k, v, o 4096x4096; gate, up 11008x4096; down
-//! 4096x11008; x 32 layers) at r = 8 and 32 (q = 4r, k = 2r), total time per batch.
+//! 4096x4096 and 11008x4096 with q = 32, 128, 512 (full fp32, and TF32 products), against
+//! cuSOLVER's own randomized SVD `cusolverDnXgesvdr` (fp32, k = q/2 kept, oversampling q/2,
+//! niters = 4: the same q columns) in the same run; then the 224 layer shapes of a Llama-2-7B
+//! (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008; x 32 layers) at r = 8 and 32
+//! (q = 4r, k = 2r), total time per batch, ours and gesvdr layer by layer.
 //!
-//! Timed with CUDA events around each run; a run includes its host syncs and the host-side
-//! q x q factorisations (the GPU idles during those, and the events see it), so these are
-//! end-to-end times. Ω is drawn once per (shape, q) by the reusable plan, outside the timing.
-//! Inputs are Gaussian (timing only; accuracy is tests/rsvd_cuda.rs's job) and rotate over
-//! three matrices per shape (two per shape in the batch, which does not fit three copies of
-//! 224 layers' worth of different matrices cheaply: each matrix is over the 60 MB L2 anyway).
+//! Timed with CUDA events around each run; a run includes its downloads of U, S and Vᵀ (both
+//! implementations), so these are end-to-end times. Ω is drawn once per (shape, q) by the
+//! reusable plan, outside the timing; gesvdr's input copy (it destroys A) is inside. Inputs are
+//! Gaussian (timing only; accuracy is tests/rsvd_cuda.rs's job) and rotate over three matrices
+//! per shape (two per shape in the batch: each matrix is over the 60 MB L2 anyway). The summary's
+//! last column is time / gesvdr's time for the same problem. A line per configuration reports how
+//! many layers fell back to the host-assisted path (expected: 0 on these inputs).
 //! Compare with `python3 scripts/bench/torch_svd_lowrank.py` run on the same machine.
-//! cuSOLVER's `cusolverDnXgesvdr` is not in this run (not wired up yet).
 
 mod common;
+
+use std::collections::HashMap;
 
 use common::{group, measure, setup};
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cuda::timing::median_ms;
 use loraga_core::cuda::{CudaDevice, CudaStorage};
-use loraga_core::linalg::{CudaMatrixRef, CudaRsvd, GemmMath, RsvdConfig};
+use loraga_core::linalg::{CudaMatrixRef, CudaRsvd, CusolverGesvdr, GemmMath, RsvdConfig};
 use loraga_core::testing::randn;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 const NITER: usize = 4;
+const GESVDR: &str = "cusolver gesvdr";
 
 fn main() {
     let (dev, mut criterion) = setup("rsvd");
@@ -33,6 +38,7 @@ fn main() {
 
     for (m, n) in [(4096, 4096), (11008, 4096)] {
         let inputs: Vec<CudaStorage> = (0..3).map(|_| gaussian(&dev, &mut rng, m, n)).collect();
+        let mut gesvdr = CusolverGesvdr::new(&dev).expect("cuSOLVER");
         for q in [32, 128, 512] {
             let flops = ((2 * NITER + 2) * 2 * m * n * q) as f64;
             let problem = format!("{m}x{n} q={q}");
@@ -43,7 +49,18 @@ fn main() {
                 let ms = measure(&dev, &mut group, label, |i| {
                     plan.run("bench", CudaMatrixRef::new(&inputs[i], m, n)?, &cfg).map(drop)
                 });
+                eprintln!("{problem} {label}: {} host fallbacks", plan.fallbacks());
                 rows.push(Row { problem: problem.clone(), implementation: label.into(), median_ms: ms, flops });
+            }
+            // A baseline that cannot run here is reported and skipped, not allowed to stop the bench.
+            match gesvdr.run("bench", CudaMatrixRef::new(&inputs[0], m, n).unwrap(), q, NITER) {
+                Err(e) => eprintln!("{problem}: {GESVDR} skipped: {e}"),
+                Ok(_) => {
+                    let ms = measure(&dev, &mut group, GESVDR, |i| {
+                        gesvdr.run("bench", CudaMatrixRef::new(&inputs[i], m, n)?, q, NITER).map(drop)
+                    });
+                    rows.push(Row { problem: problem.clone(), implementation: GESVDR.into(), median_ms: ms, flops });
+                }
             }
             group.finish();
         }
@@ -67,25 +84,40 @@ fn main() {
             (name.as_str(), CudaMatrixRef::new(&pool[*s][*copy], m, n).unwrap())
         })
         .collect();
+    // One gesvdr per shape, so its full-size U and V buffers are not reallocated between layers.
+    let mut gesvdrs: HashMap<(usize, usize), CusolverGesvdr> =
+        shapes.iter().map(|&s| (s, CusolverGesvdr::new(&dev).expect("cuSOLVER"))).collect();
     for r in [8, 32] {
         let cfg = RsvdConfig::lora_ga(r, 7);
-        let flops: f64 = items.iter().map(|(_, a)| ((2 * NITER + 2) * 2 * a.rows() * a.cols() * 4 * r) as f64).sum();
+        let q = 4 * r;
+        let flops: f64 = items.iter().map(|(_, a)| ((2 * NITER + 2) * 2 * a.rows() * a.cols() * q) as f64).sum();
+        let problem = format!("Llama-2-7B 224 layers r={r} q={q}");
         let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
         let ms = median_ms(&dev, 1, 3, || plan.run_batch(&items, &cfg).map(drop)).unwrap();
-        eprintln!("Llama-2-7B 224 layers, r = {r}: {ms:.1} ms");
-        rows.push(Row {
-            problem: format!("Llama-2-7B 224 layers r={r} q={}", 4 * r),
-            implementation: "loraga fp32 batch".into(),
-            median_ms: ms,
-            flops,
+        eprintln!("{problem}: loraga {ms:.1} ms, {} host fallbacks", plan.fallbacks());
+        rows.push(Row { problem: problem.clone(), implementation: "loraga fp32 batch".into(), median_ms: ms, flops });
+        let gesvdr_batch = median_ms(&dev, 1, 3, || {
+            for (name, a) in &items {
+                let g = gesvdrs.get_mut(&(a.rows(), a.cols())).expect("one per shape");
+                g.run(name, *a, q, NITER)?;
+            }
+            Ok(())
         });
+        match gesvdr_batch {
+            Err(e) => eprintln!("{problem}: {GESVDR} skipped: {e}"),
+            Ok(ms) => {
+                eprintln!("{problem}: gesvdr {ms:.1} ms");
+                rows.push(Row { problem, implementation: GESVDR.into(), median_ms: ms, flops });
+            }
+        }
     }
 
     summary::emit(
         "rsvd",
-        "randomized SVD, niter = 4, f32 (CUDA events, median per run; torch.svd_lowrank: scripts/bench/torch_svd_lowrank.py)",
+        "randomized SVD, niter = 4, f32 (CUDA events, median per run; last column: time / cusolver gesvdr's; \
+         torch.svd_lowrank: scripts/bench/torch_svd_lowrank.py)",
         &rows,
-        "loraga fp32",
+        GESVDR,
     );
 }
 

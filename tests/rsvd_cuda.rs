@@ -1,5 +1,7 @@
 //! GPU randomized SVD (`loraga_core::linalg::rsvd_cuda`) against the exact SVD and the CPU path
-//! with the same Ω, on matrices with a known, decaying spectrum. Every test needs a CUDA GPU and
+//! with the same Ω, on matrices with a known, decaying spectrum; its two paths (all on the device,
+//! and the host-assisted fallback for flagged layers) each shown to be the one that ran; and
+//! cuSOLVER's gesvdr wrapper that the bench compares against. Every test needs a CUDA GPU and
 //! fails without one (run with `--include-ignored`). Inputs are fresh each run: the seed comes
 //! from the clock (or LORAGA_TEST_SEED to replay a failure) and is printed.
 //!
@@ -50,13 +52,17 @@ fn decaying_spectra_match_the_exact_svd_and_the_cpu_path() {
         Case { m: 4096, n: 1024, q: 8, decay: inverse_cube },
         Case { m: 1024, n: 4096, q: 32, decay: inverse_square },
     ];
+    // These spectra are well conditioned for CholeskyQR2 (cond ≤ ~1e4): the device path must
+    // handle every one of them without the host fallback.
+    let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
     for c in cases {
         let what = format!("{}x{} q={}", c.m, c.n, c.q);
         let data = with_spectrum(&mut rng, c.m, c.n, c.decay);
         let a = MatrixRef::new(&data, c.m, c.n).unwrap();
         let storage = upload(&dev, &data);
         let cfg = RsvdConfig::new(c.q, c.q, 4, rng.random());
-        let got = svd_lowrank_cuda("case", CudaMatrixRef::new(&storage, c.m, c.n).unwrap(), &cfg).unwrap();
+        let got = plan.run("case", CudaMatrixRef::new(&storage, c.m, c.n).unwrap(), &cfg).unwrap();
+        assert_eq!(plan.fallbacks(), 0, "{what}: the device path flagged this layer");
         let cpu = svd_lowrank("case", a, &cfg).unwrap();
         check_against_exact(&what, &got, a, c.q);
         let err = |s: &TruncatedSvd| s.reconstruction_error(a).unwrap();
@@ -186,12 +192,14 @@ fn ill_conditioned_rank_deficient_and_zero_inputs_still_factor() {
         let s = upload(&dev, data);
         let norm = data.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
         for niter in [0, 4] {
-            let got = svd_lowrank_cuda(
-                what,
-                CudaMatrixRef::new(&s, m, n).unwrap(),
-                &RsvdConfig::new(q, q, niter, rng.random()),
-            )
-            .unwrap();
+            let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
+            let cfg = RsvdConfig::new(q, q, niter, rng.random());
+            let got = plan.run(what, CudaMatrixRef::new(&s, m, n).unwrap(), &cfg).unwrap();
+            // Cholesky cannot factor a zero Gram, nor one of condition 1e31 (geometric): the
+            // device path must have flagged these and the host path redone them.
+            if what != "low_rank" {
+                assert_eq!(plan.fallbacks(), 1, "{what} niter {niter}: the device path did not flag it");
+            }
             let (ou, ov) = (got.u_orthogonality_error(), got.v_orthogonality_error());
             assert!(ou <= ORTHO_TOL && ov <= ORTHO_TOL, "{what} niter {niter}: {ou:e} {ov:e}");
             let e = got.reconstruction_error(a).unwrap();
@@ -230,4 +238,65 @@ fn cuda_tensors_are_factored_on_the_device_bf16_widened() {
     let t = Tensor::from_vec(data, [2, 30, 33], &device).unwrap();
     let e = svd_lowrank_tensor("stacked", &t, &cfg).unwrap_err().to_string();
     assert!(e.contains("stacked must be a matrix"), "{e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_flagged_layer_in_a_batch_is_redone_on_the_host_and_the_rest_stay_on_the_device() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let good1 = with_spectrum(&mut rng, 200, 130, harmonic);
+    let zero = vec![0.0f32; 90 * 150];
+    let good2 = with_spectrum(&mut rng, 110, 260, inverse_square);
+    let shapes = [(200, 130), (90, 150), (110, 260)];
+    let storages = [upload(&dev, &good1), upload(&dev, &zero), upload(&dev, &good2)];
+    let names = ["good1", "zero", "good2"];
+    let items: Vec<(&str, CudaMatrixRef)> =
+        (0..3).map(|i| (names[i], CudaMatrixRef::new(&storages[i], shapes[i].0, shapes[i].1).unwrap())).collect();
+    let cfg = RsvdConfig::new(16, 16, 4, rng.random());
+    let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
+    let batch = plan.run_batch(&items, &cfg).unwrap();
+    assert_eq!(plan.fallbacks(), 1, "only the zero layer should leave the device path");
+    for ((name, a), got) in items.iter().zip(&batch) {
+        let mut alone = CudaRsvd::new(&dev, GemmMath::Fp32);
+        assert_eq!(got, &alone.run(name, *a, &cfg).unwrap(), "{name}: batch differs from one by one");
+        assert!(got.u_orthogonality_error() <= ORTHO_TOL && got.v_orthogonality_error() <= ORTHO_TOL, "{name}");
+    }
+    assert!(batch[1].s().iter().all(|&s| s == 0.0), "zero layer: {:?}", batch[1].s());
+    for (i, data) in [(0, &good1), (2, &good2)] {
+        let a = MatrixRef::new(data, shapes[i].0, shapes[i].1).unwrap();
+        check_against_exact(names[i], &batch[i], a, 16);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cusolver_gesvdr_baseline_finds_the_top_subspace() {
+    // The bench's baseline must compute what it claims, in our layout: right singular values,
+    // orthonormal U and V (a V read with the wrong layout would not be), and a rank-k error near
+    // the best, tall and wide.
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let mut gesvdr = CusolverGesvdr::new(&dev).unwrap();
+    for (m, n) in [(700, 300), (300, 700)] {
+        let data = with_spectrum(&mut rng, m, n, harmonic);
+        let a = MatrixRef::new(&data, m, n).unwrap();
+        let s = upload(&dev, &data);
+        let q = 32;
+        let got = gesvdr.run("g", CudaMatrixRef::new(&s, m, n).unwrap(), q, 4).unwrap();
+        let k = q / 2;
+        assert_eq!((got.rows(), got.cols(), got.k()), (m, n, k));
+        let exact = svd_exact("g", a, k).unwrap();
+        for j in 0..k / 2 {
+            let (g, e) = (got.s()[j] as f64, exact.s()[j] as f64);
+            assert!(((g - e) / e).abs() <= S_REL_TOL, "{m}x{n}: sigma_{j} = {g}, exact {e}");
+        }
+        let (ou, ov) = (got.u_orthogonality_error(), got.v_orthogonality_error());
+        assert!(ou <= 1e-4 && ov <= 1e-4, "{m}x{n}: |U'U - I| = {ou:e}, |V'V - I| = {ov:e}");
+        let ratio = got.reconstruction_error(a).unwrap() / exact.reconstruction_error(a).unwrap();
+        assert!(ratio <= RANK_Q_RATIO, "{m}x{n}: rank-{k} error {ratio}x the best");
+    }
+    let s = upload(&dev, &[1.0; 12]);
+    let e = gesvdr.run("tiny", CudaMatrixRef::new(&s, 3, 4).unwrap(), 4, 4).unwrap_err().to_string();
+    assert!(e.contains("`tiny`") && e.contains("q = 4 must be in 2..=3"), "{e}");
 }

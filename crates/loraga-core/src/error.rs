@@ -23,6 +23,12 @@ pub enum Error {
     NoCublas { searched: Vec<PathBuf> },
 
     #[error(
+        "cuSOLVER not found: libcusolver.so.12 (with libcusparse.so.12, libnvJitLink.so.13 and cuBLAS beside it) \
+         is not on the loader path and not in {searched:?}; install the `nvidia-cusolver` wheel for CUDA 13 or set CUDA_HOME"
+    )]
+    NoCusolver { searched: Vec<PathBuf> },
+
+    #[error(
         "CUDA headers not found (cuda_bf16.h) in {searched:?}; set LORAGA_CUDA_INCLUDE or CUDA_HOME, \
          or install the `nvidia-cuda-runtime==13.0.*` wheel"
     )]
@@ -46,6 +52,13 @@ pub enum Error {
         op: &'static str,
         #[source]
         source: cudarc::cublas::result::CublasError,
+    },
+
+    #[error("cuSOLVER call {op} failed: {source}")]
+    Cusolver {
+        op: &'static str,
+        #[source]
+        source: cudarc::cusolver::result::CusolverError,
     },
 
     #[error("cuBLASLt call {op} failed: {source}")]
@@ -100,6 +113,10 @@ impl Error {
 
     pub(crate) fn cublas(op: &'static str) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
         move |source| Error::Cublas { op, source }
+    }
+
+    pub(crate) fn cusolver(op: &'static str) -> impl FnOnce(cudarc::cusolver::result::CusolverError) -> Error {
+        move |source| Error::Cusolver { op, source }
     }
 
     pub(crate) fn cublaslt(op: &'static str) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> Error {

@@ -1,4 +1,4 @@
-//! Finding the CUDA pieces at run time: the driver, NVRTC, cuBLAS and the CUDA headers.
+//! Finding the CUDA pieces at run time: the driver, NVRTC, cuBLAS, cuSOLVER and the CUDA headers.
 //!
 //! cudarc opens its libraries by name and panics when none is found, so every entry point here
 //! checks first and returns an error that says what is missing and where we looked. When a
@@ -118,6 +118,17 @@ pub fn ensure_cublas() -> Result<()> {
 pub fn ensure_cublaslt() -> Result<()> {
     ensure(|| unsafe { cudarc::cublaslt::sys::is_culib_present() }, &["libcublasLt.so.13"])
         .map_err(|searched| Error::NoCublas { searched })
+}
+
+/// cuSOLVER (the GPU randomized SVD's Cholesky and eigensolver, and the gesvdr baseline). CUDA
+/// 13's libcusolver.so.12 links cuBLAS, cuSPARSE and nvJitLink, which the pip wheels keep in the
+/// same `nvidia/cu13/lib` folder; they are opened first so that its own open resolves them.
+pub fn ensure_cusolver() -> Result<()> {
+    ensure(
+        || unsafe { cudarc::cusolver::sys::is_culib_present() },
+        &["libcublasLt.so.13", "libcublas.so.13", "libnvJitLink.so.13", "libcusparse.so.12", "libcusolver.so.12"],
+    )
+    .map_err(|searched| Error::NoCusolver { searched })
 }
 
 /// The folder holding `cuda_bf16.h`, which NVRTC needs to compile our kernels.

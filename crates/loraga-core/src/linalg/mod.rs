@@ -1,15 +1,21 @@
 //! Dense linear algebra: the randomized SVD that LoRA-GA runs on every target layer's gradient,
-//! on the host ([`rsvd`]) and on the GPU ([`rsvd_cuda`], same config, Ω and result type), and
-//! the exact SVD the tests hold them against ([`svd`]).
+//! on the host ([`rsvd`]) and on the GPU ([`rsvd_cuda`], same config, Ω and result type; its
+//! q × q factorisations through [`cusolver`]), cuSOLVER's own randomized SVD as the GPU baseline
+//! ([`gesvdr_cuda`]), and the exact SVD the tests hold them against ([`svd`]).
 //!
 //! Inputs are row-major f32 matrices borrowed as [`MatrixRef`], the layout tensors use, so a CPU
 //! [`crate::Tensor`] is read without a copy. Work happens in f64 (see [`rsvd`] for why); results
 //! come back as f32 in a [`TruncatedSvd`].
 
+pub mod cusolver;
+pub mod gesvdr_cuda;
 pub mod rsvd;
 pub mod rsvd_cuda;
+mod rsvd_cuda_device;
+mod rsvd_cuda_host;
 pub mod svd;
 
+pub use gesvdr_cuda::CusolverGesvdr;
 pub use rsvd::{
     RsvdConfig, gaussian_test_matrix, svd_lowrank, svd_lowrank_batch, svd_lowrank_tensor, svd_lowrank_with_omega,
 };

@@ -7,65 +7,55 @@
 //!   Y = op(A) Ω;  Q = orth(Y)
 //!   niter times:  Z = op(A)ᵀ Q;  Q' = orth(Z);  Y = op(A) Q';  Q = orth(Y)
 //!   Z = op(A)ᵀ Q = Bᵀ   (B = Qᵀ op(A), the [q, c] core);   Z = Q₂ R  (orth, keeping R)
-//!   R = U_R Σ V_Rᵀ      (q × q, f64 on the host, faer)
+//!   R = U_R Σ V_Rᵀ      (q × q)
 //!   so B = V_R Σ (Q₂ U_R)ᵀ:  U = Q V_R,  V = Q₂ U_R
-//! The core's SVD goes through the triangular factor of Bᵀ rather than the Gram B Bᵀ: the Gram
-//! would square B's condition number, and then V = Bᵀ U Σ⁻¹ loses orthogonality in the small
-//! directions (error ≈ u·σ₁/σ_j, 6e-5 at σ_q/σ₁ = 1e-3 in f32). Through R both U and V are
-//! orthonormal bases times exactly orthogonal f64 factors, and Σ carries the f32 backward error
-//! u·‖A‖ of any f32 method. It costs nothing extra: Bᵀ = op(A)ᵀ Q is the same product as B.
+//! The core's SVD goes through the triangular factor of Bᵀ rather than the Gram B Bᵀ of the f32
+//! B: that Gram would square B's condition number in f32. R is kept in f64, where squaring it is
+//! harmless (see [`super::rsvd_cuda_device`]).
 //!
-//! orth(X) is CholeskyQR repeated until it has run on an X that was already near-orthonormal
-//! (CholeskyQR2 in the normal case): G = XᵀX, R = chol(G), X ← X R⁻¹.
-//! - G is computed in f64 (X widened exactly by `kernels/rsvd.cu`, then cuBLAS DGEMM), so it is
-//!   accurate to ~1e-16 and Cholesky succeeds up to cond(X) ≈ 1e7 (an f32 Gram fails near 3e3).
-//! - Cholesky runs on the host in f64 (faer): q ≤ 512, so G is at most 2 MiB; this is one host
-//!   sync per pass (see "Syncs" below).
-//! - X ← X R⁻¹ is cuBLAS STRSM with R rounded to f32 (and that rounded R is what R accumulates),
-//!   which is row-wise backward stable, so ‖X − Q R‖ stays at f32 rounding level.
-//! - The pass whose input Gram is within ‖G − I‖_F < 1/2 of the identity is the last: its output
-//!   is orthonormal to f32 rounding. A matrix with cond(X)·u₃₂ ≳ 1 needs a third pass (CQR3).
-//! - Fallbacks: if Cholesky fails (G not numerically positive definite: cond(X) > ~1e7 or X
-//!   rank-deficient), the pass is redone with a shift G + sI, s = 1e-8·trace(G) (shifted
-//!   CholeskyQR, Fukaya et al. 2020): X R⁻¹ then has cond ≤ ~1e4 and the next passes finish the
-//!   job. If that also fails (X = 0) or the passes do not converge in 6, X goes to the host for
-//!   a Householder QR in f64 (faer) and comes back. Both are rare and slow; the normal path is two
-//!   DGEMM Grams, two Choleskies and two STRSMs.
+//! Two paths compute this:
+//! - [`super::rsvd_cuda_device`], the normal one: CholeskyQR2 with an f64 Gram, cuSOLVER's
+//!   Cholesky and cuBLAS's triangular solve; the core through an f64 eigen-decomposition of RᵀR,
+//!   all on the device, no host round trip inside a layer. It cannot branch on the data, so it
+//!   checks itself on the device instead (Cholesky info, the second CholeskyQR pass's Gram within
+//!   1/2 of I, the core's U_R orthonormal to 1e-7, finite values) and raises a per-layer flag.
+//! - [`super::rsvd_cuda_host`], the fallback for flagged layers: the same products with the q × q
+//!   factorisations on the host in f64 (shifted CholeskyQR, Householder QR, an SVD of R), which
+//!   handles rank-deficient, ill-conditioned (cond > ~1e7) and zero inputs, and reports overflow.
+//!   [`CudaRsvd::fallbacks`] counts its uses, so a test or bench sees when the fast path gave up.
 //!
 //! Precision: the products with A are cuBLAS SGEMM with CUBLAS_COMPUTE_32F, i.e. full fp32 (no
 //! TF32; set no NVIDIA_TF32_OVERRIDE), matching torch's default `allow_tf32 = False`.
 //! [`GemmMath::Tf32`] opts into CUBLAS_COMPUTE_32F_FAST_TF32 for those ten products only (Grams,
 //! solves and the small products stay full precision).
 //!
-//! Syncs (host waits on the device), per layer: one per CholeskyQR pass (the Gram's download;
-//! normally 2 per orth and 2·niter + 2 orths, so 20 at niter = 4), and one for the results'
-//! download. The R of the last orth is already on the host, so the q × q SVD adds none. The
-//! uploads of R and of the small factors are from pageable memory, which the driver stages
-//! before returning (no wait on the device). A batch adds one sync up front for all its NaN/Inf
-//! checks (one device reduction per layer, read back together). Between layers there is no
-//! other sync, but the GPU idles while the host factors each q × q Gram (µs at q = 32, ms at
-//! q = 512); moving Cholesky to the device or overlapping two layers on two streams is the next
-//! step if the bench shows that gap.
+//! Streams and syncs: a plan has two lanes, each a stream with its own cuBLAS and cuSOLVER
+//! handles and workspace; layer i of a batch runs on lane i mod 2, so two layers are in flight
+//! and one's small q × q launches fill the SMs the other's products leave idle. The host waits
+//! on the device once up front for all NaN/Inf checks (one device reduction per layer, read back
+//! together), then once per layer: before queueing layer i it copies layer i − 2's U, S, Vᵀ and
+//! flag out of that lane, which waits for that lane only. Flagged layers are redone after the
+//! batch by the host path on the device's own stream (one sync per CholeskyQR pass each). Lanes
+//! start behind an event on the device's stream, so inputs written there are ready.
 //!
 //! Ω is generated on the host (ChaCha8, so CPU and GPU paths see the same Ω) and cached on the
 //! device per (rows, q, seed) by a [`CudaRsvd`] plan, so repeated calls pay for it once.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::{self as blas_sys, cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{CudaBlas, result as blas_result};
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
-use faer::{Mat, MatRef, Side};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
+use super::cusolver::Solver;
+use super::rsvd_cuda_device::DeviceLayer;
+use super::rsvd_cuda_host::factor_with_host_help;
 use super::{RsvdConfig, TruncatedSvd, gaussian_test_matrix};
-use crate::cuda::{CudaDevice, CudaSlices, CudaStorage};
+use crate::cuda::{CudaDevice, CudaSlices, CudaStorage, libs};
 use crate::error::{Error, Result};
 
-const OP: &str = "svd_lowrank";
-/// CholeskyQR passes before falling back to a host Householder QR.
-const MAX_PASSES: usize = 6;
-/// Relative shift of shifted CholeskyQR: s = SHIFT · trace(XᵀX).
-const SHIFT: f64 = 1e-8;
+pub(super) const OP: &str = "svd_lowrank";
 
 /// How the ten products with A are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,8 +71,8 @@ pub enum GemmMath {
 #[derive(Clone, Copy)]
 pub struct CudaMatrixRef<'a> {
     storage: &'a CudaStorage,
-    rows: usize,
-    cols: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
 }
 
 impl<'a> CudaMatrixRef<'a> {
@@ -115,7 +105,7 @@ impl<'a> CudaMatrixRef<'a> {
         &self.storage.device
     }
 
-    fn slice(&self) -> &'a CudaSlice<f32> {
+    pub(super) fn slice(&self) -> &'a CudaSlice<f32> {
         match &self.storage.slice {
             CudaSlices::F32(s) => s,
             CudaSlices::BF16(_) => unreachable!("checked in CudaMatrixRef::new"),
@@ -127,7 +117,7 @@ impl<'a> CudaMatrixRef<'a> {
 /// the CPU path, and bit-identical results on one GPU (cuBLAS's default algorithms are
 /// deterministic for a fixed problem on one stream).
 pub fn svd_lowrank_cuda(name: &str, a: CudaMatrixRef<'_>, cfg: &RsvdConfig) -> Result<TruncatedSvd> {
-    CudaRsvd::new(a.device(), GemmMath::Fp32).run(name, a, cfg)
+    with_shared_plan(a.device(), |plan| plan.run(name, a, cfg))
 }
 
 /// [`super::svd_lowrank_batch`] on the GPU: every layer with the same config, results in input
@@ -135,31 +125,79 @@ pub fn svd_lowrank_cuda(name: &str, a: CudaMatrixRef<'_>, cfg: &RsvdConfig) -> R
 /// CPU.
 pub fn svd_lowrank_batch_cuda(items: &[(&str, CudaMatrixRef<'_>)], cfg: &RsvdConfig) -> Result<Vec<TruncatedSvd>> {
     let Some((_, first)) = items.first() else { return Ok(Vec::new()) };
-    CudaRsvd::new(first.device(), GemmMath::Fp32).run_batch(items, cfg)
+    with_shared_plan(first.device(), |plan| plan.run_batch(items, cfg))
 }
 
-/// A reusable GPU randomized SVD: holds the workspace (grown to the largest layer seen) and the
-/// uploaded Ω matrices, so that repeated calls (a bench, LoRA-GA over many models) allocate and
-/// draw Ω once.
+/// Runs `f` on the process's fp32 plan for `dev`. A plan's lanes (streams, cuBLAS and cuSOLVER
+/// handles) take milliseconds to create, which LoRA-GA, calling once per layer, would otherwise
+/// pay per layer. The plan keeps its workspace (the largest layer seen) for the life of the
+/// process; its Ω cache is emptied past a few entries, so that callers drawing fresh seeds do
+/// not grow it without bound. Calls on one device are serialised by the lock.
+fn with_shared_plan<T>(dev: &CudaDevice, f: impl FnOnce(&mut CudaRsvd) -> Result<T>) -> Result<T> {
+    static PLANS: Mutex<Vec<CudaRsvd>> = Mutex::new(Vec::new());
+    const MAX_OMEGAS: usize = 16;
+    let mut plans = PLANS.lock().unwrap_or_else(|e| e.into_inner());
+    let i = match plans.iter().position(|p| p.dev == *dev) {
+        Some(i) => i,
+        None => {
+            plans.push(CudaRsvd::new(dev, GemmMath::Fp32));
+            plans.len() - 1
+        }
+    };
+    let plan = &mut plans[i];
+    if plan.omegas.len() > MAX_OMEGAS {
+        plan.omegas.clear();
+    }
+    f(plan)
+}
+
+/// Layers in flight at once, each on its own stream ([`Lane`]).
+const LANES: usize = 2;
+
+/// A reusable GPU randomized SVD: holds the lanes with their workspaces (grown to the largest
+/// layer seen) and the uploaded Ω matrices, so that repeated calls (a bench, LoRA-GA over many
+/// models) allocate and draw Ω once.
 pub struct CudaRsvd {
     dev: CudaDevice,
     math: GemmMath,
     omegas: HashMap<(usize, usize, u64), CudaSlice<f32>>,
-    ws: Option<Workspace>,
+    lanes: Vec<Lane>,
+    need: Need,
+    fallbacks: usize,
 }
 
-/// Device scratch, sized by [`Need`].
-struct Workspace {
-    need: Need,
-    y: CudaSlice<f32>,
-    z: CudaSlice<f32>,
-    wide: CudaSlice<f64>,
-    gram: CudaSlice<f64>,
-    r: CudaSlice<f32>,
-    small_u: CudaSlice<f32>,
-    small_v: CudaSlice<f32>,
-    out_p: CudaSlice<f32>,
-    out_c: CudaSlice<f32>,
+/// A stream with its own cuBLAS and cuSOLVER handles and workspace. Layer i of a batch runs on
+/// lane i mod LANES, so one layer's small q × q launches overlap another's large products, and
+/// the host copies a finished layer out while the other lane computes.
+pub(super) struct Lane {
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) blas: CudaBlas,
+    pub(super) solver: Solver,
+    pub(super) ws: Workspace,
+}
+
+/// Device scratch of one lane, sized by [`Need`].
+pub(super) struct Workspace {
+    pub(super) y: CudaSlice<f32>,
+    pub(super) z: CudaSlice<f32>,
+    pub(super) wide: CudaSlice<f64>,
+    pub(super) gram: CudaSlice<f64>,
+    pub(super) r: CudaSlice<f32>,
+    pub(super) r2: CudaSlice<f32>,
+    pub(super) small_u: CudaSlice<f32>,
+    pub(super) small_v: CudaSlice<f32>,
+    pub(super) out_p: CudaSlice<f32>,
+    pub(super) out_c: CudaSlice<f32>,
+    pub(super) s: CudaSlice<f32>,
+    /// f64 q × q: R of the last orth, R V, and the eigenvalues of RᵀR (q).
+    pub(super) rt: CudaSlice<f64>,
+    pub(super) rv: CudaSlice<f64>,
+    pub(super) w: CudaSlice<f64>,
+    /// U_R in f64 [q, k], kept for its orthogonality check.
+    pub(super) core_u: CudaSlice<f64>,
+    /// cuSOLVER's workspace (the larger of potrf's and syevd's for every q reserved) and info.
+    pub(super) work: CudaSlice<f64>,
+    pub(super) info: CudaSlice<i32>,
 }
 
 /// Element counts of the workspace buffers.
@@ -171,12 +209,14 @@ struct Need {
     qk: usize,
     pk: usize,
     ck: usize,
+    q: usize,
+    k: usize,
 }
 
 impl Need {
     fn of(m: usize, n: usize, q: usize, k: usize) -> Need {
         let (p, c) = (m.max(n), m.min(n));
-        Need { pq: p * q, cq: c * q, qq: q * q, qk: q * k, pk: p * k, ck: c * k }
+        Need { pq: p * q, cq: c * q, qq: q * q, qk: q * k, pk: p * k, ck: c * k, q, k }
     }
 
     fn max(self, o: Need) -> Need {
@@ -187,21 +227,45 @@ impl Need {
             qk: self.qk.max(o.qk),
             pk: self.pk.max(o.pk),
             ck: self.ck.max(o.ck),
+            q: self.q.max(o.q),
+            k: self.k.max(o.k),
         }
     }
+}
 
-    fn fits_in(self, o: Need) -> bool {
-        self.max(o) == o
-    }
+/// What one layer needs, decided before any work.
+struct Job {
+    q: usize,
+    k: usize,
+}
+
+/// A layer's results on the host, not yet trusted: `flag` non-zero means redo it.
+struct Downloaded {
+    u_p: Vec<f32>,
+    u_c: Vec<f32>,
+    s: Vec<f32>,
+    flag: u32,
 }
 
 impl CudaRsvd {
     pub fn new(dev: &CudaDevice, math: GemmMath) -> Self {
-        CudaRsvd { dev: dev.clone(), math, omegas: HashMap::new(), ws: None }
+        CudaRsvd {
+            dev: dev.clone(),
+            math,
+            omegas: HashMap::new(),
+            lanes: Vec::new(),
+            need: Need::default(),
+            fallbacks: 0,
+        }
     }
 
     pub fn device(&self) -> &CudaDevice {
         &self.dev
+    }
+
+    /// How many layers so far the device path flagged and the host-assisted fallback redid.
+    pub fn fallbacks(&self) -> usize {
+        self.fallbacks
     }
 
     /// One matrix.
@@ -209,11 +273,60 @@ impl CudaRsvd {
         Ok(self.run_batch(&[(name, a)], cfg)?.remove(0))
     }
 
-    /// Many matrices, one after another on the device's stream (see the module docs for the
-    /// syncs). All inputs are validated before any work: empty, NaN/Inf (one device reduction
-    /// per layer, read back together), q and k against the shape, in that order per layer, and
-    /// the first bad layer in input order is the error.
+    /// Many matrices, queued one after another on the device's stream with the downloads
+    /// overlapped (see the module docs). All inputs are validated before any work: empty,
+    /// NaN/Inf (one device reduction per layer, read back together), q and k against the shape,
+    /// in that order per layer, and the first bad layer in input order is the error.
     pub fn run_batch(&mut self, items: &[(&str, CudaMatrixRef<'_>)], cfg: &RsvdConfig) -> Result<Vec<TruncatedSvd>> {
+        let jobs = self.validate(items, cfg)?;
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (&(_, a), job) in items.iter().zip(&jobs) {
+            self.omega(a.cols.min(a.rows), job.q, cfg.seed)?;
+        }
+        let flags = self.dev.stream().alloc_zeros::<u32>(items.len()).map_err(Error::cuda("cuMemAlloc"))?;
+        // The lanes start once the device's stream has the inputs, Ω and the zeroed flags.
+        let ready = self.dev.stream().record_event(None).map_err(Error::cuda("cuEventRecord"))?;
+        for lane in &self.lanes {
+            lane.stream.wait(&ready).map_err(Error::cuda("cuStreamWaitEvent"))?;
+        }
+        let mut got: Vec<Option<Downloaded>> = (0..items.len()).map(|_| None).collect();
+        for (i, (&(_, a), job)) in items.iter().zip(&jobs).enumerate() {
+            // Lane i mod LANES last ran layer i - LANES: copy that one out first (waiting for
+            // this lane only), then queue layer i behind it.
+            if i >= LANES {
+                got[i - LANES] = Some(self.download(i - LANES, items[i - LANES].1, &jobs[i - LANES], &flags)?);
+            }
+            let omega = dptr(&self.omegas[&(a.cols.min(a.rows), job.q, cfg.seed)], &self.dev);
+            let flag = dptr(&flags, &self.dev) + (i * std::mem::size_of::<u32>()) as u64;
+            let layer = DeviceLayer { dev: &self.dev, lane: &self.lanes[i % LANES], math: self.math, flag };
+            layer.enqueue(a, omega, job.q, job.k, cfg.niter)?;
+        }
+        for j in items.len().saturating_sub(LANES)..items.len() {
+            got[j] = Some(self.download(j, items[j].1, &jobs[j], &flags)?);
+        }
+
+        let mut out = Vec::with_capacity(items.len());
+        for (((name, a), job), d) in items.iter().zip(&jobs).zip(got) {
+            let d = d.expect("every layer was downloaded");
+            if d.flag != 0 {
+                self.fallbacks += 1;
+                let omega = dptr(&self.omegas[&(a.cols.min(a.rows), job.q, cfg.seed)], &self.dev);
+                // Every lane is idle (all downloaded): lane 0's workspace is free for the host path,
+                // which runs on the device's own stream.
+                let ws = &mut self.lanes[0].ws;
+                out.push(factor_with_host_help(&self.dev, self.math, ws, name, *a, omega, job.q, job.k, cfg.niter)?);
+            } else {
+                let (u, vt) = if a.rows >= a.cols { (d.u_p, d.u_c) } else { (d.u_c, d.u_p) };
+                out.push(TruncatedSvd::from_parts(u, d.s, vt, a.rows, a.cols)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks every layer (see [`Self::run_batch`]) and reserves the workspace for all of them.
+    fn validate(&mut self, items: &[(&str, CudaMatrixRef<'_>)], cfg: &RsvdConfig) -> Result<Vec<Job>> {
         for (name, a) in items {
             if *a.device() != self.dev {
                 return Err(Error::DeviceMismatch {
@@ -229,7 +342,7 @@ impl CudaRsvd {
             }
         }
         let bad = self.first_nonfinite(items)?;
-        let mut plan = Vec::with_capacity(items.len());
+        let mut jobs = Vec::with_capacity(items.len());
         let mut need = Need::default();
         for ((name, a), bad) in items.iter().zip(bad) {
             if a.rows == 0 || a.cols == 0 {
@@ -251,10 +364,30 @@ impl CudaRsvd {
             }
             let (q, k) = cfg.resolve(name, a.rows, a.cols)?;
             need = need.max(Need::of(a.rows, a.cols, q, k));
-            plan.push((q, k));
+            jobs.push(Job { q, k });
         }
-        self.reserve(need)?;
-        items.iter().zip(plan).map(|((name, a), (q, k))| self.factor(name, *a, q, k, cfg)).collect()
+        if !items.is_empty() {
+            let qs: Vec<usize> = jobs.iter().map(|j| j.q).collect();
+            self.reserve(need, &qs)?;
+        }
+        Ok(jobs)
+    }
+
+    /// Copies layer j's U, V (both orientations' buffers), S and flag to the host from its lane,
+    /// on the lane's stream: the wait covers that lane only.
+    fn download(&self, j: usize, a: CudaMatrixRef<'_>, job: &Job, flags: &CudaSlice<u32>) -> Result<Downloaded> {
+        let lane = &self.lanes[j % LANES];
+        let (ws, stream) = (&lane.ws, &lane.stream);
+        let (p, c) = (a.rows.max(a.cols), a.rows.min(a.cols));
+        let down = |src: &CudaSlice<f32>, len: usize| {
+            stream.clone_dtoh(&src.slice(..len)).map_err(Error::cuda("cuMemcpyDtoH"))
+        };
+        let u_p = down(&ws.out_p, p * job.k)?;
+        let u_c = down(&ws.out_c, c * job.k)?;
+        let s = down(&ws.s, job.k)?;
+        let flag = stream.clone_dtoh(&flags.slice(j..j + 1)).map_err(Error::cuda("cuMemcpyDtoH"))?[0];
+        stream.synchronize().map_err(Error::cuda("cuStreamSynchronize"))?;
+        Ok(Downloaded { u_p, u_c, s, flag })
     }
 
     /// For each layer, the flat index of its first NaN/Inf, if any (one sync for the batch).
@@ -283,29 +416,36 @@ impl CudaRsvd {
         Ok(flags.into_iter().map(|f| (f != u64::MAX).then_some(f as usize)).collect())
     }
 
-    fn reserve(&mut self, need: Need) -> Result<()> {
-        if let Some(ws) = &self.ws
-            && need.fits_in(ws.need)
-        {
-            return Ok(());
+    /// Creates the lanes on first use, grows their workspaces to `need` (never shrinks them),
+    /// and cuSOLVER's workspace to what each q in `qs` needs.
+    fn reserve(&mut self, need: Need, qs: &[usize]) -> Result<()> {
+        let need = self.need.max(need);
+        if self.lanes.is_empty() {
+            libs::ensure_cublas()?;
+            for _ in 0..LANES {
+                let stream = self.dev.stream().fork().map_err(Error::cuda("cuStreamCreate"))?;
+                let blas = CudaBlas::new(stream.clone()).map_err(Error::cublas("cublasCreate"))?;
+                let solver = Solver::new(&stream)?;
+                let ws = allocate(&stream, need)?;
+                self.lanes.push(Lane { stream, blas, solver, ws });
+            }
+        } else if need != self.need {
+            for lane in &mut self.lanes {
+                lane.ws = allocate(&lane.stream, need)?;
+            }
         }
-        let need = self.ws.as_ref().map_or(need, |ws| ws.need.max(need));
-        let s = self.dev.stream();
-        let f32s = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
-        let f64s = |n: usize| s.alloc_zeros::<f64>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
-        self.ws = None; // free the old buffers first
-        self.ws = Some(Workspace {
-            need,
-            y: f32s(need.pq)?,
-            z: f32s(need.cq)?,
-            wide: f64s(need.pq)?,
-            gram: f64s(need.qq)?,
-            r: f32s(need.qq)?,
-            small_u: f32s(need.qk)?,
-            small_v: f32s(need.qk)?,
-            out_p: f32s(need.pk)?,
-            out_c: f32s(need.ck)?,
-        });
+        self.need = need;
+        for lane in &mut self.lanes {
+            let ws = &mut lane.ws;
+            let (gram, w) = (dptr(&ws.gram, &self.dev), dptr(&ws.w, &self.dev));
+            let mut work = 0;
+            for &q in qs {
+                work = work.max(lane.solver.potrf_work(q, gram)?).max(lane.solver.syevd_work(q, gram, w)?);
+            }
+            if work > ws.work.len() {
+                ws.work = lane.stream.alloc_zeros::<f64>(work).map_err(Error::cuda("cuMemAlloc"))?;
+            }
+        }
         Ok(())
     }
 
@@ -318,221 +458,135 @@ impl CudaRsvd {
         }
         Ok(dptr(&self.omegas[&(c, q, seed)], &self.dev))
     }
+}
 
-    fn factor(
-        &mut self,
-        name: &str,
+/// The products with A that both paths make, in the tall orientation op(A) [p, c] of the module
+/// docs, on column-major Y [p, q] and Z [c, q] buffers.
+pub(super) struct Products<'a> {
+    blas: &'a CudaBlas,
+    math: GemmMath,
+    tall: bool,
+    p: usize,
+    c: usize,
+    n: usize,
+    q: usize,
+    a: u64,
+    pub(super) y: u64,
+    pub(super) z: u64,
+}
+
+impl<'a> Products<'a> {
+    pub(super) fn new(
+        dev: &CudaDevice,
+        blas: &'a CudaBlas,
+        math: GemmMath,
         a: CudaMatrixRef<'_>,
         q: usize,
-        k: usize,
-        cfg: &RsvdConfig,
-    ) -> Result<TruncatedSvd> {
+        y: u64,
+        z: u64,
+    ) -> Self {
         let (m, n) = (a.rows, a.cols);
         let tall = m >= n;
         let (p, c) = if tall { (m, n) } else { (n, m) };
-        let omega = self.omega(c, q, cfg.seed)?;
-        let dev = self.dev.clone();
-        let blas = dev.cublas()?;
-        let math = self.math;
-        let ws = self.ws.as_mut().expect("reserved by run_batch");
-        let a_ptr = dptr(a.slice(), &dev);
-        let (y, z) = (dptr(&ws.y, &dev), dptr(&ws.z, &dev));
-        // The row-major A [m, n] is the column-major M [n, m] (ld n); op(A) = Mᵀ when A is tall.
-        // Range product: Y [p, q] = op(A) W, with W column-major [c, q] (or Ωᵀ stored [q, c]).
-        let range = |w: u64, w_transposed: bool| {
-            let ldw = if w_transposed { q } else { c };
-            sgemm(blas, math, tall, w_transposed, p, q, c, a_ptr, n, w, ldw, y, p)
-        };
-        // Co-range product: Z [c, q] = op(A)ᵀ Q, Q = Y [p, q].
-        let corange = || sgemm(blas, math, !tall, false, c, q, p, a_ptr, n, y, p, z, c);
+        Products { blas, math, tall, p, c, n, q, a: dptr(a.slice(), dev), y, z }
+    }
 
-        let mut orth = Orth { dev: &dev, blas, ws_wide: &mut ws.wide, ws_gram: &mut ws.gram, ws_r: &mut ws.r, q, name };
-        range(omega, true)?;
-        orth.run(y, p, false)?;
-        for _ in 0..cfg.niter {
-            corange()?;
-            orth.run(z, c, false)?;
-            range(z, false)?;
-            orth.run(y, p, false)?;
-        }
-        corange()?;
-        let r = orth.run(z, c, true)?.expect("asked for R");
+    pub(super) fn long_side(&self) -> usize {
+        self.p
+    }
 
-        // Bᵀ = Z = Q₂ R and R = U_R Σ V_Rᵀ give B = V_R Σ (Q₂ U_R)ᵀ.
-        let svd = r.thin_svd().map_err(|e| Error::layer(OP, name, format!("SVD of the {q}x{q} core failed: {e:?}")))?;
-        let s: Vec<f32> = svd.S().column_vector().iter().take(k).map(|&x| x as f32).collect();
-        if s.iter().any(|x| !x.is_finite()) {
-            return Err(Error::layer(OP, name, format!("non-finite singular values {s:?} (overflow in f32?)")));
+    pub(super) fn short_side(&self) -> usize {
+        self.c
+    }
+
+    /// Y [p, q] = op(A) W, with W column-major [c, q] (or Ωᵀ stored [q, c]). The row-major
+    /// A [m, n] is the column-major M [n, m] (ld n); op(A) = Mᵀ when A is tall.
+    fn range(&self, w: u64, w_transposed: bool) -> Result<()> {
+        let (p, c, q) = (self.p, self.c, self.q);
+        let ldw = if w_transposed { q } else { c };
+        sgemm(self.blas, self.math, self.tall, w_transposed, p, q, c, self.a, self.n, w, ldw, self.y, p)
+    }
+
+    /// Z [c, q] = op(A)ᵀ Q, Q = Y [p, q].
+    fn corange(&self) -> Result<()> {
+        let (p, c, q) = (self.p, self.c, self.q);
+        sgemm(self.blas, self.math, !self.tall, false, c, q, p, self.a, self.n, self.y, p, self.z, c)
+    }
+
+    /// The range finder up to Z = op(A)ᵀ Q (Ω at `omega`, niter power iterations), calling
+    /// `orth(x, rows)` after every product but that last one, whose orth the caller does.
+    pub(super) fn range_finder(
+        &self,
+        omega: u64,
+        niter: usize,
+        mut orth: impl FnMut(u64, usize) -> Result<()>,
+    ) -> Result<()> {
+        let (y, z, p, c) = (self.y, self.z, self.p, self.c);
+        self.range(omega, true)?;
+        orth(y, p)?;
+        for _ in 0..niter {
+            self.corange()?;
+            orth(z, c)?;
+            self.range(z, false)?;
+            orth(y, p)?;
         }
-        let stream = dev.stream();
-        let upload = |dst: &mut CudaSlice<f32>, f: MatRef<'_, f64>| {
-            let host: Vec<f32> = (0..k).flat_map(|j| (0..q).map(move |i| f[(i, j)] as f32)).collect();
-            stream.memcpy_htod(&host, &mut dst.slice_mut(..q * k)).map_err(Error::cuda("cuMemcpyHtoD"))
-        };
-        upload(&mut ws.small_v, svd.V())?; // V_R[:, :k], column-major [q, k]
-        upload(&mut ws.small_u, svd.U())?; // U_R[:, :k]
-        let (sv, su) = (dptr(&ws.small_v, &dev), dptr(&ws.small_u, &dev));
-        let (op_, oc) = (dptr(&ws.out_p, &dev), dptr(&ws.out_c, &dev));
-        // out_p: Q V_R ([p, k] col-major = row-major [k, p]) or its transpose ([k, p] col-major =
-        // row-major [p, k]); out_c likewise for Q₂ U_R. Tall A: U = Q V_R, V = Q₂ U_R. Wide A
-        // (factored as Aᵀ): U = Q₂ U_R, V = Q V_R.
-        let fp32 = GemmMath::Fp32;
-        if tall {
-            sgemm(blas, fp32, true, true, k, p, q, sv, q, y, p, op_, k)?;
-            sgemm(blas, fp32, false, false, c, k, q, z, c, su, q, oc, c)?;
+        self.corange()
+    }
+
+    /// From V_R and U_R (column-major [q, k] at `sv`, `su`): out_p = Q V_R ([p, k] col-major =
+    /// row-major [k, p]) or its transpose ([k, p] col-major = row-major [p, k]); out_c likewise
+    /// for Q₂ U_R. Tall A: U = Q V_R, V = Q₂ U_R. Wide A (factored as Aᵀ): U = Q₂ U_R, V = Q V_R.
+    pub(super) fn factors(&self, k: usize, sv: u64, su: u64, out_p: u64, out_c: u64) -> Result<()> {
+        let (blas, fp32, p, c, q, y, z) = (self.blas, GemmMath::Fp32, self.p, self.c, self.q, self.y, self.z);
+        if self.tall {
+            sgemm(blas, fp32, true, true, k, p, q, sv, q, y, p, out_p, k)?;
+            sgemm(blas, fp32, false, false, c, k, q, z, c, su, q, out_c, c)
         } else {
-            sgemm(blas, fp32, false, false, p, k, q, y, p, sv, q, op_, p)?;
-            sgemm(blas, fp32, true, true, k, c, q, su, q, z, c, oc, k)?;
+            sgemm(blas, fp32, false, false, p, k, q, y, p, sv, q, out_p, p)?;
+            sgemm(blas, fp32, true, true, k, c, q, su, q, z, c, out_c, k)
         }
-        let down = |src: &CudaSlice<f32>, len: usize| {
-            stream.clone_dtoh(&src.slice(..len)).map_err(Error::cuda("cuMemcpyDtoH"))
-        };
-        let (from_p, from_c) = (down(&ws.out_p, p * k)?, down(&ws.out_c, c * k)?);
-        let (u, vt) = if tall { (from_p, from_c) } else { (from_c, from_p) };
-        TruncatedSvd::from_parts(u, s, vt, m, n)
     }
 }
 
-/// Orthonormalisation of a column-major [rows, q] f32 buffer in place (see the module docs).
-struct Orth<'a> {
-    dev: &'a CudaDevice,
-    blas: &'a CudaBlas,
-    ws_wide: &'a mut CudaSlice<f64>,
-    ws_gram: &'a mut CudaSlice<f64>,
-    ws_r: &'a mut CudaSlice<f32>,
-    q: usize,
-    name: &'a str,
-}
-
-impl Orth<'_> {
-    /// X ← Q with X_in = Q R; returns R (f64, upper triangular) when `want_r`.
-    fn run(&mut self, x: u64, rows: usize, want_r: bool) -> Result<Option<Mat<f64>>> {
-        let q = self.q;
-        let mut r_total = want_r.then(|| Mat::<f64>::identity(q, q));
-        for pass in 0..MAX_PASSES {
-            let g = self.gram(x, rows)?;
-            if !g.is_all_finite() {
-                return Err(Error::layer(
-                    OP,
-                    self.name,
-                    "non-finite Gram matrix in the range finder (overflow in f32?)",
-                ));
-            }
-            let last = pass > 0 && (&g - Mat::<f64>::identity(q, q)).norm_l2() < 0.5;
-            let Some(r) = cholesky_upper(&g).or_else(|| shifted(&g).and_then(|gs| cholesky_upper(&gs))) else {
-                break;
-            };
-            let r = &r;
-            let r32: Vec<f32> =
-                (0..q).flat_map(|j| (0..q).map(move |i| if i <= j { r[(i, j)] as f32 } else { 0.0 })).collect();
-            let stream = self.dev.stream();
-            stream.memcpy_htod(&r32, &mut self.ws_r.slice_mut(..q * q)).map_err(Error::cuda("cuMemcpyHtoD"))?;
-            strsm_right_upper(self.blas, rows, q, dptr(self.ws_r, self.dev), x)?;
-            if let Some(rt) = &mut r_total {
-                let used = Mat::from_fn(q, q, |i, j| r32[j * q + i] as f64);
-                *rt = used * &*rt;
-            }
-            if last {
-                return Ok(r_total);
-            }
-        }
-        self.householder(x, rows, r_total)
-    }
-
-    /// XᵀX in f64 on the host: X widened on the device, DGEMM, download (the sync).
-    fn gram(&mut self, x: u64, rows: usize) -> Result<Mat<f64>> {
-        let (q, dev) = (self.q, self.dev);
-        let len = rows * q;
-        let f = dev.function("rsvd", "rsvd_f32_to_f64")?;
-        let stream = dev.stream();
-        let (wide, len64) = (dptr(self.ws_wide, dev), len as i64);
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&x).arg(&wide).arg(&len64);
-        // SAFETY: rsvd_f32_to_f64(const float*, double*, i64): x holds rows*q f32 and the wide
-        // workspace at least as many f64 (both sized by Need::pq or cq ≤ pq).
-        unsafe { launch.launch(grid(dev, len)) }.map_err(Error::cuda("cuLaunchKernel(rsvd_f32_to_f64)"))?;
-        let gram = dptr(self.ws_gram, dev);
-        let (one, zero) = (1.0f64, 0.0f64);
-        // SAFETY: wide is column-major [rows, q] (ld rows), gram [q, q] (ld q), both live.
-        unsafe {
-            blas_result::gemm_ex(
-                *self.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                q as i32,
-                q as i32,
-                rows as i32,
-                (&one as *const f64).cast(),
-                wide as *const _,
-                cudaDataType::CUDA_R_64F,
-                rows as i32,
-                wide as *const _,
-                cudaDataType::CUDA_R_64F,
-                rows as i32,
-                (&zero as *const f64).cast(),
-                gram as *mut _,
-                cudaDataType::CUDA_R_64F,
-                q as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_64F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(Error::cublas("cublasGemmEx(f64 Gram)"))?;
-        let g = stream.clone_dtoh(&self.ws_gram.slice(..q * q)).map_err(Error::cuda("cuMemcpyDtoH"))?;
-        Ok(Mat::from_fn(q, q, |i, j| g[j * q + i]))
-    }
-
-    /// The fallback: Householder QR of X in f64 on the host, Q uploaded back into X.
-    fn householder(&mut self, x: u64, rows: usize, r_total: Option<Mat<f64>>) -> Result<Option<Mat<f64>>> {
-        let (q, stream) = (self.q, self.dev.stream());
-        let mut host = vec![0.0f32; rows * q];
-        // SAFETY: x is a live device buffer of at least rows*q f32 (a workspace buffer); the copy
-        // is synchronous for pageable host memory.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host, x, stream.cu_stream()) }
-            .map_err(Error::cuda("cuMemcpyDtoH"))?;
-        self.dev.synchronize()?;
-        let qr = Mat::from_fn(rows, q, |i, j| host[j * rows + i] as f64).qr();
-        let qm = &qr.compute_thin_Q();
-        let back: Vec<f32> = (0..q).flat_map(|j| (0..rows).map(move |i| qm[(i, j)] as f32)).collect();
-        // SAFETY: as above, same buffer and length.
-        unsafe { cudarc::driver::result::memcpy_htod_async(x, &back, stream.cu_stream()) }
-            .map_err(Error::cuda("cuMemcpyHtoD"))?;
-        self.dev.synchronize()?; // `back` must outlive the copy
-        Ok(r_total.map(|rt| qr.thin_R().to_owned() * rt))
-    }
-}
-
-/// Upper R with RᵀR = G, or None when G is not numerically positive definite.
-fn cholesky_upper(g: &Mat<f64>) -> Option<Mat<f64>> {
-    let llt = g.llt(Side::Lower).ok()?;
-    let r = llt.L().transpose().to_owned();
-    (0..r.nrows()).all(|i| r[(i, i)] > 0.0 && r[(i, i)].is_finite()).then_some(r)
-}
-
-/// G + sI with s = SHIFT · trace(G), or None for a zero G.
-fn shifted(g: &Mat<f64>) -> Option<Mat<f64>> {
-    let s = SHIFT * (0..g.nrows()).map(|i| g[(i, i)]).sum::<f64>();
-    (s > 0.0).then(|| {
-        let mut gs = g.clone();
-        (0..g.nrows()).for_each(|i| gs[(i, i)] += s);
-        gs
+/// A lane's workspace for `need`, on its stream.
+fn allocate(stream: &Arc<CudaStream>, need: Need) -> Result<Workspace> {
+    let f32s = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
+    let f64s = |n: usize| stream.alloc_zeros::<f64>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
+    Ok(Workspace {
+        y: f32s(need.pq)?,
+        z: f32s(need.cq)?,
+        wide: f64s(need.pq)?,
+        gram: f64s(need.qq)?,
+        r: f32s(need.qq)?,
+        r2: f32s(need.qq)?,
+        small_u: f32s(need.qk)?,
+        small_v: f32s(need.qk)?,
+        out_p: f32s(need.pk)?,
+        out_c: f32s(need.ck)?,
+        s: f32s(need.k)?,
+        rt: f64s(need.qq)?,
+        rv: f64s(need.qq)?,
+        w: f64s(need.q)?,
+        core_u: f64s(need.qk)?,
+        work: f64s(1)?, // sized by reserve, per q
+        info: stream.alloc_zeros::<i32>(1).map_err(Error::cuda("cuMemAlloc"))?,
     })
 }
 
-fn dptr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
+pub(super) fn dptr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
     // The guard only records events when event tracking is on; CudaDevice switches it off.
     let (p, _guard) = s.device_ptr(dev.stream());
     p
 }
 
-fn grid(dev: &CudaDevice, n: usize) -> LaunchConfig {
+pub(super) fn grid(dev: &CudaDevice, n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, dev.sm_count().max(1) * 8);
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// Column-major C [m, n] = op(A) op(B) in f32 (beta = 0), cuBLAS's own convention.
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(super) fn sgemm(
     blas: &CudaBlas,
     math: GemmMath,
     ta: bool,
@@ -547,43 +601,91 @@ fn sgemm(
     c: u64,
     ldc: usize,
 ) -> Result<()> {
-    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
     let compute = match math {
         GemmMath::Fp32 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
         GemmMath::Tf32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
     };
     let (one, zero) = (1.0f32, 0.0f32);
-    let f32t = cudaDataType::CUDA_R_32F;
+    let scalars = ((&one as *const f32).cast(), (&zero as *const f32).cast());
+    let dims = Dims { ta, tb, m, n, k, lda, ldb, ldc };
+    gemm(blas, dims, (a, b, c), cudaDataType::CUDA_R_32F, compute, scalars).map_err(Error::cublas("cublasGemmEx(f32)"))
+}
+
+/// Column-major C [m, n] = op(A) op(B) in f64 (beta = 0), cuBLAS's own convention.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dgemm(
+    blas: &CudaBlas,
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    lda: usize,
+    b: u64,
+    ldb: usize,
+    c: u64,
+    ldc: usize,
+) -> Result<()> {
+    let (one, zero) = (1.0f64, 0.0f64);
+    let scalars = ((&one as *const f64).cast(), (&zero as *const f64).cast());
+    let dims = Dims { ta, tb, m, n, k, lda, ldb, ldc };
+    gemm(blas, dims, (a, b, c), cudaDataType::CUDA_R_64F, cublasComputeType_t::CUBLAS_COMPUTE_64F, scalars)
+        .map_err(Error::cublas("cublasGemmEx(f64)"))
+}
+
+/// Shape and transposes of one cublasGemmEx call.
+struct Dims {
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+}
+
+/// cublasGemmEx with A, B, C all of type `ty`; `scalars` are host pointers to alpha = 1 and
+/// beta = 0 of the compute type's scalar type.
+fn gemm(
+    blas: &CudaBlas,
+    d: Dims,
+    (a, b, c): (u64, u64, u64),
+    ty: cudaDataType,
+    compute: cublasComputeType_t,
+    scalars: (*const std::ffi::c_void, *const std::ffi::c_void),
+) -> std::result::Result<(), cudarc::cublas::result::CublasError> {
+    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
     // SAFETY: the callers pass live device buffers whose sizes match the dimensions and leading
-    // dimensions; alpha and beta are host f32s as CUBLAS_COMPUTE_32F* requires.
+    // dimensions, and alpha/beta of the scalar type that `compute` requires.
     unsafe {
         blas_result::gemm_ex(
             *blas.handle(),
-            op(ta),
-            op(tb),
-            m as i32,
-            n as i32,
-            k as i32,
-            (&one as *const f32).cast(),
+            op(d.ta),
+            op(d.tb),
+            d.m as i32,
+            d.n as i32,
+            d.k as i32,
+            scalars.0,
             a as *const _,
-            f32t,
-            lda as i32,
+            ty,
+            d.lda as i32,
             b as *const _,
-            f32t,
-            ldb as i32,
-            (&zero as *const f32).cast(),
+            ty,
+            d.ldb as i32,
+            scalars.1,
             c as *mut _,
-            f32t,
-            ldc as i32,
+            ty,
+            d.ldc as i32,
             compute,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(Error::cublas("cublasGemmEx(f32)"))
 }
 
 /// X ← X R⁻¹ for column-major X [rows, q] and upper-triangular R [q, q].
-fn strsm_right_upper(blas: &CudaBlas, rows: usize, q: usize, r: u64, x: u64) -> Result<()> {
+pub(super) fn strsm_right_upper(blas: &CudaBlas, rows: usize, q: usize, r: u64, x: u64) -> Result<()> {
     let one = 1.0f32;
     // SAFETY: r holds q*q f32 (ld q), x rows*q f32 (ld rows), both live device buffers.
     unsafe {
@@ -625,41 +727,28 @@ pub(crate) fn widen_bf16(s: &CudaStorage) -> Result<CudaStorage> {
     Ok(CudaStorage { slice: CudaSlices::F32(out), device: dev.clone() })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cholesky_gives_an_upper_factor_and_refuses_indefinite_grams() {
-        let x = Mat::from_fn(7, 4, |i, j| ((i * 5 + j * 3) % 7) as f64 - 2.5 + if i == j { 4.0 } else { 0.0 });
-        let g = x.transpose() * &x;
-        let r = cholesky_upper(&g).expect("positive definite");
-        assert!((0..4).all(|j| (j + 1..4).all(|i| r[(i, j)] == 0.0)), "not upper triangular");
-        assert!((r.transpose() * &r - &g).norm_l2() <= 1e-12 * g.norm_l2());
-
-        let mut bad = g.clone();
-        bad[(3, 3)] = -1.0;
-        assert!(cholesky_upper(&bad).is_none());
-        assert!(cholesky_upper(&Mat::zeros(3, 3)).is_none());
-    }
-
-    #[test]
-    fn the_shift_rescues_a_singular_gram_but_not_a_zero_one() {
-        // Rank 1: u uᵀ is singular, G + sI is not.
-        let g = Mat::from_fn(3, 3, |i, j| ((i + 1) * (j + 1)) as f64);
-        let gs = shifted(&g).expect("non-zero trace");
-        assert!((gs[(0, 0)] - g[(0, 0)] - SHIFT * 14.0).abs() < 1e-15);
-        assert!(cholesky_upper(&g).is_none());
-        assert!(cholesky_upper(&gs).is_some());
-        assert!(shifted(&Mat::zeros(3, 3)).is_none());
-    }
-
-    #[test]
-    fn the_householder_fallback_orthonormalises_a_zero_block() {
-        // What Orth::householder relies on for X = 0 (a zero gradient): an orthonormal Q, R = 0.
-        let qr = Mat::<f64>::zeros(48, 8).qr();
-        let q = qr.compute_thin_Q();
-        assert!(q.is_all_finite() && qr.thin_R().norm_l2() == 0.0);
-        assert!((q.transpose() * &q - Mat::<f64>::identity(8, 8)).norm_l2() < 1e-12);
-    }
+/// G = XᵀX [q, q] in f64 for the column-major f32 X [rows, q]: X widened exactly into `wide`
+/// (`kernels/rsvd.cu`), then DGEMM. The products of f32 values are exact in f64 and accumulate
+/// in f64, so G carries f64 accuracy and Cholesky works up to cond(X) ≈ 1e7 (an f32 Gram fails
+/// near 3e3).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gram_f64(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    blas: &CudaBlas,
+    x: u64,
+    rows: usize,
+    q: usize,
+    wide: u64,
+    gram: u64,
+) -> Result<()> {
+    let len = rows * q;
+    let f = dev.function("rsvd", "rsvd_f32_to_f64")?;
+    let len64 = len as i64;
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&x).arg(&wide).arg(&len64);
+    // SAFETY: rsvd_f32_to_f64(const float*, double*, i64): x holds rows*q f32 and the wide
+    // workspace at least as many f64 (both sized by Need::pq or cq ≤ pq).
+    unsafe { launch.launch(grid(dev, len)) }.map_err(Error::cuda("cuLaunchKernel(rsvd_f32_to_f64)"))?;
+    dgemm(blas, true, false, q, q, rows, wide, rows, wide, rows, gram, q)
 }
