@@ -31,8 +31,8 @@ use loraga_core::testing::randn;
 use loraga_core::{DType, Device, Result, Tensor};
 use rand::SeedableRng;
 
-const NT: Gemm = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
-const NN: Gemm = Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
+const NT: Gemm = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0, deterministic: false };
+const NN: Gemm = Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
 /// The composed and fused paths timed (the naive one is orders of magnitude slower).
 const PATHS: [LoraPath; 3] = [LoraPath::Cublas, LoraPath::CublasFolded, LoraPath::Fused];
 
