@@ -2,6 +2,7 @@
 //! tests share.
 
 pub mod bench;
+pub mod data_format;
 pub mod demo;
 pub mod eval_cmd;
 pub mod info;

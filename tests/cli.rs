@@ -111,3 +111,28 @@ fn bench_quick_times_every_kernel_against_its_baseline() {
     }
     assert_eq!(rows.len(), expected.iter().map(|(_, i)| i.len()).sum::<usize>(), "{text}");
 }
+
+#[test]
+fn train_rejects_bad_data_options_before_loading_anything() {
+    let run = |extra: &[&str]| {
+        let o = loraga()
+            .args(["train", "--model", "missing.gguf", "--data", "missing.jsonl", "--out", "x"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = run(&["--bucket-batches", "0"]);
+    assert!(e.contains("--bucket-batches must be positive") && e.contains("--no-bucketing"), "{e}");
+    let e = run(&["--chat-template", "chatml", "--template", "Q: {prompt}"]);
+    assert!(e.contains("--chat-template") && e.contains("cannot be used with"), "{e}");
+    let e = run(&["--chat-template", "jinja"]);
+    assert!(e.contains("invalid value 'jinja'") && e.contains("chatml") && e.contains("model"), "{e}");
+    let help = String::from_utf8_lossy(&loraga().args(["train", "--help"]).output().unwrap().stdout).to_string();
+    for opt in
+        ["--no-bucketing", "--bucket-batches <BUCKET_BATCHES>", "--chat-template <CHAT_TEMPLATE>", "[default: 50]"]
+    {
+        assert!(help.contains(opt), "no {opt} in\n{help}");
+    }
+}
