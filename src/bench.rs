@@ -79,10 +79,17 @@ impl Report {
 pub fn run(quick: bool) -> Result<Report> {
     let dev = CudaDevice::new(0).map_err(|e| Error::GpuRequired("loraga bench", Box::new(e)))?;
     let (warmup, reps) = if quick { (3, 10) } else { (10, 50) };
-    let mut b =
-        Bench { dev: dev.clone(), device: Device::Cuda(dev.clone()), rng: StdRng::seed_from_u64(8), warmup, reps };
+    let engine = dev.arch().has_wgmma();
+    let rng = StdRng::seed_from_u64(8);
+    let mut b = Bench { dev: dev.clone(), device: Device::Cuda(dev.clone()), rng, warmup, reps, engine };
     eprintln!("loraga bench on {} ({}): {}", dev.name(), dev.arch(), if quick { "quick" } else { "full" });
-    let sections = vec![b.gemm(quick)?, b.lora_layer(quick)?, b.weight_grad()?, b.rsvd(quick)?];
+    let mut sections = vec![b.gemm(quick)?, b.lora_layer(quick)?, b.weight_grad()?, b.rsvd(quick)?];
+    if !engine {
+        sections[0].note = format!(
+            "The GEMM engine needs sm_90a (wgmma) and this device is {}: its rows (engine, lora fused) are left out.",
+            dev.arch()
+        );
+    }
     Ok(Report { device: format!("{} ({})", dev.name(), dev.arch()), warmup, reps, sections })
 }
 
@@ -92,6 +99,8 @@ struct Bench {
     rng: StdRng,
     warmup: usize,
     reps: usize,
+    /// Whether the device runs the GEMM engine (Hopper); without it, engine rows are left out.
+    engine: bool,
 }
 
 impl Bench {
@@ -116,6 +125,11 @@ impl Bench {
         Ok(ms)
     }
 
+    /// PEFT's cuBLAS composition, and the fused path where the engine runs.
+    fn lora_paths(&self) -> Vec<LoraPath> {
+        if self.engine { vec![LoraPath::Cublas, LoraPath::Fused] } else { vec![LoraPath::Cublas] }
+    }
+
     fn gemm(&mut self, quick: bool) -> Result<Section> {
         let mut shapes = vec![(8192, 4096, 4096), (4096, 4096, 4096)];
         if !quick {
@@ -130,6 +144,9 @@ impl Bench {
             let problem = format!("{m}x{n}x{k} NT");
             let flops = 2.0 * (m * n * k) as f64;
             for path in [GemmPath::Cublas, GemmPath::CublasLt, GemmPath::Engine] {
+                if path == GemmPath::Engine && !self.engine {
+                    continue;
+                }
                 let ms = self.time(&format!("gemm {problem} {}", path.name()), |i| {
                     gemm_cuda(path, &nt, &a[i], &bm[i], &mut c)
                 })?;
@@ -167,7 +184,7 @@ impl Bench {
             let ms =
                 self.time(&format!("{problem} base"), |i| gemm_cuda(GemmPath::Cublas, &nt, &xs[i], &w, &mut fwd.y))?;
             rows.push(row(&problem, "cublas base GEMM", ms, base_flops));
-            for path in [LoraPath::Cublas, LoraPath::Fused] {
+            for path in self.lora_paths() {
                 let name = format!("lora {}", path.name());
                 let ms = self.time(&format!("{problem} {name}"), |i| lora::forward_into(path, &l, &xs[i], &mut fwd))?;
                 rows.push(row(&problem, &name, ms, base_flops));
@@ -179,7 +196,7 @@ impl Bench {
                 gemm_cuda(GemmPath::Cublas, &Gemm::default(), &dys[i], &w, &mut dx_base)
             })?;
             rows.push(row(&problem, "cublas base GEMM", ms, 2.0 * base_flops));
-            for path in [LoraPath::Cublas, LoraPath::Fused] {
+            for path in self.lora_paths() {
                 let name = format!("lora {}", path.name());
                 let ms = self.time(&format!("{problem} {name}"), |i| {
                     lora::forward_into(path, &l, &xs[i], &mut fwd)?;
@@ -206,7 +223,8 @@ impl Bench {
         let problem = format!("G += dYᵀ X, M={m}, G {n}x{k} f32");
         let flops = 2.0 * (m * n * k) as f64;
         let mut rows = Vec::new();
-        for (name, path) in [("cublas", LoraPath::Cublas), ("engine", LoraPath::Fused)] {
+        for path in self.lora_paths() {
+            let name = if path == LoraPath::Fused { "engine" } else { "cublas" };
             let ms = self.time(&format!("{problem} {name}"), |i| {
                 lora::accumulate_weight_grad(path, &mut g, &dys[i], &xs[i], 1.0)
             })?;
@@ -257,4 +275,37 @@ impl Bench {
 
 fn row(problem: &str, implementation: &str, median_ms: f64, flops: f64) -> Row {
     Row { problem: problem.into(), implementation: implementation.into(), median_ms, flops }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_is_one_table_per_section_with_its_own_baseline_and_note() {
+        let section = |title: &str, baseline: &'static str, rows: &[(&str, f64)], note: &str| Section {
+            title: title.into(),
+            baseline,
+            rows: rows.iter().map(|&(imp, ms)| row("p", imp, ms, 2e9)).collect(),
+            note: note.into(),
+        };
+        let report = Report {
+            device: "GPU X (sm_90a)".into(),
+            warmup: 3,
+            reps: 10,
+            sections: vec![
+                section("gemm", "cublas", &[("cublas", 2.0), ("engine", 1.0)], ""),
+                section("rsvd", "loraga fp32", &[("loraga fp32", 4.0), ("loraga tf32", 3.0)], "torch: 3.7 ms"),
+            ],
+        };
+        let md = report.markdown();
+        assert!(md.starts_with("## loraga kernel summary on GPU X (sm_90a)\n"), "{md}");
+        assert!(md.contains("Median of 10 single runs timed with CUDA events after 3 warm-up runs"), "{md}");
+        assert!(md.contains("### gemm\n") && md.contains("| p | engine | 1.0000 | 2.0 | 0.500 |"), "{md}");
+        assert!(
+            md.contains("time / loraga fp32 |") && md.contains("| p | loraga tf32 | 3.0000 | 0.7 | 0.750 |"),
+            "{md}"
+        );
+        assert!(md.contains("\ntorch: 3.7 ms\n"), "{md}");
+    }
 }
