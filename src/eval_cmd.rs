@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use loraga_core::data::{EncodeOptions, encode, read_jsonl};
+use loraga_core::data::{encode, read_jsonl};
 use loraga_core::model::generate::GreedyConfig;
-use loraga_core::{DType, Error, Result};
+use loraga_core::{DType, Result};
 
 use crate::train::{DataFormat, DeviceChoice, setup_device};
 
@@ -45,7 +45,8 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs) -> Result<String> {
     let device = setup_device(a.device)?;
-    let crate::train::LoadedModel { model: mut llama, params, tokenizer } = crate::train::load_model(&a.model)?;
+    let crate::train::LoadedModel { model: mut llama, params, tokenizer, chat_template } =
+        crate::train::load_model(&a.model)?;
     let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
     let mut params = params.to_device(&device, |_| dtype)?;
     llama.dtype = dtype;
@@ -56,8 +57,7 @@ pub fn run(a: EvalArgs) -> Result<String> {
     if a.examples > 0 {
         records.truncate(a.examples);
     }
-    let mut opts = EncodeOptions::new(&tokenizer, 4096)?;
-    opts.template = a.format.template()?;
+    let opts = a.format.encode_options(&tokenizer, 4096, chat_template.as_deref())?;
     let started = Instant::now();
     let examples = encode(&records, &tokenizer, &opts)?.examples;
     let loss = loraga_core::eval::loss(&llama, &params, &examples, a.batch_size)?;
@@ -77,8 +77,8 @@ pub fn run(a: EvalArgs) -> Result<String> {
     });
     if a.gsm8k {
         let started = Instant::now();
-        let eos = tokenizer.eos_token_id().ok_or_else(|| Error::InvalidArgument("the tokenizer has no EOS".into()))?;
-        let cfg = GreedyConfig { max_new_tokens: a.max_new_tokens, stop_tokens: vec![eos] };
+        // Generation stops at the token the answers were trained to end with.
+        let cfg = GreedyConfig { max_new_tokens: a.max_new_tokens, stop_tokens: vec![opts.eos] };
         let report =
             loraga_core::eval::gsm8k_exact_match(&llama, &params, &tokenizer, &records, &opts, &cfg, a.batch_size)?;
         text.push_str(&format!(

@@ -1,6 +1,8 @@
 //! The `loraga` command line's library side: what the CLI, the benches and the integration
 //! tests share.
 
+pub mod bench;
+pub mod data_format;
 pub mod demo;
 pub mod eval_cmd;
 pub mod info;

@@ -40,6 +40,18 @@ enum Command {
     /// Evaluate a model (and optionally a PEFT adapter): answer loss and perplexity on a JSONL
     /// set, and GSM8K exact match by greedy decoding with --gsm8k.
     Eval(loraga::eval_cmd::EvalArgs),
+    /// The kernel summary table on this machine's GPU: the GEMM engine vs cuBLAS, the LoRA layer
+    /// fused vs PEFT's cuBLAS composition vs the base GEMM, G += dYᵀX vs cuBLAS, and the
+    /// randomized SVD, each timed with CUDA events (median after warm-up). Needs a CUDA GPU.
+    Bench {
+        /// Fewer shapes and runs (about a minute): 10 timed runs each instead of 50, the GEMM at
+        /// two shapes instead of five, the LoRA layer at r = 16 only, the SVD at 4096x4096 only.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the markdown table to this file.
+        #[arg(long, value_name = "FILE.md")]
+        out: Option<std::path::PathBuf>,
+    },
     /// Compare runs: their loss curves in one PNG and a markdown table (final smoothed training
     /// loss, eval losses, steps to reach the reference run's final loss).
     Report {
@@ -82,6 +94,7 @@ fn main() -> ExitCode {
                 fmt(s.eval_loss)
             );
         }),
+        Command::Bench { quick, out } => bench(quick, out.as_deref()),
         Command::Report { runs, reference, ema, seeds, out } => {
             loraga::report::run(&runs, reference.as_deref(), ema, seeds, &out).map(|table| print!("{table}"))
         }
@@ -92,6 +105,15 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn bench(quick: bool, out: Option<&std::path::Path>) -> loraga_core::Result<()> {
+    let table = loraga::bench::run(quick)?.markdown();
+    print!("{table}");
+    match out {
+        Some(path) => loraga_core::io::atomic::write(path, table.as_bytes()),
+        None => Ok(()),
     }
 }
 

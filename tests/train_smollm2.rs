@@ -64,6 +64,24 @@ fn a_stopped_and_resumed_run_equals_an_uninterrupted_one() {
             assert!(run.join(f).is_file(), "{} has no {f}", run.display());
         }
     }
+    // Where the time went: every phase measured, the steps counted, nothing negative.
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("timings.json")).unwrap()).unwrap();
+    assert_eq!(
+        (t["steps"].as_u64(), t["evals"].as_u64(), t["checkpoints"].as_u64()),
+        (Some(3), Some(0), Some(1)),
+        "{t}"
+    );
+    for k in ["model_load_s", "tokenize_s", "estimate_s", "init_s", "train_steps_s", "first_step_s", "export_s"] {
+        assert!(t[k].as_f64().unwrap() > 0.0, "{k} in {t}");
+    }
+    let phases: f64 = ["device_s", "model_load_s", "tokenize_s", "estimate_s", "init_s", "train_steps_s", "eval_s"]
+        .iter()
+        .chain(&["checkpoint_s", "export_s", "other_s"])
+        .map(|k| t[k].as_f64().unwrap())
+        .sum();
+    assert!((phases - t["total_s"].as_f64().unwrap()).abs() < 1e-6, "{t}");
+
     // The exported adapter is the rank-2r conversion for the original model.
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(straight.join("adapter/adapter_config.json")).unwrap()).unwrap();
@@ -99,4 +117,61 @@ fn a_stopped_and_resumed_run_equals_an_uninterrupted_one() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The micro-batches `loraga train --write-batch-plan` writes for these options: per batch, the
+/// record numbers and the examples' token counts.
+fn batch_plan(data: &Path, dir: &Path, name: &str, extra: &[&str]) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+    let plan = dir.join(format!("{name}.json"));
+    let o = loraga()
+        .arg("train")
+        .arg("--model")
+        .arg(repo_path(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .arg("--data")
+        .arg(data)
+        .args(["--steps", "8", "--batch-size", "4", "--max-len", "384", "--loraga-batches", "1"])
+        .args(["--loraga-batch-size", "2", "--device", "cpu", "--out"])
+        .arg(dir.join(name))
+        .arg("--write-batch-plan")
+        .arg(&plan)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "loraga train --write-batch-plan failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!dir.join(name).join("metrics.jsonl").exists(), "writing the plan trained");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let rows = |key: &str| -> Vec<Vec<usize>> { serde_json::from_value(v[key].clone()).unwrap() };
+    (rows("records"), rows("lengths"))
+}
+
+#[test]
+fn the_data_options_shape_the_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    std::fs::write(&data, to_jsonl(&synthetic::problems(40, 5), &Fields::default())).unwrap();
+    let padding = |lengths: &[Vec<usize>]| -> usize {
+        lengths.iter().map(|b| b.len() * b.iter().max().unwrap() - b.iter().sum::<usize>()).sum()
+    };
+
+    // Bucketing (the default) sorts the epoch's examples by length before batching: the same
+    // examples as without it (8 steps of 4 stay within the 38 training examples' first epoch),
+    // much less padding.
+    let (bucketed, bucketed_len) = batch_plan(&data, dir.path(), "bucketed", &[]);
+    let (plain, plain_len) = batch_plan(&data, dir.path(), "plain", &["--no-bucketing"]);
+    assert_eq!(bucketed.len(), 8);
+    assert!(bucketed.iter().chain(&plain).all(|b| b.len() == 4));
+    let distinct = |p: &[Vec<usize>]| p.concat().into_iter().collect::<std::collections::BTreeSet<_>>().len();
+    assert_eq!((distinct(&bucketed), distinct(&plain)), (32, 32));
+    let (pb, pp) = (padding(&bucketed_len), padding(&plain_len));
+    assert!(pb * 2 < pp, "bucketing should cut padding: {pb} vs {pp} tokens");
+
+    // Chat templates: the model's own (SmolLM2's ChatML with its default system turn) makes every
+    // example longer than the built-in ChatML by the same system turn; both batch alike.
+    let (chatml, chatml_len) = batch_plan(&data, dir.path(), "chatml", &["--chat-template", "chatml"]);
+    let (model, model_len) = batch_plan(&data, dir.path(), "model", &["--chat-template", "model"]);
+    assert_eq!(chatml, model, "a constant length shift changes no batch");
+    let diffs: std::collections::BTreeSet<i64> =
+        model_len.concat().iter().zip(chatml_len.concat()).map(|(&m, c)| m as i64 - c as i64).collect();
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    assert!(*diffs.first().unwrap() > 10, "{diffs:?}");
 }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+pub use crate::data_format::{ChatTemplate, DataFormat};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
@@ -44,30 +46,6 @@ pub enum LoraGaVariant {
     Reference,
     /// PEFT 0.19-0.21's variant: B carries the singular values, `stable` scales B only.
     Peft,
-}
-
-/// How JSONL records become prompts and responses (shared by train and eval).
-#[derive(Debug, Clone, Args, Serialize, Deserialize)]
-pub struct DataFormat {
-    /// JSONL field holding the prompt (GSM8K: question).
-    #[arg(long, default_value = "question")]
-    pub prompt_field: String,
-    /// JSONL field holding the response, trained on (GSM8K: answer).
-    #[arg(long, default_value = "answer")]
-    pub response_field: String,
-    /// Text around the prompt, with one {prompt}; the loss covers only the response and EOS.
-    #[arg(long, default_value = "Question: {prompt}\nAnswer: ")]
-    pub template: String,
-}
-
-impl DataFormat {
-    pub fn fields(&self) -> loraga_core::data::Fields {
-        loraga_core::data::Fields { prompt: self.prompt_field.clone(), response: self.response_field.clone() }
-    }
-
-    pub fn template(&self) -> loraga_core::Result<loraga_core::data::PromptTemplate> {
-        loraga_core::data::PromptTemplate::new(self.template.clone())
-    }
 }
 
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
@@ -127,6 +105,20 @@ pub struct TrainArgs {
     /// Longest example in tokens (longer ones are truncated).
     #[arg(long, default_value_t = 384)]
     pub max_len: usize,
+    /// Turn length bucketing off (it is on by default). Bucketing: after each epoch's seeded
+    /// shuffle, every chunk of --bucket-batches batches' worth of examples is sorted by length and
+    /// cut into batches, whose order is then shuffled again, so a batch holds examples of similar
+    /// length and little compute goes to padding (Hugging Face's group_by_length). Off: batches
+    /// are consecutive examples of the shuffled order. (Packing several examples into one row is
+    /// not offered: it needs attention masks that keep the examples apart.)
+    #[arg(long)]
+    #[serde(default)]
+    pub no_bucketing: bool,
+    /// Length bucketing's chunk, in batches: larger chunks pad less but order the data less
+    /// randomly.
+    #[arg(long, default_value_t = 50)]
+    #[serde(default = "default_bucket_batches")]
+    pub bucket_batches: usize,
     /// Optimizer steps.
     #[arg(long, default_value_t = 300)]
     pub steps: u64,
@@ -168,13 +160,28 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
+    /// Write the run's micro-batches (the 0-based record numbers of --data in each, and their
+    /// token counts) as JSON to FILE and exit without training: the same batches for another
+    /// trainer (scripts/baselines/peft_train.py --batch-plan).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub write_batch_plan: Option<PathBuf>,
     /// Stop (checkpointed, as Ctrl-C does) after this many steps: for testing --resume.
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub stop_after: Option<u64>,
 }
 
+fn default_bucket_batches() -> usize {
+    50
+}
+
 impl TrainArgs {
+    /// The loader's length-bucketing chunk in batches (None: no bucketing).
+    pub fn bucketing(&self) -> Option<usize> {
+        if self.no_bucketing { None } else { Some(self.bucket_batches) }
+    }
+
     /// Every option at its command-line default; model, data and out are "-" (set them).
     pub fn defaults() -> TrainArgs {
         #[derive(clap::Parser)]

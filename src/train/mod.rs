@@ -17,6 +17,7 @@
 pub mod args;
 pub mod checkpoint;
 mod setup;
+pub mod timings;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,11 +32,12 @@ use loraga_core::model::Llama;
 use loraga_core::optim::{AdamW, AdamWConfig, Decay, LrSchedule, clip_grad_norm, warmup_steps_from_ratio};
 use loraga_core::{DType, Device, Error, Result, Tensor};
 
-pub use args::{DataFormat, DeviceChoice, LoraGaVariant, Method, Schedule, TrainArgs};
+pub use args::{ChatTemplate, DataFormat, DeviceChoice, LoraGaVariant, Method, Schedule, TrainArgs};
 use checkpoint::RunState;
 pub use setup::{Model as LoadedModel, load_model};
 
 use crate::metrics::{self, Record};
+use timings::{Timings, since};
 
 /// The device `choice` names (auto: the first GPU if usable, else the CPU).
 pub fn setup_device(choice: DeviceChoice) -> Result<Device> {
@@ -80,6 +82,7 @@ fn storage_dtype(device: &Device, trainable: bool) -> DType {
 
 /// Runs (or resumes) a training run.
 pub fn run(mut args: TrainArgs) -> Result<Summary> {
+    let mut times = Timings::start();
     let out = args.out.clone();
     let run_json = out.join("run.json");
     if args.resume {
@@ -92,23 +95,37 @@ pub fn run(mut args: TrainArgs) -> Result<Summary> {
         )));
     }
     setup::validate(&args)?;
+    let t = Instant::now();
     let device = setup::device(args.device)?;
+    times.device_s = since(t);
     eprintln!("device: {}", setup::describe(&device));
-    let setup::Model { model: mut llama, params: base, tokenizer } = setup::load_model(&args.model)?;
-    let data = setup::load_data(&args, &tokenizer)?;
-
+    let t = Instant::now();
+    let setup::Model { model: mut llama, params: base, tokenizer, chat_template } = setup::load_model(&args.model)?;
     llama.dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
     let full = args.method == Method::Full;
     let mut params = base.to_device(&device, |_| storage_dtype(&device, full))?;
     drop(base);
+    times.model_load_s = since(t);
+    let t = Instant::now();
+    let data = setup::load_data(&args, &tokenizer, chat_template.as_deref())?;
+    times.tokenize_s = since(t);
+    if let Some(path) = &args.write_batch_plan {
+        return write_batch_plan(&args, &data, path).map(|()| Summary {
+            steps: 0,
+            final_loss: None,
+            eval_loss: None,
+            interrupted: false,
+        });
+    }
     if full {
         let names: Vec<String> = params.names().map(String::from).collect();
         names.iter().try_for_each(|n| params.set_trainable(n, true))?;
     }
     let mut init = match init_method(&args) {
         None => None,
-        Some(method) => Some(initialise(&args, &mut llama, &mut params, method, &data.estimation)?),
+        Some(method) => Some(initialise(&args, &mut llama, &mut params, method, &data.estimation, &mut times)?),
     };
+    let t = Instant::now();
     // Saved as created (in the base weights' dtype): `--resume` rebuilds W - s B0 A0 from it.
     if let Some(init) = &init
         && !args.resume
@@ -130,6 +147,7 @@ pub fn run(mut args: TrainArgs) -> Result<Summary> {
         layer.a = layer.a.to(&layer.a.device(), DType::F32)?;
         layer.b = layer.b.to(&layer.b.device(), DType::F32)?;
     }
+    times.init_s += since(t);
 
     let total = setup::total_steps(&args, data.train.len())?;
     let warmup = warmup_steps_from_ratio(total, args.warmup_ratio)?;
@@ -140,12 +158,7 @@ pub fn run(mut args: TrainArgs) -> Result<Summary> {
     };
     let schedule = LrSchedule::new(args.lr, warmup, total, decay)?;
     let mut opt = AdamW::new(AdamWConfig { weight_decay: args.weight_decay, ..AdamWConfig::new(args.lr) })?;
-    let loader_cfg = LoaderConfig {
-        drop_last: true,
-        bucket_chunk_batches: Some(50),
-        ..LoaderConfig::new(args.batch_size, args.seed, data.pad_id)
-    };
-    let loader = Loader::new(&data.train, loader_cfg)?;
+    let loader = Loader::new(&data.train, loader_config(&args, data.pad_id))?;
 
     let mut state = RunState { step: 0, epoch: 0, batch: 0, tokens: 0 };
     let mut writer = if args.resume {
@@ -213,6 +226,7 @@ pub fn run(mut args: TrainArgs) -> Result<Summary> {
 
         let loss = loss_sum / args.grad_accum as f64;
         let seconds = started.elapsed().as_secs_f64();
+        times.step(seconds);
         writer.write(&Record {
             step: state.step as usize,
             loss: Some(loss),
@@ -228,14 +242,20 @@ pub fn run(mut args: TrainArgs) -> Result<Summary> {
         let last = state.step == total;
         let stop = interrupted.load(Ordering::SeqCst) || args.stop_after == Some(state.step);
         if !data.eval.is_empty() && (last || (args.eval_every > 0 && state.step.is_multiple_of(args.eval_every))) {
+            let t = Instant::now();
             let report = loraga_core::eval::loss(&llama, &params, &data.eval, args.batch_size)?;
+            times.eval_s += since(t);
+            times.evals += 1;
             let eval_loss = report.token_mean();
             writer.write(&Record { step: state.step as usize, eval_loss: Some(eval_loss), ..Record::default() })?;
             bar.println(format!("step {}: eval loss {eval_loss:.4} on {} examples", state.step, data.eval.len()));
             summary.eval_loss = Some(eval_loss);
         }
         if last || stop || (args.checkpoint_every > 0 && state.step.is_multiple_of(args.checkpoint_every)) {
+            let t = Instant::now();
             checkpoint::save(&out, &params, &opt, &state)?;
+            times.checkpoint_s += since(t);
+            times.checkpoints += 1;
         }
         summary.steps = state.step;
         if stop && !last {
@@ -244,12 +264,55 @@ pub fn run(mut args: TrainArgs) -> Result<Summary> {
                 state.step
             ));
             summary.interrupted = true;
+            times.finish(&out)?;
             return Ok(summary);
         }
     }
     bar.finish();
+    let t = Instant::now();
     export(&out, &llama, &params, init.as_ref())?;
+    times.export_s = since(t);
+    times.finish(&out)?;
     Ok(summary)
+}
+
+/// The loader's config for the training batches.
+fn loader_config(args: &TrainArgs, pad_id: u32) -> LoaderConfig {
+    LoaderConfig {
+        drop_last: true,
+        bucket_chunk_batches: args.bucketing(),
+        ..LoaderConfig::new(args.batch_size, args.seed, pad_id)
+    }
+}
+
+/// `--write-batch-plan`: every micro-batch the run would take, as record numbers of --data
+/// (0-based, blank lines not counted) with each example's token count after truncation.
+fn write_batch_plan(args: &TrainArgs, data: &setup::Data, path: &std::path::Path) -> Result<()> {
+    let total = setup::total_steps(args, data.train.len())?;
+    let loader = Loader::new(&data.train, loader_config(args, data.pad_id))?;
+    let count = total as usize * args.grad_accum;
+    let (mut batches, mut epoch) = (Vec::with_capacity(count), 0);
+    while batches.len() < count {
+        batches.extend(loader.epoch_plan(epoch));
+        epoch += 1;
+    }
+    batches.truncate(count);
+    let records: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|&i| data.train[i].source).collect()).collect();
+    let lengths: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|&i| data.train[i].len()).collect()).collect();
+    let plan = serde_json::json!({
+        "data": args.data,
+        "steps": total,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "max_len": args.max_len,
+        "seed": args.seed,
+        "bucketing": args.bucketing(),
+        "records": records,
+        "lengths": lengths,
+    });
+    loraga_core::io::atomic::write(path, plan.to_string().as_bytes())?;
+    eprintln!("wrote the {count} micro-batches of {total} steps to {} (no training)", path.display());
+    Ok(())
 }
 
 /// LoRA-GA's gradient estimation (on the held-apart examples) and every method's initialisation.
@@ -259,6 +322,7 @@ fn initialise(
     params: &mut Params,
     method: InitMethod,
     estimation: &[Example],
+    times: &mut Timings,
 ) -> Result<InitState> {
     let lora = lora_config(args)?;
     let init_dir = args.out.join("init");
@@ -267,13 +331,16 @@ fn initialise(
         state.restore(llama, params)?;
         return Ok(state);
     }
+    let started = Instant::now();
     let grads = match &method {
         InitMethod::LoraGa(_) => Some(setup::estimate(args, llama, params, &lora, estimation)?),
         _ => None,
     };
+    times.estimate_s = since(started);
     let started = Instant::now();
     let state = loraga::initialize(llama, params, lora, &method, grads.as_ref())?;
     eprintln!("initialised {} adapters ({}) in {:.1?}", state.layers.len(), args.method_name(), started.elapsed());
+    times.init_s = since(started);
     Ok(state)
 }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use loraga_core::autograd::Params;
-use loraga_core::data::{EncodeOptions, Example, collate, encode, read_jsonl};
+use loraga_core::data::{Example, collate, encode, read_jsonl};
 use loraga_core::io::GgufFile;
 use loraga_core::lora::LoraConfig;
 use loraga_core::loraga::{EstimateOptions, GradientEstimate, GradientEstimator, target_weights};
@@ -31,6 +31,9 @@ pub fn validate(a: &TrainArgs) -> Result<()> {
     }
     if a.epochs.is_none() && a.steps == 0 {
         return bad("--steps must be positive".into());
+    }
+    if a.bucket_batches == 0 {
+        return bad("--bucket-batches must be positive (turn bucketing off with --no-bucketing)".into());
     }
     if a.method == Method::LoraGa && (a.loraga_batches == 0 || a.loraga_batch_size == 0) {
         return bad("--loraga-batches and --loraga-batch-size must be positive".into());
@@ -63,6 +66,8 @@ pub struct Model {
     pub model: Llama,
     pub params: Params,
     pub tokenizer: Tokenizer,
+    /// The model's chat template (Jinja text), if it ships one.
+    pub chat_template: Option<String>,
 }
 
 /// A GGUF file, or a Hugging Face folder with config.json, the safetensors and tokenizer.json.
@@ -70,14 +75,34 @@ pub fn load_model(path: &Path) -> Result<Model> {
     let started = Instant::now();
     let m = if path.is_dir() {
         let (model, params) = Llama::load_safetensors(path.join("config.json"), path)?;
-        Model { model, params, tokenizer: Tokenizer::from_file(path.join("tokenizer.json"))? }
+        let tokenizer = Tokenizer::from_file(path.join("tokenizer.json"))?;
+        Model { model, params, tokenizer, chat_template: folder_chat_template(path)? }
     } else {
         let (model, params) = Llama::load_gguf(path)?;
-        Model { model, params, tokenizer: Tokenizer::from_gguf(&GgufFile::open(path)?)? }
+        let file = GgufFile::open(path)?;
+        let chat_template = file.metadata().get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from);
+        Model { model, params, tokenizer: Tokenizer::from_gguf(&file)?, chat_template }
     };
     let n: usize = m.params.iter().map(|p| p.value().shape().elem_count()).sum();
     eprintln!("loaded {} ({:.1}M parameters) in {:.1?}", path.display(), n as f64 / 1e6, started.elapsed());
     Ok(m)
+}
+
+/// A Hugging Face folder's chat template: `chat_template.jinja`, else the `chat_template` string
+/// of `tokenizer_config.json` (None where neither exists).
+fn folder_chat_template(dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja).map(Some).map_err(|source| Error::Io { path: jinja, source });
+    }
+    let config = dir.join("tokenizer_config.json");
+    if !config.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&config).map_err(|source| Error::Io { path: config.clone(), source })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(&config, format!("not valid JSON: {e}")))?;
+    Ok(v.get("chat_template").and_then(|t| t.as_str()).map(String::from))
 }
 
 pub struct Data {
@@ -89,10 +114,9 @@ pub struct Data {
     pub pad_id: u32,
 }
 
-pub fn load_data(a: &TrainArgs, tok: &Tokenizer) -> Result<Data> {
+pub fn load_data(a: &TrainArgs, tok: &Tokenizer, chat_template: Option<&str>) -> Result<Data> {
     let fields = a.format.fields();
-    let mut opts = EncodeOptions::new(tok, a.max_len)?;
-    opts.template = a.format.template()?;
+    let opts = a.format.encode_options(tok, a.max_len, chat_template)?;
     let records = read_jsonl(&a.data, &fields)?;
     let enc = encode(&records, tok, &opts)?;
     if enc.truncated + enc.dropped > 0 {
