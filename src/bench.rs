@@ -125,9 +125,14 @@ impl Bench {
         Ok(ms)
     }
 
-    /// PEFT's cuBLAS composition, and the fused path where the engine runs.
+    /// PEFT's cuBLAS sequence, the beta-folded cuBLAS composition, and the fused path where the
+    /// engine runs.
     fn lora_paths(&self) -> Vec<LoraPath> {
-        if self.engine { vec![LoraPath::Cublas, LoraPath::Fused] } else { vec![LoraPath::Cublas] }
+        let mut paths = vec![LoraPath::Cublas, LoraPath::CublasFolded];
+        if self.engine {
+            paths.push(LoraPath::Fused);
+        }
+        paths
     }
 
     fn gemm(&mut self, quick: bool) -> Result<Section> {
@@ -209,9 +214,11 @@ impl Bench {
             title: "LoRA layer, bf16, fp32 accumulation (TFLOP/s count the base GEMMs' FLOPs only)".into(),
             baseline: "cublas base GEMM",
             rows,
-            note: "`lora cublas` is PEFT's composition (base GEMM, two adapter GEMMs, the adapter added by beta = 1); \
-                   `lora fused` runs each [X | U] [W | B]ᵀ product as one engine GEMM over two K sources."
-                .into(),
+            note:
+                "`lora cublas-peft` is the sequence PEFT runs in eager PyTorch (base GEMM, two adapter GEMMs, a scale \
+                   and an add; its backward as autograd runs it); `lora cublas-folded` folds the adds into beta = 1 \
+                   GEMMs; `lora fused` runs each [X | U] [W | B]ᵀ product as one engine GEMM over two K sources."
+                    .into(),
         })
     }
 

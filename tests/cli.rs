@@ -98,8 +98,11 @@ fn bench_quick_times_every_kernel_against_its_baseline() {
     let expected: Vec<(String, &[&str])> = vec![
         ("8192x4096x4096 NT".into(), &["cublas", "cublaslt", "engine"]),
         ("4096x4096x4096 NT".into(), &["cublas", "cublaslt", "engine"]),
-        (format!("forward {lora}"), &["cublas base GEMM", "lora cublas", "lora fused"]),
-        (format!("forward+backward {lora}"), &["cublas base GEMM", "lora cublas", "lora fused"]),
+        (format!("forward {lora}"), &["cublas base GEMM", "lora cublas-peft", "lora cublas-folded", "lora fused"]),
+        (
+            format!("forward+backward {lora}"),
+            &["cublas base GEMM", "lora cublas-peft", "lora cublas-folded", "lora fused"],
+        ),
         ("G += dYᵀ X, M=8192, G 4096x4096 f32".into(), &["cublas", "engine"]),
         ("4096x4096 q=32".into(), &["loraga fp32", "loraga tf32"]),
         ("4096x4096 q=128".into(), &["loraga fp32", "loraga tf32"]),

@@ -55,6 +55,19 @@ impl Problem {
         (a, b)
     }
 
+    /// |alpha| |op(A)| |op(B)| + |beta| |C0| elementwise: the scale that rounding the operands
+    /// (TF32: 2^-11 of each product) perturbs the result by, whatever cancels in it.
+    pub fn magnitude(&self) -> Vec<f64> {
+        let abs = |s: &CpuStorage| s.to_f32_vec().into_iter().map(|x| (x as f64).abs()).collect::<Vec<f64>>();
+        let mut out: Vec<f64> = match &self.c0 {
+            Some(c) => c.iter().map(|&x| (x as f64).abs()).collect(),
+            None => vec![0.0; self.d.m * self.d.n],
+        };
+        let g = Gemm { alpha: self.g.alpha.abs(), beta: self.g.beta.abs(), ..self.g };
+        loraga_core::cpu::gemm::gemm_f64(&g, self.d, &abs(&self.a), &abs(&self.b), &mut out);
+        out
+    }
+
     /// The output tensor: C0 when beta != 0, else every element NaN so an unwritten one fails.
     pub fn output(&self, device: &Device, dtype: DType) -> Tensor {
         let shape = [self.d.m, self.d.n];

@@ -10,11 +10,14 @@
 //!
 //! Paths ([`LoraPath`]):
 //! - `Fused` runs each `[.. | ..]` product as one GEMM-engine call over two K sources, after one
-//!   skinny product for U' (or V') by the tensor-core kernel of `kernels/lora_skinny.cu`
-//!   (`cuda::lora_skinny`: it streams X or dY once, where the engine's 128 x 256 tile would
-//!   spend a whole base-GEMM tile on an N = r output). Every product the engine cannot take (f32
-//!   operands, a rank r that is not a multiple of 8, a device without wgmma) runs the folded
-//!   composition below on cuBLAS instead, so any r in 1..=min(K, N) and any M, K, N work; the
+//!   skinny product for U' (or V') on the engine. (The tensor-core kernel of
+//!   `kernels/lora_skinny.cu`, `cuda::lora_skinny`, streams X or dY once for that product, but
+//!   with it the layer measured 1.20x the base GEMM forward and 1.33x forward+backward on the
+//!   H200 (`loraga bench --quick`, 2026-11-29), where the engine's U' had measured 1.13x and
+//!   1.20x (benches/lora_linear.rs, 2026-11-28), so the fused path does not use it until a run
+//!   shows it faster; benches/lora_linear.rs times U' both ways.) Every product the engine cannot
+//!   take (f32 operands, a rank r that is not a multiple of 8, a device without wgmma) runs the
+//!   folded composition below on cuBLAS instead, so any r in 1..=min(K, N) and any M, K, N work; the
 //!   two-source GEMMs need bf16, sm_90a and r, K, N multiples of 8.
 //! - `Cublas` is the composition PEFT runs in eager PyTorch (`result = base(x); result = result +
 //!   lora_B(lora_A(x)) * scaling`, backward as autograd runs it): base GEMM, A GEMM, B GEMM into a
@@ -33,7 +36,7 @@
 
 use crate::cuda::GemmPath;
 use crate::cuda::gemm_sm90::{self, KSource};
-use crate::cuda::lora_skinny::{self, Small};
+use crate::cuda::lora_skinny::Small;
 use crate::cuda::ops::elementwise;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -168,22 +171,13 @@ fn product(via: Via, g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor) -> Result<
     }
 }
 
-/// The skinny product `p = s z Aᵀ` (`Small::A`) or `p = s z B` (`Small::B`): on the fused path
-/// the tensor-core kernel of `kernels/lora_skinny.cu` where it applies, else a GEMM.
+/// The skinny product `p = s z Aᵀ` (`Small::A`) or `p = s z B` (`Small::B`).
 fn down(via: Via, s: f32, z: &Tensor, small: &Tensor, layout: Small, p: &mut Tensor) -> Result<()> {
     let g = match layout {
         Small::A => Gemm { alpha: s, ..NT },
         Small::B => Gemm { alpha: s, ..NN },
     };
-    if via != Via::Best {
-        return product(via, g, z, small, p);
-    }
-    let (zs, ss) = (cuda(z, "X")?, cuda(small, "adapter")?);
-    if lora_skinny::unsupported(zs, ss, cuda(p, "U")?).is_some() {
-        return product(via, g, z, small, p);
-    }
-    let (m, c, r) = (z.dims()[0], z.dims()[1], p.dims()[1]);
-    lora_skinny::down(zs, ss, layout, (m, c, r), s, cuda_mut(p, "U")?)
+    product(via, g, z, small, p)
 }
 
 const NT: Gemm = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0, deterministic: false };
