@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::Args;
 use loraga_core::data::{encode, read_jsonl};
 use loraga_core::model::generate::GreedyConfig;
-use loraga_core::{DType, Result};
+use loraga_core::{DType, Error, Result};
 
 use crate::train::{DataFormat, DeviceChoice, setup_device};
 
@@ -20,6 +20,11 @@ pub struct EvalArgs {
     /// A PEFT adapter folder to apply (e.g. a run's adapter/, made for the original model).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Replace the model's weights by a safetensors file's of the same names and shapes (e.g. a
+    /// full fine-tuning run's model.safetensors); configuration and tokenizer still come from
+    /// --model.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
     /// JSONL data (GSM8K test: question/answer).
     #[arg(long)]
     pub data: PathBuf,
@@ -47,6 +52,10 @@ pub fn run(a: EvalArgs) -> Result<String> {
     let device = setup_device(a.device)?;
     let crate::train::LoadedModel { model: mut llama, params, tokenizer, chat_template } =
         crate::train::load_model(&a.model)?;
+    let mut params = params;
+    if let Some(path) = &a.weights {
+        replace_weights(&mut params, path)?;
+    }
     let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
     let mut params = params.to_device(&device, |_| dtype)?;
     llama.dtype = dtype;
@@ -97,4 +106,25 @@ pub fn run(a: EvalArgs) -> Result<String> {
         loraga_core::io::atomic::write(out, body.as_bytes())?;
     }
     Ok(text)
+}
+
+/// Every tensor of the safetensors file `path` replaces the model weight of its name (f32 on the
+/// host, before the move to the device); a name the model lacks, or another shape, is an error.
+fn replace_weights(params: &mut loraga_core::autograd::Params, path: &std::path::Path) -> Result<()> {
+    let file = loraga_core::io::SafetensorsCheckpoint::open(path)?;
+    let names: Vec<String> = file.names().map(String::from).collect();
+    if names.is_empty() {
+        return Err(Error::Format { file: path.to_path_buf(), msg: "no tensors to load".into() });
+    }
+    for name in &names {
+        if !params.contains(name) {
+            return Err(Error::Format {
+                file: path.to_path_buf(),
+                msg: format!("tensor {name} is not a weight of the model given by --model"),
+            });
+        }
+        params.set_value(name, file.tensor(name, DType::F32, &loraga_core::Device::Cpu)?)?;
+    }
+    eprintln!("replaced {} weights from {}", names.len(), path.display());
+    Ok(())
 }

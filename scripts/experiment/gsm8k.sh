@@ -14,7 +14,9 @@
 # ../shared/data/gsm8k), STEPS (default 300), DEADLINE (seconds; runs not started by then are
 # skipped, so a time-limited machine still returns what finished), JOBS (runs at once, default 1:
 # a 135M model leaves most of an H200 idle, so several runs share it; each run's per-step
-# tokens/s is then not a throughput measurement), EXTRA (more `loraga train` flags for every run).
+# tokens/s is then not a throughput measurement), EXTRA (more `loraga train` flags for every run),
+# EXACT=1 (after each run, GSM8K test exact match of its result by greedy decoding over all
+# 1,319 test problems, into OUT_DIR/NAME/exact.json; EXACT_BATCH examples at a time, default 64).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:?usage: gsm8k.sh OUT_DIR method:lr[:seed]...}
@@ -42,6 +44,14 @@ run_one() { # method lr seed name
         --name "$name" --out "$out/$name" "${extra[@]}" ${EXTRA:-} > "$out/$name.log" 2>&1
     status=$?
     echo "$name: exit $status in $(( $(date +%s) - started )) s; $(tail -1 "$out/$name.log")"
+    if [ $status = 0 ] && [ "${EXACT:-0}" = 1 ]; then
+        local result=(--adapter "$out/$name/adapter")
+        [ "$method" = full ] && result=(--weights "$out/$name/model.safetensors")
+        "$loraga" eval --model "$model" "${result[@]}" --data "$data/test.jsonl" --examples 0 --gsm8k \
+            --batch-size "${EXACT_BATCH:-64}" --max-new-tokens 256 --out "$out/$name/exact.json" \
+            > "$out/$name.exact.log" 2>&1
+        echo "$name: exact match exit $? $(grep 'exact match' "$out/$name.exact.log")"
+    fi
     return $status
 }
 
