@@ -20,7 +20,8 @@ use cudarc::driver::CudaSlice;
 
 use super::TruncatedSvd;
 use super::cusolver::Solver;
-use super::rsvd_cuda::{CudaMatrixRef, dptr};
+use super::rsvd_cuda::CudaMatrixRef;
+use super::rsvd_cuda_blas::dptr;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 

@@ -11,6 +11,7 @@ pub mod cusolver;
 pub mod gesvdr_cuda;
 pub mod rsvd;
 pub mod rsvd_cuda;
+mod rsvd_cuda_blas;
 mod rsvd_cuda_device;
 mod rsvd_cuda_host;
 pub mod svd;

@@ -21,7 +21,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use super::rsvd_cuda::{CudaMatrixRef, svd_lowrank_cuda, widen_bf16};
+use super::rsvd_cuda::{CudaMatrixRef, svd_lowrank_cuda};
+use super::rsvd_cuda_blas::widen_bf16;
 use super::{MatrixRef, TruncatedSvd};
 use crate::cpu::CpuStorage;
 use crate::dtype::DType;

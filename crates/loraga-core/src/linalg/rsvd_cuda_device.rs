@@ -29,7 +29,8 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::rsvd_cuda::{CudaMatrixRef, GemmMath, Lane, Products, dgemm, dptr, gram_f64, grid, strsm_right_upper};
+use super::rsvd_cuda::{CudaMatrixRef, GemmMath, Lane};
+use super::rsvd_cuda_blas::{Precision, Products, dptr, gram_f64, grid, strsm_right_upper, xgemm};
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
@@ -129,10 +130,10 @@ impl DeviceLayer<'_> {
         // SAFETY: rsvd_tri_product(const float*, const float*, int, double*): all q*q elements.
         unsafe { launch.launch(grid(dev, q * q)) }.map_err(Error::cuda("cuLaunchKernel(rsvd_tri_product)"))?;
 
-        dgemm(blas, true, false, q, q, q, rt, q, rt, q, gram, q)?; // RᵀR
+        xgemm(blas, Precision::F64, true, false, q, q, q, rt, q, rt, q, gram, q)?; // RᵀR
         let (work, info) = (dptr(&ws.work, dev), dptr(&ws.info, dev));
         lane.solver.syevd(q, gram, w, work, ws.work.len(), info)?; // gram ← V, w ← σ² ascending
-        dgemm(blas, false, false, q, q, q, rt, q, gram, q, rv, q)?; // R V = U_R Σ
+        xgemm(blas, Precision::F64, false, false, q, q, q, rt, q, gram, q, rv, q)?; // R V = U_R Σ
 
         let f = dev.function("rsvd_factor", "rsvd_core_order")?;
         let (ki, bit) = (k as i32, FLAG_CORE);
@@ -146,7 +147,7 @@ impl DeviceLayer<'_> {
         unsafe { launch.launch(grid(dev, q * k)) }.map_err(Error::cuda("cuLaunchKernel(rsvd_core_order)"))?;
 
         // The eigenvectors have been consumed: the Gram buffer takes U_Rᵀ U_R [k, k].
-        dgemm(blas, true, false, k, k, q, core_u, q, core_u, q, gram, k)?;
+        xgemm(blas, Precision::F64, true, false, k, k, q, core_u, q, core_u, q, gram, k)?;
         self.gram_check(gram, k, f64::INFINITY, CORE_ORTHO_TOL, FLAG_CORE_ORTHO)
     }
 }
