@@ -121,5 +121,5 @@ pub fn run(a: DemoArgs) -> Result<String> {
         train::run(args)?;
         runs.push(out);
     }
-    crate::report::run(&runs, Some("lora"), 0.9, false, &a.out.join("report"))
+    crate::report::run(&runs, Some("lora"), 0.9, false, "LoRA vs LoRA-GA (demo)", &a.out.join("report"))
 }

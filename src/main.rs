@@ -68,6 +68,9 @@ enum Command {
         /// over seeds (curves: the mean over seeds); --reference then names a group.
         #[arg(long)]
         seeds: bool,
+        /// The plot's title.
+        #[arg(long, default_value = "loss curves")]
+        title: String,
         /// Output path without extension: writes OUT.png and OUT.md.
         #[arg(long, default_value = "report")]
         out: std::path::PathBuf,
@@ -95,8 +98,8 @@ fn main() -> ExitCode {
             );
         }),
         Command::Bench { quick, out } => bench(quick, out.as_deref()),
-        Command::Report { runs, reference, ema, seeds, out } => {
-            loraga::report::run(&runs, reference.as_deref(), ema, seeds, &out).map(|table| print!("{table}"))
+        Command::Report { runs, reference, ema, seeds, title, out } => {
+            loraga::report::run(&runs, reference.as_deref(), ema, seeds, &title, &out).map(|table| print!("{table}"))
         }
     };
     match result {

@@ -14,13 +14,15 @@ shift 2
 loraga=${LORAGA:-target/release/loraga}
 mkdir -p "$out"
 methods="full lora lora-ga lora-ga-peft"
-"$loraga" report --seeds "$runs"/*/ --out "$out/grid" > /dev/null
+title="SmolLM2-135M on GSM8K, mean of seeds"
+"$loraga" report --seeds "$runs"/*/ --title "$title: every run" --out "$out/grid" > /dev/null
 for lr in 1e-4 3e-4 1e-3 3e-3; do
     dirs=()
     for m in $methods; do
         for d in "$runs/$m-lr$lr-s"*/; do [ -d "$d" ] && dirs+=("$d"); done
     done
-    "$loraga" report --seeds "${dirs[@]}" --reference "lora-lr$lr" --out "$out/lr-$lr" > /dev/null
+    "$loraga" report --seeds "${dirs[@]}" --reference "lora-lr$lr" --title "$title: every method at lr $lr" \
+        --out "$out/lr-$lr" > /dev/null
 done
 dirs=()
 reference=
@@ -30,6 +32,7 @@ for spec in "$@"; do
     for d in "$runs/$m-lr$lr-s"*/; do [ -d "$d" ] && dirs+=("$d"); done
 done
 if [ ${#dirs[@]} -gt 0 ]; then
-    "$loraga" report --seeds "${dirs[@]}" ${reference:+--reference "$reference"} --out "$out/best" > /dev/null
+    "$loraga" report --seeds "${dirs[@]}" ${reference:+--reference "$reference"} \
+        --title "$title: each method at its best lr" --out "$out/best" > /dev/null
 fi
 ls "$out"

@@ -181,7 +181,14 @@ fn panel(
 
 /// `loraga report`: loads the runs, writes `<out>.png` and `<out>.md`, returns the table. With
 /// `by_seed`, runs named `<group>-s<seed>` are reported per group, and `reference` names a group.
-pub fn run(dirs: &[PathBuf], reference: Option<&str>, weight: f64, by_seed: bool, out: &Path) -> Result<String> {
+pub fn run(
+    dirs: &[PathBuf],
+    reference: Option<&str>,
+    weight: f64,
+    by_seed: bool,
+    title: &str,
+    out: &Path,
+) -> Result<String> {
     if dirs.is_empty() {
         return Err(Error::InvalidArgument("report: give at least one run folder".into()));
     }
@@ -200,7 +207,7 @@ pub fn run(dirs: &[PathBuf], reference: Option<&str>, weight: f64, by_seed: bool
         (table(&runs, reference, weight), runs)
     };
     let png = out.with_extension("png");
-    plot(&curves, weight, "loss curves", &png)?;
+    plot(&curves, weight, title, &png)?;
     loraga_core::io::atomic::write(&out.with_extension("md"), table.as_bytes())?;
     Ok(table)
 }
