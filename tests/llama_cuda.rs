@@ -11,8 +11,9 @@
 //!   (logits) and 1-2e-6 (gradients).
 //!
 //! LoRA layers run as one tape op (`Tape::lora_linear`). The fixtures have r = 4, which the fused
-//! kernels do not take (r must be a multiple of 8), so there the default `Fused` path falls back
-//! to `CublasFolded`; both requested paths (and PEFT's `Cublas` sequence) are checked against transformers. To check the fused kernels
+//! kernels' two-source GEMMs do not take (r must be a multiple of 8), so there the default `Fused`
+//! path runs its products on cuBLAS; it and PEFT's `Cublas` sequence are both checked against
+//! transformers. To check the fused kernels
 //! against transformers too, each case also runs with its adapters zero-padded to r = 8 (A gets
 //! zero rows, B zero columns, alpha rescaled so that the scaling stays): exactly the same model,
 //! whose padded gradient rows/columns must be exactly zero. The fused kernels also run in
@@ -24,12 +25,11 @@
 mod common;
 
 use common::llama_fixture;
-use loraga_core::autograd::lora_linear::effective_path;
 use loraga_core::autograd::{Params, Tape};
 use loraga_core::cuda::CudaDevice;
 use loraga_core::cuda::ops::poison_outputs;
 use loraga_core::lora::{LoraConfig, LoraTarget, lora_b_name};
-use loraga_core::lora_linear::LoraPath;
+use loraga_core::lora_linear::{Lora, LoraPath, fuses};
 use loraga_core::model::{Batch, Llama};
 use loraga_core::testing::{randn, rel_error};
 use loraga_core::{DType, Device, Tensor};
@@ -220,8 +220,9 @@ fn fused_and_cublas_lora_paths_agree_on_cuda() {
     let (q, kv, h, i) =
         (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, c.intermediate_size);
     for (inp, out) in [(h, q), (h, kv), (q, h), (h, i), (i, h)] {
-        let got = effective_path(LoraPath::Fused, &bf(tokens, inp), &bf(out, inp), &bf(8, inp), &bf(out, 8));
-        assert_eq!(got, LoraPath::Fused, "in {inp}, out {out}");
+        let (w, a, b) = (bf(out, inp), bf(8, inp), bf(out, 8));
+        let layer = Lora { w: &w, a: &a, b: &b, scale: 1.0 };
+        assert!(fuses(&layer, &bf(tokens, inp)).unwrap(), "in {inp}, out {out}");
     }
 
     model.dtype = DType::BF16;
@@ -284,15 +285,16 @@ fn lora_linear_op_on_cuda_matches_the_cpu() {
             let want = eval(&Device::Cpu, DType::F32);
             let got = eval(&dev, dtype);
             let xs: Vec<Tensor> = ops.iter().map(|o| on(&dev, o, dtype)).collect();
-            let path = effective_path(LoraPath::Fused, &xs[0], &xs[1], &xs[2], &xs[3]);
+            let layer = Lora { w: &xs[1], a: &xs[2], b: &xs[3], scale: 1.7 };
             let fused = dtype == DType::BF16 && r % 8 == 0 && k % 8 == 0 && cuda.arch().has_wgmma();
-            assert_eq!(path, if fused { LoraPath::Fused } else { LoraPath::CublasFolded }, "{m} {k} {n} {r} {dtype}");
+            assert_eq!(fuses(&layer, &xs[0]).unwrap(), fused, "{m} {k} {n} {r} {dtype}");
+            let path = if fused { "fused" } else { "fused, cuBLAS fallback" };
             // bf16 outputs are rounded once (2^-9 relative) after f32 accumulation; f32 runs full
             // f32 cuBLAS (no TF32).
             let bound = if dtype == DType::BF16 { 1e-2 } else { 1e-5 };
             for (i, what) in ["y", "dx", "dA", "dB"].iter().enumerate() {
                 let e = rel_error(&got[i], &wide(&want[i]));
-                eprintln!("[{m}, {k}] x [{n}, {k}] r {r} {dtype} {}: {what} {e:.2e}", path.name());
+                eprintln!("[{m}, {k}] x [{n}, {k}] r {r} {dtype} {path}: {what} {e:.2e}");
                 assert!(e <= bound, "[{m}, {k}] r {r} {dtype} {what}: {e:.2e} > {bound:.0e}");
             }
         }

@@ -339,6 +339,20 @@ fn engine_takes(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &crate::cu
     sources[0].a.dtype() == DType::BF16 && gemm_sm90::unsupported(g, sources, m, n, c).is_none()
 }
 
+/// Whether [`LoraPath::Fused`] runs this layer's forward as one engine GEMM over two K sources,
+/// `[X | U'] [W | B]ᵀ`, on these operands (rather than the cuBLAS products it falls back to).
+/// A diagnostic: it allocates U' and Y to ask the engine.
+pub fn fuses(l: &Lora, x: &Tensor) -> Result<bool> {
+    if !x.device().is_cuda() {
+        return Ok(false);
+    }
+    let (m, k, n, r) = dims(l, x)?;
+    let (u, y) = (Tensor::zeros([m, r], x.dtype(), &x.device())?, Tensor::zeros([m, n], x.dtype(), &x.device())?);
+    let sources =
+        [KSource { a: cuda(x, "X")?, b: cuda(l.w, "W")?, k }, KSource { a: cuda(&u, "U")?, b: cuda(l.b, "B")?, k: r }];
+    Ok(engine_takes(&NT, &sources, m, n, cuda(&y, "Y")?))
+}
+
 /// `c = [a1 | a2] [b1 | b2]` as one engine GEMM over both K sources, if the engine takes the
 /// problem; false (nothing launched) if it does not.
 fn two_sources(g: Gemm, pairs: [(&Tensor, &Tensor); 2], c: &mut Tensor) -> Result<bool> {

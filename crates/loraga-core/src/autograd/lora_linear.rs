@@ -7,12 +7,11 @@
 //! The forward keeps U' [n, r] for the backward (r values per token, the fused kernels' choice),
 //! so the backward recomputes nothing.
 //!
-//! Paths ([`LoraPath`]): on CUDA the requested path runs where it applies; `Fused` needs what the
-//! Hopper GEMM engine needs (bf16 operands, an sm_90a device, in, out and r multiples of 8, so
-//! that every operand's contiguous dimension is whole 16-byte rows), and where it does not apply
-//! the op runs `CublasFolded` instead: a restriction of the fast path is never an error.
-//! [`effective_path`] says which path a call takes. On the CPU every path is the same f32 faer
-//! composition.
+//! Paths ([`LoraPath`]): the requested path goes to [`crate::lora_linear`] as it is. `Fused`
+//! there runs each product the GEMM engine cannot take (f32 operands, a rank that is not a
+//! multiple of 8, a device without wgmma) on cuBLAS instead, so a restriction of the fast path is
+//! never an error; [`crate::lora_linear::fuses`] says whether a layer's operands fuse. On the CPU
+//! every path is the same f32 faer composition.
 //!
 //! Dtypes follow the tape's rules: x, W, A and B have one dtype (f32 masters are cast on the
 //! tape first, [`Tape::param_as`]); y and dx have x's; dA, dB and dW are f32, as the weight
@@ -26,41 +25,9 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::gemm::{Gemm, gemm};
 use crate::lora_linear::{self, Lora, LoraPath};
-use crate::storage::Storage;
 use crate::tensor::Tensor;
 
 const OP: &str = "lora_linear";
-
-/// Why the fused path cannot take these operands, or None when it can.
-pub fn fused_refusal(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> Option<String> {
-    let Storage::Cuda(xs) = x.storage() else { return Some("the operands are on the CPU".into()) };
-    if !xs.device.arch().has_wgmma() {
-        return Some(format!("the fused kernels need sm_90a (wgmma); this device is {}", xs.device.arch()));
-    }
-    if let Some(t) = [x, w, a, b].into_iter().find(|t| t.dtype() != DType::BF16) {
-        return Some(format!("the fused kernels take bf16 operands, got {}", t.dtype()));
-    }
-    let (k, n, r) = (w.dims().get(1), w.dims().first(), a.dims().first());
-    for (what, v) in [("in", k), ("out", n), ("r", r)] {
-        match v {
-            Some(v) if v.is_multiple_of(8) => {}
-            Some(v) => return Some(format!("{what} = {v} is not a multiple of 8 (TMA needs 16-byte rows)")),
-            None => return Some(format!("the weights are not matrices ({what} missing)")),
-        }
-    }
-    None
-}
-
-/// The path a call with `requested` takes on these operands: `Fused` falls back to `CublasFolded`
-/// where [`fused_refusal`] says it cannot run.
-pub fn effective_path(requested: LoraPath, x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> LoraPath {
-    let cuda = matches!(x.storage(), Storage::Cuda(_));
-    if requested == LoraPath::Fused && cuda && fused_refusal(x, w, a, b).is_some() {
-        LoraPath::CublasFolded
-    } else {
-        requested
-    }
-}
 
 /// `dy` in `dtype` (the backward's operands must share x's dtype; an f32 gradient can arrive
 /// where x is bf16, see [`ew::as_dtype`]).
@@ -91,7 +58,6 @@ impl Tape {
                 f32s(t, OP)?;
             }
         }
-        let path = effective_path(path, xv, wv, av, bv);
         let fwd = lora_linear::forward(path, &Lora { w: wv, a: av, b: bv, scale }, xv)?;
         let u = fwd.u;
         let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], needs: &[bool]| {
@@ -184,8 +150,7 @@ mod tests {
     fn the_cpu_takes_the_requested_path_and_refuses_bf16() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
         let (x, w, a, b) = (t(&mut rng, [2, 8]), t(&mut rng, [8, 8]), t(&mut rng, [8, 8]), t(&mut rng, [8, 8]));
-        assert_eq!(effective_path(LoraPath::Fused, &x, &w, &a, &b), LoraPath::Fused);
-        assert!(fused_refusal(&x, &w, &a, &b).unwrap().contains("CPU"));
+        assert!(!lora_linear::fuses(&Lora { w: &w, a: &a, b: &b, scale: 1.0 }, &x).unwrap(), "the CPU never fuses");
         let mut tape = Tape::new();
         let xv = tape.constant(Tensor::zeros([2, 8], DType::BF16, &Device::Cpu).unwrap());
         let (w, a, b) = (tape.constant(w), tape.constant(a), tape.constant(b));

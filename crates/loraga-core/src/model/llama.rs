@@ -150,8 +150,8 @@ pub struct Llama {
     /// The dtype activations are computed in: f32 on the CPU, bf16 or f32 on CUDA. Weights
     /// stored in another dtype are cast on the tape.
     pub dtype: DType,
-    /// How LoRA layers run ([`Tape::lora_linear`]): `Fused` by default, which on CUDA falls back
-    /// to `CublasFolded` where the fused kernels do not apply; tests set `Cublas` to compare.
+    /// How LoRA layers run ([`Tape::lora_linear`]): `Fused` by default, which on CUDA runs on
+    /// cuBLAS the products the fused kernels do not take; tests set `Cublas` to compare.
     pub lora_path: LoraPath,
     rope: Arc<RopeTable>,
 }
