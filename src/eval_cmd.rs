@@ -108,23 +108,18 @@ pub fn run(a: EvalArgs) -> Result<String> {
     Ok(text)
 }
 
-/// Every tensor of the safetensors file `path` replaces the model weight of its name (f32 on the
-/// host, before the move to the device); a name the model lacks, or another shape, is an error.
+/// Every tensor of the safetensors file `path` replaces the model weight of its name; a name the
+/// model lacks, or another shape, is an error.
 fn replace_weights(params: &mut loraga_core::autograd::Params, path: &std::path::Path) -> Result<()> {
     let file = loraga_core::io::SafetensorsCheckpoint::open(path)?;
     let names: Vec<String> = file.names().map(String::from).collect();
     if names.is_empty() {
-        return Err(Error::Format { file: path.to_path_buf(), msg: "no tensors to load".into() });
+        return Err(Error::format(path, "no tensors to load"));
     }
-    for name in &names {
-        if !params.contains(name) {
-            return Err(Error::Format {
-                file: path.to_path_buf(),
-                msg: format!("tensor {name} is not a weight of the model given by --model"),
-            });
-        }
-        params.set_value(name, file.tensor(name, DType::F32, &loraga_core::Device::Cpu)?)?;
+    if let Some(name) = names.iter().find(|n| !params.contains(n)) {
+        return Err(Error::format(path, format!("tensor {name} is not a weight of the model given by --model")));
     }
+    params.load_from(&file, &names)?;
     eprintln!("replaced {} weights from {}", names.len(), path.display());
     Ok(())
 }

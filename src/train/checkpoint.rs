@@ -17,7 +17,7 @@ use loraga_core::autograd::Params;
 use loraga_core::data::Position;
 use loraga_core::io::{SafetensorsCheckpoint, save_safetensors};
 use loraga_core::optim::AdamW;
-use loraga_core::{DType, Error, Result};
+use loraga_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 const CURRENT: &str = "checkpoint";
@@ -98,12 +98,7 @@ pub fn load(out: &Path, params: &mut Params, opt: &mut AdamW) -> Result<RunState
             format!("{} tensors, but the run trains {} parameters", file.names().count(), names.len()),
         ));
     }
-    for name in &names {
-        let current = params.get(name)?;
-        let (device, dtype) = (current.device(), current.dtype());
-        let value = file.tensor(name, DType::F32, &loraga_core::Device::Cpu)?.to(&device, dtype)?;
-        params.set_value(name, value)?;
-    }
+    params.load_from(&file, &names)?;
     opt.load_state(dir.join(OPTIMIZER), params)?;
     Ok(state)
 }

@@ -147,6 +147,19 @@ impl Params {
         Ok(())
     }
 
+    /// Each named parameter's value read from `file` (a checkpoint, a fine-tuned model), kept on
+    /// the parameter's device and in its dtype; a name the file or the parameters lack, or another
+    /// shape, is an error naming it.
+    pub fn load_from(&mut self, file: &crate::io::SafetensorsCheckpoint, names: &[String]) -> Result<()> {
+        for name in names {
+            let current = self.get(name)?;
+            let (device, dtype) = (current.device(), current.dtype());
+            let value = file.tensor(name, crate::DType::F32, &crate::Device::Cpu)?.to(&device, dtype)?;
+            self.set_value(name, value)?;
+        }
+        Ok(())
+    }
+
     /// Replaces a parameter's value (an optimizer step, an initialisation); the shape must stay.
     pub fn set_value(&mut self, name: &str, value: Tensor) -> Result<()> {
         let p = self.param_mut(name)?;
