@@ -285,18 +285,6 @@ fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
     }
     let out = format!("{table}{g_table}");
     println!("\n{out}");
-    if let Some(dir) = std::env::var_os("LORAGA_BENCH_OUT") {
-        write_atomically(&std::path::PathBuf::from(dir), "lora_linear_grid.md", &out);
-    }
+    loraga::summary::save("lora_linear_grid", &out);
     Ok(())
-}
-
-fn write_atomically(dir: &std::path::Path, name: &str, text: &str) {
-    let (tmp, path) = (dir.join(format!(".{name}.tmp")), dir.join(name));
-    let r = std::fs::create_dir_all(dir)
-        .and_then(|_| std::fs::write(&tmp, text))
-        .and_then(|_| std::fs::rename(&tmp, &path));
-    if let Err(e) = r {
-        eprintln!("could not write {}: {e}", path.display());
-    }
 }

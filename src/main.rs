@@ -141,9 +141,7 @@ fn compile_all(arches: &[String], resources: bool, out_dir: Option<&std::path::P
             }
             if let Some(dir) = out_dir {
                 let path = dir.join(format!("{}-{arch}.cubin", src.module));
-                std::fs::create_dir_all(dir)
-                    .and_then(|_| std::fs::write(&path, &cubin))
-                    .map_err(|e| loraga_core::Error::Io { path: path.clone(), source: e })?;
+                loraga_core::io::atomic::write(&path, &cubin)?;
             }
             count += 1;
         }

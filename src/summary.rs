@@ -37,10 +37,15 @@ pub fn markdown(title: &str, rows: &[Row], baseline: &str) -> String {
 pub fn emit(file: &str, title: &str, rows: &[Row], baseline: &str) {
     let table = markdown(title, rows, baseline);
     println!("\n{table}");
+    save(file, &table);
+}
+
+/// Writes `text` atomically to `$LORAGA_BENCH_OUT/<file>.md` when that folder is named; a bench
+/// reports a failure to write and goes on.
+pub fn save(file: &str, text: &str) {
     if let Some(dir) = std::env::var_os("LORAGA_BENCH_OUT") {
-        let dir = std::path::PathBuf::from(dir);
-        let path = dir.join(format!("{file}.md"));
-        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &table)) {
+        let path = std::path::PathBuf::from(dir).join(format!("{file}.md"));
+        if let Err(e) = loraga_core::io::atomic::write(&path, text.as_bytes()) {
             eprintln!("could not write {}: {e}", path.display());
         }
     }
