@@ -10,15 +10,14 @@
 //!
 //! Paths ([`LoraPath`]):
 //! - `Fused` runs each `[.. | ..]` product as one GEMM-engine call over two K sources, after one
-//!   skinny product for U' (or V') on the engine. (The tensor-core kernel of
-//!   `kernels/lora_skinny.cu`, `cuda::lora_skinny`, streams X or dY once for that product, but
-//!   with it the layer measured 1.20x the base GEMM forward and 1.33x forward+backward on the
-//!   H200 (`loraga bench --quick`, 2026-11-29), where the engine's U' had measured 1.13x and
-//!   1.20x (benches/lora_linear.rs, 2026-11-28), so the fused path does not use it until a run
-//!   shows it faster; benches/lora_linear.rs times U' both ways.) Every product the engine cannot
-//!   take (f32 operands, a rank r that is not a multiple of 8, a device without wgmma) runs the
-//!   folded composition below on cuBLAS instead, so any r in 1..=min(K, N) and any M, K, N work; the
-//!   two-source GEMMs need bf16, sm_90a and r, K, N multiples of 8.
+//!   skinny product for U' (or V'). The skinny products (U', V', dA, dB: one side r) run on
+//!   cuBLAS, whose narrow-tile kernels stream X or dY once near memory bandwidth; the engine's
+//!   128 x 256 tiles and our tensor-core skinny kernel (`kernels/lora_skinny.cu`) measured 2-3x
+//!   slower for them on the H200 (see [`ENGINE_MIN_SIDE`]; benches/lora_linear.rs times U' all
+//!   three ways). Every product the engine cannot take (f32 operands, a rank r that is not a
+//!   multiple of 8, a device without wgmma) runs the folded composition below on cuBLAS
+//!   instead, so any r in 1..=min(K, N) and any M, K, N work; the two-source GEMMs need bf16,
+//!   sm_90a and r, K, N multiples of 8.
 //! - `Cublas` is the composition PEFT runs in eager PyTorch (`result = base(x); result = result +
 //!   lora_B(lora_A(x)) * scaling`, backward as autograd runs it): base GEMM, A GEMM, B GEMM into a
 //!   fresh [M, N], `* s` and `+` as two elementwise kernels; backward `dY * s`, two GEMMs per
@@ -157,6 +156,13 @@ impl Via {
     }
 }
 
+/// The narrowest output the fused path gives the engine. The skinny products (U', V' [M, r],
+/// dA [r, K], dB [N, r]) leave most of the engine's 128 x 256 tiles empty and run on at most
+/// M / 128 CTAs; cuBLAS has narrow-tile and split-K kernels for them. On the H200 (ncu, M = 8192,
+/// K = N = 4096, r = 16, 2026-11-29) the engine took 59 / 53 / 23 / 45 us for U' / V' / dA / dB,
+/// cuBLAS 19 / 22 / 24 / 24 us (the skinny ones at ~3.4 TB/s).
+const ENGINE_MIN_SIDE: usize = 128;
+
 fn product(via: Via, g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor) -> Result<()> {
     match via {
         Via::Cpu => gemm(&g, a, b, c),
@@ -165,7 +171,7 @@ fn product(via: Via, g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor) -> Result<
         Via::Best => {
             let d = g.dims(a.dims(), b.dims(), c.dims())?;
             let source = [KSource { a: cuda(a, "A")?, b: cuda(b, "B")?, k: d.k }];
-            let fits = engine_takes(&g, &source, d.m, d.n, cuda(c, "C")?);
+            let fits = d.m.min(d.n) >= ENGINE_MIN_SIDE && engine_takes(&g, &source, d.m, d.n, cuda(c, "C")?);
             gemm_cuda(if fits { GemmPath::Engine } else { GemmPath::Cublas }, &g, a, b, c)
         }
     }
