@@ -230,7 +230,8 @@ impl Bench {
         let problem = format!("G += dYᵀ X, M={m}, G {n}x{k} f32");
         let flops = 2.0 * (m * n * k) as f64;
         let mut rows = Vec::new();
-        for path in self.lora_paths() {
+        // Cublas and CublasFolded run the same cuBLAS beta = 1 GEMM here: one row for both.
+        for path in self.lora_paths().into_iter().filter(|&p| p != LoraPath::CublasFolded) {
             let name = if path == LoraPath::Fused { "engine" } else { "cublas" };
             let ms = self.time(&format!("{problem} {name}"), |i| {
                 lora::accumulate_weight_grad(path, &mut g, &dys[i], &xs[i], 1.0)
