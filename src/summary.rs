@@ -22,7 +22,9 @@ pub fn markdown(title: &str, rows: &[Row], baseline: &str) -> String {
     let _ = writeln!(out, "### {title}\n");
     let _ = writeln!(out, "| problem | implementation | median ms | TFLOP/s | time / {baseline} |");
     let _ = writeln!(out, "|---|---|---:|---:|---:|");
-    for r in rows {
+    // A row without a time (a Criterion filter skipped it, see benches/common) is left out.
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.median_ms.is_finite()).collect();
+    for r in rows.iter().copied() {
         let base = rows.iter().find(|b| b.problem == r.problem && b.implementation == baseline);
         let ratio = base.map_or("-".to_string(), |b| format!("{:.3}", r.median_ms / b.median_ms));
         let tflops = r.flops / (r.median_ms * 1e-3) / 1e12;
@@ -66,5 +68,16 @@ mod tests {
         assert!(t.contains("| p1 | cublas | 2.0000 | 1000.0 | 1.000 |"), "{t}");
         assert!(t.contains("| p1 | naive | 8.0000 | 250.0 | 4.000 |"), "{t}");
         assert!(t.contains("| p2 | naive | 1.0000 | 1000.0 | - |"), "{t}");
+    }
+
+    #[test]
+    fn rows_without_a_time_are_left_out() {
+        let rows = vec![
+            Row { problem: "p1".into(), implementation: "cublas".into(), median_ms: f64::NAN, flops: 2e12 },
+            Row { problem: "p1".into(), implementation: "engine".into(), median_ms: 2.0, flops: 2e12 },
+        ];
+        let t = markdown("gemm", &rows, "cublas");
+        assert!(!t.contains("| p1 | cublas"), "{t}");
+        assert!(t.contains("| p1 | engine | 2.0000 | 1000.0 | - |"), "{t}");
     }
 }

@@ -34,7 +34,8 @@ pub fn group<'a>(c: &'a mut Criterion, name: &str, flops: f64) -> BenchmarkGroup
 }
 
 /// Benchmarks `run(set_index)` with CUDA-event timing, rotating over three operand sets, and
-/// returns the median milliseconds per run over Criterion's samples.
+/// returns the median milliseconds per run over Criterion's samples, or NaN when a Criterion
+/// filter on the command line skipped it (the summary leaves such rows out).
 pub fn measure(
     dev: &CudaDevice,
     group: &mut BenchmarkGroup<WallTime>,
@@ -57,5 +58,5 @@ pub fn measure(
             t
         })
     });
-    median(&mut per_iter_ms)
+    if per_iter_ms.is_empty() { f64::NAN } else { median(&mut per_iter_ms) }
 }
