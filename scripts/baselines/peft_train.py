@@ -27,6 +27,10 @@ torch.cuda.synchronize() and time.perf_counter(); tokens/s counts non-padding to
 answer, as loraga's tokens/s does). The reported figure is the median over the steps after
 --warmup-steps of tokens/step-time; the aggregate (tokens / time over the same steps) is given too.
 
+With --eval-data (GSM8K test), after training: the token-weighted mean loss on the answers (+ EOS)
+of its first --eval-examples records, as `loraga train --eval-data` reports it, so that a
+300-step run on loraga's batches can be compared with loraga's run of the same configuration.
+
 Output: one JSON object with a result per method (also written atomically to --out), e.g.
 
     PYTHONPATH=.cache/pylib python3 scripts/baselines/peft_train.py \\
@@ -151,7 +155,25 @@ def build(method, args, gguf):
     return model
 
 
-def train(method, args, gguf, examples, plan, pad_id):
+@torch.no_grad()
+def evaluate(model, examples, pad_id, batch_size=16):
+    """Token-weighted mean loss on the answer tokens (+ EOS), as `loraga train`'s eval loss."""
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, len(examples), batch_size):
+        ids, mask, labels = collate(examples, range(b, min(b + batch_size, len(examples))), pad_id, "cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += (labels != -100).sum().item()
+    model.train()
+    return total / count
+
+
+def train(method, args, gguf, examples, plan, pad_id, eval_set):
     from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(args.seed)
@@ -185,6 +207,7 @@ def train(method, args, gguf, examples, plan, pad_id):
         if step % 10 == 0 or step == steps - 1:
             print(f"{method} step {step + 1}/{steps}: loss {losses[-1]:.4f}, {tokens[-1] / times[-1]:.0f} tok/s",
                   file=sys.stderr)
+    eval_loss = evaluate(model, eval_set, pad_id) if eval_set else None
     w = min(args.warmup_steps, steps - 1)
     rates = [n / t for n, t in zip(tokens[w:], times[w:])]
     result = dict(
@@ -201,6 +224,7 @@ def train(method, args, gguf, examples, plan, pad_id):
         trainable_params=sum(p.numel() for p in trainable),
         trainable_dtype=str(trainable[0].dtype),
         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+        eval_loss=eval_loss,
         losses=losses,
         step_s=times,
         tokens=tokens,
@@ -229,6 +253,9 @@ def main():
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--adamw", default="fused", choices=["fused", "foreach"])
     ap.add_argument("--compile", action="store_true", help="torch.compile(model, dynamic=True)")
+    ap.add_argument("--eval-data", type=Path, help="after training, the eval loss on this JSONL's first "
+                    "--eval-examples records (GSM8K test), as loraga train --eval-data computes it")
+    ap.add_argument("--eval-examples", type=int, default=256)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -268,7 +295,11 @@ def main():
     else:
         plan = own_plan(examples, args.batch_size, args.steps, args.seed)
 
-    results = [train(m, args, gguf, examples, plan, pad_id=eos) for m in args.method]
+    eval_set = None
+    if args.eval_data:
+        lines = [line for line in args.eval_data.read_text().splitlines() if line.strip()][: args.eval_examples]
+        eval_set = [e for e in encode([json.loads(line) for line in lines], tok, eos, args.max_len) if e is not None]
+    results = [train(m, args, gguf, examples, plan, eos, eval_set) for m in args.method]
     out = dict(
         torch=torch.__version__,
         transformers=transformers.__version__,
