@@ -13,10 +13,11 @@
 //       sums the chunks in order c = 0, 1, ... and writes the tile and its transpose, so G does
 //       not depend on which block finished when: reruns are bit-identical.
 //   rsvd_orth_chol_inv(g, q, r32, rinv, flag, chol_bit, gram_bit, gram_tol):
-//       One block, G in shared memory. If gram_bit != 0: flag |= gram_bit unless
-//       ||G - I||_F < gram_tol (NaN fails). Then upper Cholesky RᵀR = G in f64 (right-looking,
-//       in place) and R⁻¹ by back substitution of R W = I in f64 (row i of W from the bottom
-//       up; W is kept transposed in the lower triangle, R's diagonal in a vector). Out: g = R
+//       One block, G in shared memory (leading dimension q + 1). If gram_bit != 0: flag |=
+//       gram_bit unless ||G - I||_F < gram_tol (NaN fails). Then upper Cholesky RᵀR = G in f64
+//       (right-looking, in place, one barrier per step) and R⁻¹ by back substitution of R W = I
+//       in f64 (row i of W from the bottom up, one barrier per row; W is kept transposed in the
+//       lower triangle, R's diagonal and its reciprocals in two vectors). Out: g = R
 //       (f64), r32 = R rounded to f32, rinv = R⁻¹ (f64), all with zeros below the diagonal.
 //       flag |= chol_bit if a pivot is not > 0 (NaN included) or an entry of R, of R in f32 or of
 //       R⁻¹ is not finite, or a diagonal of R rounds to an f32 that is not > 0; then R = R⁻¹ = I
@@ -28,15 +29,15 @@
 //       in shared memory before writing any of it.
 //
 // Launch: gram with GRAM_THREADS threads and no dynamic shared memory; chol_inv as one block of
-// CHOL_THREADS threads with (q*q + 2*q + CHOL_THREADS) doubles of dynamic shared memory (the
-// host computes the largest q that fits the device); apply with APPLY_THREADS threads and
+// CHOL_THREADS threads with (q*(q + 1) + 2*q) doubles of dynamic shared memory (the host
+// computes the largest q that fits the device); apply with APPLY_THREADS threads and
 // APPLY_ROWS*q floats of dynamic shared memory.
 //
 // Failure is reported, not acted on (as in rsvd_factor.cu): bits ORed into the layer's u32 flag,
 // tests written so that NaN raises them.
 //
-// Version 1: plain f64 FMA on CUDA cores; one thread block for the factorisation (2q + q + 1
-// barriers: latency of a few microseconds at q = 128, against ~45 us of library launches).
+// Version 1: plain f64 FMA on CUDA cores; one thread block for the factorisation (~2q barriers:
+// a few microseconds at q = 32, against ~45 us of library launches for the pass).
 #include "common.cuh"
 
 #define GRAM_TILE 32
@@ -120,110 +121,129 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
 extern "C" __global__ void __launch_bounds__(CHOL_THREADS)
 rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict__ rinv, unsigned int* flag,
                    unsigned int chol_bit, unsigned int gram_bit, double gram_tol) {
+    // s holds G, then R (strict upper triangle) and Wᵀ = (R⁻¹)ᵀ (lower triangle and diagonal),
+    // element (i, j) at s[i + j*ld]: the odd leading dimension puts the strided reads of a row
+    // (one element per lane) on distinct banks. Loops over a q x q matrix give each warp a
+    // column j and its lanes consecutive rows i, so no thread divides indices.
     extern __shared__ double sh[];
-    double* s = sh;               // q*q: G, then R (upper) and Wᵀ = (R⁻¹)ᵀ (lower, diagonal too)
-    double* rdiag = s + q * q;    // q: R's diagonal
-    double* rowk = rdiag + q;     // q: row k of R during step k of the Cholesky
-    double* red = rowk + q;       // CHOL_THREADS: the Gram check's reduction
+    const int ld = q + 1;
+    double* s = sh;
+    double* rdiag = s + q * ld;   // q: R's diagonal
+    double* rdiag_inv = rdiag + q;  // q: its reciprocals
+    __shared__ double warp_sum[CHOL_THREADS / 32];
     __shared__ int failed;
-    const int t = threadIdx.x;
-    const int n = q * q;
+    const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+    const int warps = CHOL_THREADS / 32;
 
     double sum = 0.0;
-    for (int idx = t; idx < n; idx += CHOL_THREADS) {
-        const double v = g[idx];
-        s[idx] = v;
-        const double d = v - (idx % q == idx / q ? 1.0 : 0.0);
-        sum += d * d;  // NaN and inf stay in the sum
+    for (int j = warp; j < q; j += warps) {
+        for (int i = lane; i < q; i += 32) {
+            const double v = g[i + (i64)j * q];
+            s[i + j * ld] = v;
+            const double d = v - (i == j ? 1.0 : 0.0);
+            sum += d * d;  // NaN and inf stay in the sum
+        }
     }
-    red[t] = sum;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
+    if (lane == 0) warp_sum[warp] = sum;
     if (t == 0) failed = 0;
     __syncthreads();
-    for (int half = CHOL_THREADS / 2; half > 0; half >>= 1) {
-        if (t < half) red[t] += red[t + half];
-        __syncthreads();
+    if (t == 0 && gram_bit != 0) {
+        double total = 0.0;
+        for (int w = 0; w < warps; ++w) total += warp_sum[w];
+        if (!(sqrt(total) < gram_tol)) atomicOr(flag, gram_bit);
     }
-    if (t == 0 && gram_bit != 0 && !(sqrt(red[0]) < gram_tol)) atomicOr(flag, gram_bit);
 
-    // Cholesky, step k: r_kk = sqrt(pivot), row k of R = row k of the trailing G / r_kk, then
-    // the trailing upper triangle loses the outer product of that row with itself. A bad pivot
-    // marks the failure and continues with r_kk = 1 (the values are replaced by I below).
+    // Cholesky, step k, with d = the pivot (final since step k − 1): the trailing upper triangle
+    // k < i <= j loses s[k][i] s[k][j] / d (= r_ki r_kj, from the unscaled row k), and row k − 1,
+    // which no one reads any more, is scaled to R's row (by 1 / r_{k−1}, its diagonal set to
+    // r_{k−1} = sqrt(d_{k−1})): one barrier per step. A pivot that is not > 0 marks the failure
+    // and continues with d = 1 (the values are replaced by I below).
+    double r_prev = 1.0, inv_prev = 1.0;
     for (int k = 0; k < q; ++k) {
-        const double d = s[k + k * q];
+        const double d = s[k + k * ld];
         const bool ok = d > 0.0;
-        const double rkk = ok ? sqrt(d) : 1.0;
-        for (int j = k + t; j < q; j += CHOL_THREADS) {
-            const double v = j == k ? rkk : s[k + j * q] / rkk;
-            s[k + j * q] = v;
-            rowk[j] = v;
+        const double dk = ok ? d : 1.0;
+        const double inv_d = 1.0 / dk;
+        for (int j = k + 1 + warp; j < q; j += warps) {
+            const double c = s[k + j * ld] * inv_d;
+            for (int i = k + 1 + lane; i <= j; i += 32) s[i + j * ld] -= s[k + i * ld] * c;
+        }
+        if (k > 0) {
+            for (int j = k - 1 + t; j < q; j += CHOL_THREADS) {
+                double* e = &s[(k - 1) + j * ld];
+                *e = j == k - 1 ? r_prev : *e * inv_prev;
+            }
         }
         if (t == 0 && !ok) failed = 1;
-        __syncthreads();
-        const int m = q - k - 1;  // trailing size; (i, j) with i fastest: s and rowk[i] contiguous
-        for (int idx = t; idx < m * m; idx += CHOL_THREADS) {
-            const int i = k + 1 + idx % m, j = k + 1 + idx / m;
-            if (i <= j) s[i + j * q] -= rowk[i] * rowk[j];
-        }
+        r_prev = sqrt(dk);
+        inv_prev = 1.0 / r_prev;
         __syncthreads();
     }
+    if (t == 0) s[(q - 1) + (q - 1) * ld] = r_prev;  // the last row is its diagonal alone
+    __syncthreads();
 
     if (!failed) {
         // W = R⁻¹ from R W = I, bottom row first: W[i][j] = (δ_ij − Σ_{l>i} R[i][l] W[l][j]) / r_ii.
-        // B[l][j] (l ≤ j), the running numerator and finally W[l][j], lives at s[j + l*q], the
+        // B[l][j] (l <= j), the running numerator and finally W[l][j], lives at s[j + l*ld], the
         // lower triangle, starting as I; R keeps the strict upper triangle and rdiag. Step i
         // takes the finished numerators of row i and subtracts R[l][i] W[i][j] from every row
         // l < i, with W[i][j] = B[i][j] / r_ii folded into the coefficient; row i itself is
-        // divided during step i − 1, which touches no row ≥ i, so one barrier per step suffices.
-        for (int idx = t; idx < n; idx += CHOL_THREADS) {
-            const int i = idx % q, j = idx / q;
-            if (i == j) rdiag[i] = s[idx];
-            if (i >= j) s[idx] = i == j ? 1.0 : 0.0;
+        // divided during step i − 1, which touches no row >= i: one barrier per step.
+        for (int j = warp; j < q; j += warps) {
+            for (int i = lane; i < q; i += 32) {
+                if (i == j) {
+                    rdiag[i] = s[i + j * ld];
+                    rdiag_inv[i] = 1.0 / s[i + j * ld];
+                }
+                if (i >= j) s[i + j * ld] = i == j ? 1.0 : 0.0;
+            }
         }
         __syncthreads();
         for (int i = q - 1; i >= 0; --i) {
-            const double inv_ii = 1.0 / rdiag[i];
-            const int m = q - i;
-            for (int idx = t; idx < i * m; idx += CHOL_THREADS) {
-                const int j = i + idx % m, l = idx / m;
-                s[j + l * q] -= (s[l + i * q] * inv_ii) * s[j + i * q];
+            const double inv_ii = rdiag_inv[i];
+            for (int l = warp; l < i; l += warps) {
+                const double c = s[l + i * ld] * inv_ii;
+                for (int j = i + lane; j < q; j += 32) s[j + l * ld] -= c * s[j + i * ld];
             }
             if (i + 1 < q) {
-                const double inv_next = 1.0 / rdiag[i + 1];
-                for (int j = i + 1 + t; j < q; j += CHOL_THREADS) s[j + (i + 1) * q] *= inv_next;
+                const double inv_next = rdiag_inv[i + 1];
+                for (int j = i + 1 + t; j < q; j += CHOL_THREADS) s[j + (i + 1) * ld] *= inv_next;
             }
             __syncthreads();
         }
-        const double inv_00 = 1.0 / rdiag[0];
-        for (int j = t; j < q; j += CHOL_THREADS) s[j] *= inv_00;
+        for (int j = t; j < q; j += CHOL_THREADS) s[j] *= rdiag_inv[0];
         __syncthreads();
 
         // Everything written below must be usable: finite R (also in f32), finite R⁻¹, and an f32
         // diagonal > 0 (the core inverts R = R₂ R₁ made of these f32 factors).
-        for (int idx = t; idx < n; idx += CHOL_THREADS) {
-            const int i = idx % q, j = idx / q;
-            if (i > j) continue;
-            const double r = i == j ? rdiag[i] : s[idx];
-            const float r_f = (float)r;
-            const double w = s[j + i * q];
-            const bool good = (r - r) == 0.0 && (r_f - r_f) == 0.0f && (w - w) == 0.0 && (i != j || r_f > 0.0f);
-            if (!good) failed = 1;  // every writer stores the same value
+        for (int j = warp; j < q; j += warps) {
+            for (int i = lane; i <= j; i += 32) {
+                const double r = i == j ? rdiag[i] : s[i + j * ld];
+                const float r_f = (float)r;
+                const double w = s[j + i * ld];
+                const bool good = (r - r) == 0.0 && (r_f - r_f) == 0.0f && (w - w) == 0.0 && (i != j || r_f > 0.0f);
+                if (!good) failed = 1;  // every writer stores the same value
+            }
         }
         __syncthreads();
     }
     if (t == 0 && failed) atomicOr(flag, chol_bit);
 
-    for (int idx = t; idx < n; idx += CHOL_THREADS) {
-        const int i = idx % q, j = idx / q;
-        double r, w;
-        if (failed) {
-            r = w = i == j ? 1.0 : 0.0;
-        } else {
-            r = i < j ? s[idx] : (i == j ? rdiag[i] : 0.0);
-            w = i <= j ? s[j + i * q] : 0.0;
+    for (int j = warp; j < q; j += warps) {
+        for (int i = lane; i < q; i += 32) {
+            double r, w;
+            if (failed) {
+                r = w = i == j ? 1.0 : 0.0;
+            } else {
+                r = i < j ? s[i + j * ld] : (i == j ? rdiag[i] : 0.0);
+                w = i <= j ? s[j + i * ld] : 0.0;
+            }
+            const i64 idx = i + (i64)j * q;
+            g[idx] = r;
+            r32[idx] = (float)r;
+            rinv[idx] = w;
         }
-        g[idx] = r;
-        r32[idx] = (float)r;
-        rinv[idx] = w;
     }
 }
 

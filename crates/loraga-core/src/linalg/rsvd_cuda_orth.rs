@@ -1,6 +1,6 @@
 //! One CholeskyQR pass of the GPU randomized SVD's device path ([`super::rsvd_cuda_device`]) in
 //! three kernels of our own (`kernels/rsvd_orth.cu`), for q up to what one block's shared memory
-//! holds as an f64 q × q matrix ([`cholesky_qr_fused_max_q`]: 167 on an H200, 141 on an A100).
+//! holds as an f64 q × q matrix ([`cholesky_qr_fused_max_q`]: 168 on an H200, 142 on an A100).
 //!
 //! With X the column-major f32 panel [rows, q]:
 //!   gram:      G = XᵀX in f64 (exact f32 products, f64 sums; per-chunk partial tiles summed in a
@@ -50,9 +50,10 @@ const APPLY_THREADS: u32 = 256;
 const MAX_CHUNKS: usize = 32;
 const GRAM_MIN_ROWS: usize = 128;
 
-/// Dynamic shared memory of rsvd_orth_chol_inv for q: G/R/W, R's diagonal, a row, a reduction.
+/// Dynamic shared memory of rsvd_orth_chol_inv for q: G/R/W with leading dimension q + 1, R's
+/// diagonal and its reciprocals.
 fn chol_shared_bytes(q: usize) -> usize {
-    (q * q + 2 * q + CHOL_THREADS) * std::mem::size_of::<f64>()
+    (q * (q + 1) + 2 * q) * std::mem::size_of::<f64>()
 }
 
 /// The largest q whose factor fits one block's opt-in shared memory on `dev` (less 1 KiB for
