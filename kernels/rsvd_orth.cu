@@ -15,14 +15,14 @@
 //   rsvd_orth_chol_inv(g, q, r32, rinv, flag, chol_bit, gram_bit, gram_tol):
 //       One block, G in shared memory (leading dimension q + 1). If gram_bit != 0: flag |=
 //       gram_bit unless ||G - I||_F < gram_tol (NaN fails). Then upper Cholesky RᵀR = G in f64
-//       (right-looking, in place, one barrier per step) and R⁻¹ by back substitution of R W = I
-//       in f64 (row i of W from the bottom up, one barrier per row; W is kept transposed in the
-//       lower triangle, R's diagonal and its reciprocals in two vectors). Out: g = R
-//       (f64), r32 = R rounded to f32, rinv = R⁻¹ (f64), all with zeros below the diagonal.
-//       flag |= chol_bit if a pivot is not > 0 (NaN included) or an entry of R, of R in f32 or of
-//       R⁻¹ is not finite, or a diagonal of R rounds to an f32 that is not > 0; then R = R⁻¹ = I
-//       are written instead, so the following apply leaves X as it was: finite stays finite,
-//       and the flagged layer is redone by the host-assisted fallback anyway.
+//       as right-looking elimination (one barrier per step) that applies the same row
+//       operations to I, giving E = L⁻¹ for G = L D Lᵀ, so R⁻¹ = Eᵀ D^-½ at no extra barrier.
+//       Out: g = R (f64), r32 = R rounded to f32, rinv = R⁻¹ (f64), all with zeros below the
+//       diagonal. flag |= chol_bit if a pivot is not > 0 (NaN included) or an entry of R, of R
+//       in f32 or of R⁻¹ is not finite, or a diagonal of R rounds to an f32 that is not > 0;
+//       then R = R⁻¹ = I are written instead, so the following apply leaves X as it was (a
+//       NaN's row aside): finite stays finite, and the flagged layer is redone by the
+//       host-assisted fallback anyway.
 //   rsvd_orth_apply(x, rows, q, rinv):
 //       X ← X R⁻¹ in place, f64 accumulation over the f32 X and f64 R⁻¹, rounded to f32 once.
 //       Each block owns 32-row chunks (grid-stride): it stages its chunk of X (all q columns)
@@ -36,8 +36,8 @@
 // Failure is reported, not acted on (as in rsvd_factor.cu): bits ORed into the layer's u32 flag,
 // tests written so that NaN raises them.
 //
-// Version 1: plain f64 FMA on CUDA cores; one thread block for the factorisation (~2q barriers:
-// a few microseconds at q = 32, against ~45 us of library launches for the pass).
+// Version 1: plain f64 FMA on CUDA cores; one thread block for the factorisation (q + 3
+// barriers: a few microseconds at q = 32, against ~45 us of library launches for the pass).
 #include "common.cuh"
 
 #define GRAM_TILE 32
@@ -121,14 +121,14 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
 extern "C" __global__ void __launch_bounds__(CHOL_THREADS)
 rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict__ rinv, unsigned int* flag,
                    unsigned int chol_bit, unsigned int gram_bit, double gram_tol) {
-    // s holds G, then R (strict upper triangle) and Wᵀ = (R⁻¹)ᵀ (lower triangle and diagonal),
-    // element (i, j) at s[i + j*ld]: the odd leading dimension puts the strided reads of a row
-    // (one element per lane) on distinct banks. Loops over a q x q matrix give each warp a
-    // column j and its lanes consecutive rows i, so no thread divides indices.
+    // s holds G's upper triangle, becoming R, and in its strict lower triangle E = L⁻¹ (see
+    // below); element (i, j) at s[i + j*ld]: the odd leading dimension puts the strided reads
+    // of a row (one element per lane) on distinct banks. Loops over a q x q matrix give each
+    // warp a column and its lanes consecutive rows, so no thread divides indices.
     extern __shared__ double sh[];
     const int ld = q + 1;
     double* s = sh;
-    double* rdiag = s + q * ld;   // q: R's diagonal
+    double* rdiag = s + q * ld;     // q: R's diagonal
     double* rdiag_inv = rdiag + q;  // q: its reciprocals
     __shared__ double warp_sum[CHOL_THREADS / 32];
     __shared__ int failed;
@@ -139,7 +139,7 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
     for (int j = warp; j < q; j += warps) {
         for (int i = lane; i < q; i += 32) {
             const double v = g[i + (i64)j * q];
-            s[i + j * ld] = v;
+            s[i + j * ld] = i <= j ? v : 0.0;
             const double d = v - (i == j ? 1.0 : 0.0);
             sum += d * d;  // NaN and inf stay in the sum
         }
@@ -154,20 +154,28 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
         if (!(sqrt(total) < gram_tol)) atomicOr(flag, gram_bit);
     }
 
-    // Cholesky, step k, with d = the pivot (final since step k − 1): the trailing upper triangle
-    // k < i <= j loses s[k][i] s[k][j] / d (= r_ki r_kj, from the unscaled row k), and row k − 1,
-    // which no one reads any more, is scaled to R's row (by 1 / r_{k−1}, its diagonal set to
-    // r_{k−1} = sqrt(d_{k−1})): one barrier per step. A pivot that is not > 0 marks the failure
-    // and continues with d = 1 (the values are replaced by I below).
+    // Cholesky as elimination: G = L D Lᵀ, R = D^½ Lᵀ, and R⁻¹ = L⁻ᵀ D^-½ with E = L⁻¹ built by
+    // the same row operations applied to I. Step k, with d = the pivot (final since step k − 1)
+    // and multipliers m_i = s[k][i] / d (i > k, from row k as yet unscaled):
+    //   trailing upper triangle, k < i <= j:  s[i][j] −= m_j s[k][i]   (= r_ki r_kj)
+    //   E, rows i > k, columns c <= k:        E[i][c] −= m_i E[k][c]   (E[k][k] = 1)
+    //   row k − 1, which no one reads any more, scaled to R's row: ÷ r_{k−1} = sqrt(d_{k−1})
+    // all disjoint, so one barrier per step. A pivot that is not > 0 marks the failure and
+    // continues with d = 1 (the values are replaced by I below).
     double r_prev = 1.0, inv_prev = 1.0;
     for (int k = 0; k < q; ++k) {
         const double d = s[k + k * ld];
         const bool ok = d > 0.0;
         const double dk = ok ? d : 1.0;
         const double inv_d = 1.0 / dk;
-        for (int j = k + 1 + warp; j < q; j += warps) {
-            const double c = s[k + j * ld] * inv_d;
-            for (int i = k + 1 + lane; i <= j; i += 32) s[i + j * ld] -= s[k + i * ld] * c;
+        for (int col = warp; col < q; col += warps) {
+            if (col > k) {
+                const double m = s[k + col * ld] * inv_d;
+                for (int i = k + 1 + lane; i <= col; i += 32) s[i + col * ld] -= s[k + i * ld] * m;
+            } else {
+                const double e = col == k ? 1.0 : s[k + col * ld];
+                for (int i = k + 1 + lane; i < q; i += 32) s[i + col * ld] -= s[k + i * ld] * inv_d * e;
+            }
         }
         if (k > 0) {
             for (int j = k - 1 + t; j < q; j += CHOL_THREADS) {
@@ -175,53 +183,27 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
                 *e = j == k - 1 ? r_prev : *e * inv_prev;
             }
         }
-        if (t == 0 && !ok) failed = 1;
         r_prev = sqrt(dk);
         inv_prev = 1.0 / r_prev;
+        if (t == 0) {
+            if (!ok) failed = 1;
+            rdiag[k] = r_prev;
+            rdiag_inv[k] = inv_prev;
+        }
         __syncthreads();
     }
     if (t == 0) s[(q - 1) + (q - 1) * ld] = r_prev;  // the last row is its diagonal alone
     __syncthreads();
 
+    // R⁻¹ = Eᵀ D^-½: W[c][i] = E[i][c] / r_i for c < i, W[i][i] = 1 / r_i. Everything written
+    // must be usable: finite R (also in f32), finite R⁻¹, and an f32 diagonal > 0 (the core
+    // inverts R = R₂ R₁ made of these f32 factors).
     if (!failed) {
-        // W = R⁻¹ from R W = I, bottom row first: W[i][j] = (δ_ij − Σ_{l>i} R[i][l] W[l][j]) / r_ii.
-        // B[l][j] (l <= j), the running numerator and finally W[l][j], lives at s[j + l*ld], the
-        // lower triangle, starting as I; R keeps the strict upper triangle and rdiag. Step i
-        // takes the finished numerators of row i and subtracts R[l][i] W[i][j] from every row
-        // l < i, with W[i][j] = B[i][j] / r_ii folded into the coefficient; row i itself is
-        // divided during step i − 1, which touches no row >= i: one barrier per step.
-        for (int j = warp; j < q; j += warps) {
-            for (int i = lane; i < q; i += 32) {
-                if (i == j) {
-                    rdiag[i] = s[i + j * ld];
-                    rdiag_inv[i] = 1.0 / s[i + j * ld];
-                }
-                if (i >= j) s[i + j * ld] = i == j ? 1.0 : 0.0;
-            }
-        }
-        __syncthreads();
-        for (int i = q - 1; i >= 0; --i) {
-            const double inv_ii = rdiag_inv[i];
-            for (int l = warp; l < i; l += warps) {
-                const double c = s[l + i * ld] * inv_ii;
-                for (int j = i + lane; j < q; j += 32) s[j + l * ld] -= c * s[j + i * ld];
-            }
-            if (i + 1 < q) {
-                const double inv_next = rdiag_inv[i + 1];
-                for (int j = i + 1 + t; j < q; j += CHOL_THREADS) s[j + (i + 1) * ld] *= inv_next;
-            }
-            __syncthreads();
-        }
-        for (int j = t; j < q; j += CHOL_THREADS) s[j] *= rdiag_inv[0];
-        __syncthreads();
-
-        // Everything written below must be usable: finite R (also in f32), finite R⁻¹, and an f32
-        // diagonal > 0 (the core inverts R = R₂ R₁ made of these f32 factors).
         for (int j = warp; j < q; j += warps) {
             for (int i = lane; i <= j; i += 32) {
                 const double r = i == j ? rdiag[i] : s[i + j * ld];
                 const float r_f = (float)r;
-                const double w = s[j + i * ld];
+                const double w = i == j ? rdiag_inv[j] : s[j + i * ld] * rdiag_inv[j];
                 const bool good = (r - r) == 0.0 && (r_f - r_f) == 0.0f && (w - w) == 0.0 && (i != j || r_f > 0.0f);
                 if (!good) failed = 1;  // every writer stores the same value
             }
@@ -232,12 +214,10 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
 
     for (int j = warp; j < q; j += warps) {
         for (int i = lane; i < q; i += 32) {
-            double r, w;
-            if (failed) {
-                r = w = i == j ? 1.0 : 0.0;
-            } else {
-                r = i < j ? s[i + j * ld] : (i == j ? rdiag[i] : 0.0);
-                w = i <= j ? s[j + i * ld] : 0.0;
+            double r = i == j ? 1.0 : 0.0, w = r;
+            if (!failed && i <= j) {
+                r = i == j ? rdiag[i] : s[i + j * ld];
+                w = i == j ? rdiag_inv[j] : s[j + i * ld] * rdiag_inv[j];
             }
             const i64 idx = i + (i64)j * q;
             g[idx] = r;

@@ -5,7 +5,7 @@
 //! With X the column-major f32 panel [rows, q]:
 //!   gram:      G = XᵀX in f64 (exact f32 products, f64 sums; per-chunk partial tiles summed in a
 //!              fixed order, so reruns are bit-identical)
-//!   chol_inv:  RᵀR = G (upper Cholesky, f64), W = R⁻¹ (f64, back substitution), one block;
+//!   chol_inv:  RᵀR = G (upper Cholesky, f64) and W = R⁻¹ (f64, the same elimination applied to I), one block;
 //!              R in f64 over G, R in f32 for the core, W; the pass's checks raise the flag
 //!   apply:     X ← X W, f64 accumulation, rounded to f32 once
 //!
