@@ -16,7 +16,8 @@
 //!   Gram check as a kernel of its own. There the products with A dominate anyway.
 //!
 //! The f64 Gram lets Cholesky succeed up to cond(X) ≈ 1e7; the first pass leaves X with
-//! orthogonality error ≈ u₃₂·cond(X), and a second pass whose input is within 1/2 of orthonormal
+//! orthogonality error ≈ u₃₂·cond(X) at worst (the STRSM; the fused pass's f64 R⁻¹ does
+//! better, see [`super::rsvd_cuda_orth`]), and a second pass whose input is within 1/2 of orthonormal
 //! (the check) ends at f32 rounding. Anything worse (a Cholesky that fails, a second Gram that is
 //! not near I, a non-finite Gram) raises the layer's flag: the host-assisted fallback
 //! ([`super::rsvd_cuda_host`]) then redoes the layer with shifts, more passes or Householder QR,
@@ -47,7 +48,7 @@ use crate::error::{Error, Result};
 /// Flag bits (kernels/rsvd_factor.cu and rsvd_orth.cu OR them into the layer's flag); any bit
 /// means "redo".
 pub(super) const FLAG_GRAM: u32 = 1; // the second pass's Gram not within 1/2 of I (or not finite)
-pub(super) const FLAG_CHOLESKY: u32 = 2; // potrf failed, or a rounded diagonal of R is not > 0
+pub(super) const FLAG_CHOLESKY: u32 = 2; // Cholesky (or R⁻¹) failed, or a rounded diagonal of R is not > 0
 const FLAG_CORE: u32 = 4; // syevd failed, or a singular value is not a finite f32
 const FLAG_CORE_ORTHO: u32 = 8; // U_R not orthonormal to CORE_ORTHO_TOL
 

@@ -5,8 +5,9 @@
 //! With X the column-major f32 panel [rows, q]:
 //!   gram:      G = XᵀX in f64 (exact f32 products, f64 sums; per-chunk partial tiles summed in a
 //!              fixed order, so reruns are bit-identical)
-//!   chol_inv:  RᵀR = G (upper Cholesky, f64) and W = R⁻¹ (f64, the same elimination applied to I), one block;
-//!              R in f64 over G, R in f32 for the core, W; the pass's checks raise the flag
+//!   chol_inv:  RᵀR = G (upper Cholesky, f64) and W = R⁻¹ (f64, the same elimination applied
+//!              to I), one block; R in f64 over G, R in f32 for the core, W; the pass's checks
+//!              raise the flag
 //!   apply:     X ← X W, f64 accumulation, rounded to f32 once
 //!
 //! Why X·W, W = R⁻¹ in f64 applied with f64 accumulation, is as good as the triangular solve it
@@ -61,8 +62,21 @@ fn chol_shared_bytes(q: usize) -> usize {
 pub fn cholesky_qr_fused_max_q(dev: &CudaDevice) -> Result<usize> {
     let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
     let optin = dev.context().attribute(attr).map_err(Error::cuda("cuDeviceGetAttribute"))?;
-    let budget = (optin.max(0) as usize).saturating_sub(1024);
-    Ok((1..).take_while(|&q| chol_shared_bytes(q) <= budget).last().unwrap_or(0))
+    Ok(max_q_for_shared_memory(optin.max(0) as usize))
+}
+
+fn max_q_for_shared_memory(optin: usize) -> usize {
+    let budget = optin.saturating_sub(1024);
+    (1..).take_while(|&q| chol_shared_bytes(q) <= budget).last().unwrap_or(0)
+}
+
+/// How rsvd_orth_gram splits `rows` for a q-wide panel on `sms` SMs: (chunk_rows, chunks).
+/// Enough blocks to cover the SMs twice, no chunk under GRAM_MIN_ROWS rows unless the panel is,
+/// at most MAX_CHUNKS (the partials buffer's size), chunk_rows a multiple of the staged rows.
+fn gram_chunks(rows: usize, q: usize, sms: usize) -> (usize, usize) {
+    let want = (2 * sms).div_ceil(pairs(q)).min(rows.div_ceil(GRAM_MIN_ROWS));
+    let chunk_rows = rows.div_ceil(want.clamp(1, MAX_CHUNKS)).next_multiple_of(GRAM_TILE);
+    (chunk_rows, rows.div_ceil(chunk_rows))
 }
 
 /// Upper-triangle tile pairs of a q × q Gram in GRAM_TILE tiles.
@@ -116,10 +130,7 @@ pub(super) fn fused_pass(
 ) -> Result<()> {
     let (rows_i, q_i) = (rows as i32, q as i32);
 
-    // Enough blocks to cover the SMs twice, no chunk under GRAM_MIN_ROWS rows, at most MAX_CHUNKS.
-    let want = (2 * dev.sm_count()).div_ceil(pairs(q)).min(rows.div_ceil(GRAM_MIN_ROWS));
-    let chunk_rows = rows.div_ceil(want.clamp(1, MAX_CHUNKS)).next_multiple_of(GRAM_TILE);
-    let chunks = rows.div_ceil(chunk_rows);
+    let (chunk_rows, chunks) = gram_chunks(rows, q, dev.sm_count());
     let (chunk_rows_i, chunks_i) = (chunk_rows as i32, chunks as i32);
     let f = dev.function(MODULE, "rsvd_orth_gram")?;
     let cfg = LaunchConfig {
@@ -216,4 +227,37 @@ pub fn cholesky_qr_pass_cuda(x: &mut CudaStorage, rows: usize, q: usize, check_g
     };
     dev.synchronize()?;
     Ok(pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fused_limit_fills_the_opt_in_shared_memory_and_covers_q_128() {
+        // H200 / H100 (227 KiB) and A100 (163 KiB) opt-in limits per block.
+        for (optin, want) in [(232_448, 168), (166_912, 142)] {
+            let q = max_q_for_shared_memory(optin);
+            assert_eq!(q, want, "opt-in {optin}");
+            assert!(chol_shared_bytes(q) + 1024 <= optin && chol_shared_bytes(q + 1) + 1024 > optin);
+        }
+        assert_eq!(max_q_for_shared_memory(0), 0);
+    }
+
+    #[test]
+    fn gram_chunks_cover_every_row_once_within_the_partials_buffer() {
+        for sms in [1, 108, 132] {
+            for q in [1, 9, 32, 33, 100, 128, 168] {
+                for rows in [q, 31, 32, 33, 1000, 3001, 4096, 11008, 1 << 20] {
+                    let rows = rows.max(q);
+                    let (chunk_rows, chunks) = gram_chunks(rows, q, sms);
+                    let what = format!("rows {rows}, q {q}, {sms} SMs: {chunks} x {chunk_rows}");
+                    assert!((1..=MAX_CHUNKS).contains(&chunks), "{what}");
+                    assert_eq!(chunk_rows % GRAM_TILE, 0, "{what}");
+                    assert!(chunks * chunk_rows >= rows && (chunks - 1) * chunk_rows < rows, "{what}");
+                    assert!(chunks * pairs(q) * GRAM_TILE * GRAM_TILE <= partials_len(q), "{what}");
+                }
+            }
+        }
+    }
 }
