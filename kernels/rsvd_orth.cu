@@ -29,7 +29,7 @@
 //       in shared memory before writing any of it.
 //
 // Launch: gram with GRAM_THREADS threads and no dynamic shared memory; chol_inv as one block of
-// CHOL_THREADS threads with (q*(q + 1) + 2*q) doubles of dynamic shared memory (the host
+// CHOL_THREADS threads with (q*(q + 1) + 3*q) doubles of dynamic shared memory (the host
 // computes the largest q that fits the device); apply with APPLY_THREADS threads and
 // APPLY_ROWS*q floats of dynamic shared memory.
 //
@@ -130,23 +130,39 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
     double* s = sh;
     double* rdiag = s + q * ld;     // q: R's diagonal
     double* rdiag_inv = rdiag + q;  // q: its reciprocals
+    double* pivot_inv = rdiag_inv + q;  // q: 1 / the pivots
     __shared__ double warp_sum[CHOL_THREADS / 32];
     __shared__ int failed;
     const int t = threadIdx.x, lane = t % 32, warp = t / 32;
     const int warps = CHOL_THREADS / 32;
+    // Pivot k is final once written (by the load for k = 0, by step k − 1's update otherwise);
+    // its writer derives r_k, 1 / r_k and 1 / d_k at once, off the other threads' path. A pivot
+    // that is not > 0 marks the failure and continues as d = 1 (the values are replaced by I
+    // below).
+    auto pivot = [&](int k, double d) {
+        const bool ok = d > 0.0;
+        const double dk = ok ? d : 1.0;
+        const double r = sqrt(dk);
+        rdiag[k] = r;
+        rdiag_inv[k] = 1.0 / r;
+        pivot_inv[k] = 1.0 / dk;
+        if (!ok) failed = 1;
+    };
+    if (t == 0) failed = 0;
+    __syncthreads();  // failed is cleared before any pivot can set it
 
     double sum = 0.0;
     for (int j = warp; j < q; j += warps) {
         for (int i = lane; i < q; i += 32) {
             const double v = g[i + (i64)j * q];
             s[i + j * ld] = i <= j ? v : 0.0;
+            if (i == 0 && j == 0) pivot(0, v);
             const double d = v - (i == j ? 1.0 : 0.0);
             sum += d * d;  // NaN and inf stay in the sum
         }
     }
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
     if (lane == 0) warp_sum[warp] = sum;
-    if (t == 0) failed = 0;
     __syncthreads();
     if (t == 0 && gram_bit != 0) {
         double total = 0.0;
@@ -155,44 +171,37 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
     }
 
     // Cholesky as elimination: G = L D Lᵀ, R = D^½ Lᵀ, and R⁻¹ = L⁻ᵀ D^-½ with E = L⁻¹ built by
-    // the same row operations applied to I. Step k, with d = the pivot (final since step k − 1)
-    // and multipliers m_i = s[k][i] / d (i > k, from row k as yet unscaled):
+    // the same row operations applied to I. Step k, with d = the pivot and multipliers
+    // m_i = s[k][i] / d (i > k, from row k as yet unscaled):
     //   trailing upper triangle, k < i <= j:  s[i][j] −= m_j s[k][i]   (= r_ki r_kj)
     //   E, rows i > k, columns c <= k:        E[i][c] −= m_i E[k][c]   (E[k][k] = 1)
-    //   row k − 1, which no one reads any more, scaled to R's row: ÷ r_{k−1} = sqrt(d_{k−1})
-    // all disjoint, so one barrier per step. A pivot that is not > 0 marks the failure and
-    // continues with d = 1 (the values are replaced by I below).
-    double r_prev = 1.0, inv_prev = 1.0;
+    //   row k − 1, which no one reads any more, scaled to R's row: ÷ r_{k−1}
+    // all disjoint, so one barrier per step.
     for (int k = 0; k < q; ++k) {
-        const double d = s[k + k * ld];
-        const bool ok = d > 0.0;
-        const double dk = ok ? d : 1.0;
-        const double inv_d = 1.0 / dk;
+        const double inv_d = pivot_inv[k];
         for (int col = warp; col < q; col += warps) {
             if (col > k) {
                 const double m = s[k + col * ld] * inv_d;
-                for (int i = k + 1 + lane; i <= col; i += 32) s[i + col * ld] -= s[k + i * ld] * m;
+                for (int i = k + 1 + lane; i <= col; i += 32) {
+                    const double v = s[i + col * ld] - s[k + i * ld] * m;
+                    s[i + col * ld] = v;
+                    if (i == k + 1 && col == k + 1) pivot(k + 1, v);
+                }
             } else {
                 const double e = col == k ? 1.0 : s[k + col * ld];
                 for (int i = k + 1 + lane; i < q; i += 32) s[i + col * ld] -= s[k + i * ld] * inv_d * e;
             }
         }
         if (k > 0) {
+            const double r_prev = rdiag[k - 1], inv_prev = rdiag_inv[k - 1];
             for (int j = k - 1 + t; j < q; j += CHOL_THREADS) {
                 double* e = &s[(k - 1) + j * ld];
                 *e = j == k - 1 ? r_prev : *e * inv_prev;
             }
         }
-        r_prev = sqrt(dk);
-        inv_prev = 1.0 / r_prev;
-        if (t == 0) {
-            if (!ok) failed = 1;
-            rdiag[k] = r_prev;
-            rdiag_inv[k] = inv_prev;
-        }
         __syncthreads();
     }
-    if (t == 0) s[(q - 1) + (q - 1) * ld] = r_prev;  // the last row is its diagonal alone
+    if (t == 0) s[(q - 1) + (q - 1) * ld] = rdiag[q - 1];  // the last row is its diagonal alone
     __syncthreads();
 
     // R⁻¹ = Eᵀ D^-½: W[c][i] = E[i][c] / r_i for c < i, W[i][i] = 1 / r_i. Everything written

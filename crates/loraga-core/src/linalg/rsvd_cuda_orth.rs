@@ -51,10 +51,10 @@ const APPLY_THREADS: u32 = 256;
 const MAX_CHUNKS: usize = 32;
 const GRAM_MIN_ROWS: usize = 128;
 
-/// Dynamic shared memory of rsvd_orth_chol_inv for q: G/R/W with leading dimension q + 1, R's
-/// diagonal and its reciprocals.
+/// Dynamic shared memory of rsvd_orth_chol_inv for q: G/R/E with leading dimension q + 1, R's
+/// diagonal, its reciprocals and the pivots' reciprocals.
 fn chol_shared_bytes(q: usize) -> usize {
-    (q * (q + 1) + 2 * q) * std::mem::size_of::<f64>()
+    (q * (q + 1) + 3 * q) * std::mem::size_of::<f64>()
 }
 
 /// The largest q whose factor fits one block's opt-in shared memory on `dev` (less 1 KiB for
