@@ -36,7 +36,7 @@
 // Failure is reported, not acted on (as in rsvd_factor.cu): bits ORed into the layer's u32 flag,
 // tests written so that NaN raises them.
 //
-// Version 1: plain f64 FMA on CUDA cores; one thread block for the factorisation (q + 3
+// Version 1: plain f64 FMA on CUDA cores; one thread block for the factorisation (q + 4
 // barriers: a few microseconds at q = 32, against ~45 us of library launches for the pass).
 #include "common.cuh"
 

@@ -1,7 +1,9 @@
 //! GPU randomized SVD (`loraga_core::linalg::rsvd_cuda`) against the exact SVD and the CPU path
 //! with the same Ω, on matrices with a known, decaying spectrum; its two paths (all on the device,
-//! and the host-assisted fallback for flagged layers) each shown to be the one that ran; and
-//! cuSOLVER's gesvdr wrapper that the bench compares against. Every test needs a CUDA GPU and
+//! and the host-assisted fallback for flagged layers) each shown to be the one that ran; one
+//! CholeskyQR pass of the fused kernels (q up to the shared-memory limit; cuSOLVER and cuBLAS
+//! above it, both covered by the spectra) against an f64 CPU CholeskyQR; and cuSOLVER's gesvdr
+//! wrapper that the bench compares against. Every test needs a CUDA GPU and
 //! fails without one (run with `--include-ignored`). Inputs are fresh each run: the seed comes
 //! from the clock (or LORAGA_TEST_SEED to replay a failure) and is printed.
 //!
