@@ -1,7 +1,9 @@
 //! GPU randomized SVD (`loraga_core::linalg::rsvd_cuda`) against the exact SVD and the CPU path
 //! with the same Ω, on matrices with a known, decaying spectrum; its two paths (all on the device,
-//! and the host-assisted fallback for flagged layers) each shown to be the one that ran; and
-//! cuSOLVER's gesvdr wrapper that the bench compares against. Every test needs a CUDA GPU and
+//! and the host-assisted fallback for flagged layers) each shown to be the one that ran; one
+//! CholeskyQR pass of the fused kernels (q up to the shared-memory limit; cuSOLVER and cuBLAS
+//! above it, both covered by the spectra) against an f64 CPU CholeskyQR; and cuSOLVER's gesvdr
+//! wrapper that the bench compares against. Every test needs a CUDA GPU and
 //! fails without one (run with `--include-ignored`). Inputs are fresh each run: the seed comes
 //! from the clock (or LORAGA_TEST_SEED to replay a failure) and is printed.
 //!
@@ -51,7 +53,12 @@ fn decaying_spectra_match_the_exact_svd_and_the_cpu_path() {
         Case { m: 4096, n: 1024, q: 32, decay: harmonic },
         Case { m: 4096, n: 1024, q: 8, decay: inverse_cube },
         Case { m: 1024, n: 4096, q: 32, decay: inverse_square },
+        Case { m: 700, n: 600, q: 256, decay: harmonic },
     ];
+    // q ≤ the fused limit runs CholeskyQR's passes in loraga's kernels, q = 256 in cuSOLVER's
+    // and cuBLAS's: both implementations must be covered here.
+    let limit = cholesky_qr_fused_max_q(&dev).unwrap();
+    assert!((128..256).contains(&limit), "fused CholeskyQR limit {limit}: the cases no longer cover both paths");
     // These spectra are well conditioned for CholeskyQR2 (cond ≤ ~1e4): the device path must
     // handle every one of them without the host fallback.
     let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
@@ -101,15 +108,19 @@ fn same_seed_is_bit_identical_and_another_seed_is_not() {
     let data = randn(&mut rng, 520 * 390);
     let storage = upload(&dev, &data);
     let a = CudaMatrixRef::new(&storage, 520, 390).unwrap();
-    let seed = rng.random();
-    let cfg = RsvdConfig::new(32, 16, 4, seed);
-    let first = svd_lowrank_cuda("a", a, &cfg).unwrap();
-    assert_eq!(first, svd_lowrank_cuda("a", a, &cfg).unwrap());
-    let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
-    assert_eq!(first, plan.run("a", a, &cfg).unwrap());
-    assert_eq!(first, plan.run("a", a, &cfg).unwrap(), "a reused plan");
-    let other = RsvdConfig { seed: seed ^ 1, ..cfg.clone() };
-    assert_ne!(first, svd_lowrank_cuda("a", a, &other).unwrap());
+    // q = 32: the fused CholeskyQR passes (their Gram's chunk sums must not depend on which
+    // block finished last); q = 200: cuSOLVER's and cuBLAS's.
+    for q in [32, 200] {
+        let seed = rng.random();
+        let cfg = RsvdConfig::new(q, 16, 4, seed);
+        let first = svd_lowrank_cuda("a", a, &cfg).unwrap();
+        assert_eq!(first, svd_lowrank_cuda("a", a, &cfg).unwrap(), "q = {q}");
+        let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
+        assert_eq!(first, plan.run("a", a, &cfg).unwrap(), "q = {q}");
+        assert_eq!(first, plan.run("a", a, &cfg).unwrap(), "q = {q}: a reused plan");
+        let other = RsvdConfig { seed: seed ^ 1, ..cfg.clone() };
+        assert_ne!(first, svd_lowrank_cuda("a", a, &other).unwrap(), "q = {q}");
+    }
 }
 
 #[test]
@@ -299,4 +310,147 @@ fn cusolver_gesvdr_baseline_finds_the_top_subspace() {
     let s = upload(&dev, &[1.0; 12]);
     let e = gesvdr.run("tiny", CudaMatrixRef::new(&s, 3, 4).unwrap(), 4, 4).unwrap_err().to_string();
     assert!(e.contains("`tiny`") && e.contains("q = 4 must be in 2..=3"), "{e}");
+}
+
+/// Column-major f32 panel [rows, q] = U diag(σ) Vᵀ with σ from 1 down to 1/cond, geometrically.
+fn panel_with_condition(rng: &mut StdRng, rows: usize, q: usize, cond: f64) -> Vec<f32> {
+    let mut u = random_orthonormal(rng, rows, q);
+    let v = random_orthonormal(rng, q, q);
+    for j in 0..q {
+        let s = cond.powf(-(j as f64) / (q - 1).max(1) as f64);
+        u.col_mut(j).iter_mut().for_each(|x| *x *= s);
+    }
+    let x = u * v.transpose();
+    (0..rows * q).map(|idx| x[(idx % rows, idx / rows)] as f32).collect()
+}
+
+/// XᵀX of a column-major panel, in f64.
+fn gram(x: &[f32], rows: usize, q: usize) -> Vec<f64> {
+    let col = |j: usize| &x[j * rows..(j + 1) * rows];
+    let mut g = vec![0.0; q * q];
+    for i in 0..q {
+        for j in 0..q {
+            g[i + j * q] = col(i).iter().zip(col(j)).map(|(&a, &b)| a as f64 * b as f64).sum();
+        }
+    }
+    g
+}
+
+/// Upper Cholesky factor R (RᵀR = G, column-major) by the dot-product (left-looking) form.
+fn cholesky_upper(g: &[f64], q: usize) -> Vec<f64> {
+    let mut r = vec![0.0; q * q];
+    for j in 0..q {
+        for i in 0..=j {
+            let dot: f64 = (0..i).map(|l| r[l + i * q] * r[l + j * q]).sum();
+            r[i + j * q] = if i == j { (g[j + j * q] - dot).sqrt() } else { (g[i + j * q] - dot) / r[i + i * q] };
+        }
+    }
+    r
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+fn frobenius(a: &[f64]) -> f64 {
+    a.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+fn identity(q: usize) -> Vec<f64> {
+    (0..q * q).map(|idx| if idx % q == idx / q { 1.0 } else { 0.0 }).collect()
+}
+
+fn download(s: &CudaStorage) -> Vec<f32> {
+    match s.to_cpu().unwrap() {
+        CpuStorage::F32(v) => v,
+        _ => unreachable!("uploaded as f32"),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_cholesky_qr_pass_matches_an_f64_reference() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let limit = cholesky_qr_fused_max_q(&dev).unwrap();
+    // Ragged rows (not multiples of the kernels' 32-row chunks) and q inside one Gram tile, over
+    // several tiles with a ragged last one, and at 128.
+    for (rows, q) in [(1000, 24), (517, 67), (3001, 128)] {
+        let what = format!("{rows}x{q}");
+        let x = panel_with_condition(&mut rng, rows, q, 1e4);
+        let mut dx = upload(&dev, &x);
+        let first = cholesky_qr_pass_cuda(&mut dx, rows, q, false).unwrap();
+        assert_eq!(first.flag, 0, "{what}: first pass flagged");
+
+        // R against the f64 reference from the same f32 panel: only the Gram's summation order
+        // differs, which moves R by ~u₆₄·cond(X) relative.
+        let r = cholesky_upper(&gram(&x, rows, q), q);
+        let r_err = frobenius(&first.r.iter().zip(&r).map(|(a, b)| a - b).collect::<Vec<_>>()) / frobenius(&r);
+        assert!(r_err <= 1e-10, "{what}: R off by {r_err:e} relative");
+        assert!(first.r.iter().zip(&first.r_f32).all(|(&a, &b)| a as f32 == b), "{what}: R in f32 is not R rounded");
+        let below = (0..q * q).filter(|idx| idx % q > idx / q);
+        assert!(below.clone().all(|idx| first.r[idx] == 0.0 && first.r_inv[idx] == 0.0), "{what}: not upper");
+        // R R⁻¹ = I to f64 accuracy times cond(R) = 1e4.
+        let mut prod = vec![0.0; q * q];
+        for j in 0..q {
+            for i in 0..q {
+                prod[i + j * q] = (0..q).map(|l| first.r[i + l * q] * first.r_inv[l + j * q]).sum();
+            }
+        }
+        let inv_err = max_abs_diff(&prod, &identity(q));
+        assert!(inv_err <= 1e-10, "{what}: |R R⁻¹ - I| = {inv_err:e}");
+
+        // X R⁻¹ against the reference's (f64 back substitution from the f32 panel): the GPU's
+        // X is f32, so it may differ by its rounding plus R's difference times cond(X).
+        let got = download(&dx);
+        let mut want = vec![0.0f64; rows * q];
+        for row in 0..rows {
+            for j in 0..q {
+                let dot: f64 = (0..j).map(|l| want[row + l * rows] * r[l + j * q]).sum();
+                want[row + j * rows] = (x[row + j * rows] as f64 - dot) / r[j + j * q];
+            }
+        }
+        let got64: Vec<f64> = got.iter().map(|&v| v as f64).collect();
+        let q_err = max_abs_diff(&got64, &want);
+        assert!(q_err <= 1e-6, "{what}: X R⁻¹ off by {q_err:e}");
+        // With R⁻¹ in f64 the first pass is already orthonormal to ~u₆₄·cond(X)² + u₃₂ (an f32
+        // STRSM would leave ~u₃₂·cond(X) ≈ 1e-3; see rsvd_cuda_orth's module docs).
+        let ortho1 = max_abs_diff(&gram(&got, rows, q), &identity(q));
+        assert!(ortho1 <= 1e-5, "{what}: first pass leaves |QᵀQ - I| = {ortho1:e}");
+
+        // The second pass, with its Gram check: orthonormal to f32 rounding, R₂ near I.
+        let second = cholesky_qr_pass_cuda(&mut dx, rows, q, true).unwrap();
+        assert_eq!(second.flag, 0, "{what}: second pass flagged");
+        let got = download(&dx);
+        let ortho2 = max_abs_diff(&gram(&got, rows, q), &identity(q));
+        eprintln!("{what}: R {r_err:e}, R R⁻¹ {inv_err:e}, X R⁻¹ {q_err:e}, |QᵀQ - I| {ortho1:e} then {ortho2:e}");
+        assert!(ortho2 <= 1e-5, "{what}: two passes leave |QᵀQ - I| = {ortho2:e}");
+        assert!(max_abs_diff(&second.r, &identity(q)) <= 1e-3, "{what}: R₂ is not near I");
+    }
+
+    // Failures raise their bit and leave the panel as it was. A first-pass panel is far from
+    // orthonormal, so the Gram check flags it (bit 1) while the Cholesky succeeds.
+    let (rows, q) = (300, 40);
+    let x = panel_with_condition(&mut rng, rows, q, 1e3);
+    let mut dx = upload(&dev, &x);
+    assert_eq!(cholesky_qr_pass_cuda(&mut dx, rows, q, true).unwrap().flag, 1);
+    // A zero panel has no Cholesky factor (bit 2): R = R⁻¹ = I are written, X stays zero.
+    let mut dz = upload(&dev, &vec![0.0; rows * q]);
+    let zero = cholesky_qr_pass_cuda(&mut dz, rows, q, false).unwrap();
+    assert_eq!(zero.flag, 2);
+    assert_eq!((zero.r.clone(), zero.r_inv.clone()), (identity(q), identity(q)));
+    assert!(download(&dz).iter().all(|&v| v == 0.0));
+    // A NaN makes the Gram non-finite: both bits, and X R⁻¹ with R⁻¹ = I keeps every other row
+    // as it was (the NaN's own row is NaN · 0 in every column).
+    let mut poisoned = x.clone();
+    poisoned[17] = f32::NAN; // row 17, column 0
+    let mut dn = upload(&dev, &poisoned);
+    assert_eq!(cholesky_qr_pass_cuda(&mut dn, rows, q, true).unwrap().flag, 3);
+    for (idx, v) in download(&dn).into_iter().enumerate() {
+        assert!(if idx % rows == 17 { v.is_nan() } else { v == x[idx] }, "[{}, {}] = {v}", idx % rows, idx / rows);
+    }
+
+    let mut too_wide = upload(&dev, &vec![1.0; (limit + 1) * (limit + 1)]);
+    let e = cholesky_qr_pass_cuda(&mut too_wide, limit + 1, limit + 1, false).unwrap_err().to_string();
+    assert!(e.contains(&format!("exceeds this device's fused limit {limit}")), "{e}");
 }

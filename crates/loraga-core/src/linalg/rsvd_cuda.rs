@@ -14,9 +14,10 @@
 //! harmless (see [`super::rsvd_cuda_device`]).
 //!
 //! Two paths compute this:
-//! - [`super::rsvd_cuda_device`], the normal one: CholeskyQR2 with an f64 Gram, cuSOLVER's
-//!   Cholesky and cuBLAS's triangular solve; the core through an f64 eigen-decomposition of RᵀR,
-//!   all on the device, no host round trip inside a layer. It cannot branch on the data, so it
+//! - [`super::rsvd_cuda_device`], the normal one: CholeskyQR2 with an f64 Gram (its passes in
+//!   kernels of our own, [`super::rsvd_cuda_orth`], up to the q whose factor fits in shared
+//!   memory; cuSOLVER's Cholesky and cuBLAS's triangular solve above that); the core through
+//!   an f64 eigen-decomposition of RᵀR, all on the device, no host round trip inside a layer. It cannot branch on the data, so it
 //!   checks itself on the device instead (Cholesky info, the second CholeskyQR pass's Gram within
 //!   1/2 of I, the core's U_R orthonormal to 1e-7, finite values) and raises a per-layer flag.
 //! - [`super::rsvd_cuda_host`], the fallback for flagged layers: the same products with the q × q
@@ -54,6 +55,7 @@ use super::cusolver::Solver;
 use super::rsvd_cuda_blas::{dptr, grid};
 use super::rsvd_cuda_device::DeviceLayer;
 use super::rsvd_cuda_host::factor_with_host_help;
+use super::rsvd_cuda_orth::{cholesky_qr_fused_max_q, partials_len, tickets_len};
 use super::{RsvdConfig, TruncatedSvd, gaussian_test_matrix};
 use crate::cuda::{CudaDevice, CudaSlices, CudaStorage, libs};
 use crate::error::{Error, Result};
@@ -177,6 +179,8 @@ pub(super) struct Lane {
     pub(super) blas: CudaBlas,
     pub(super) solver: Solver,
     pub(super) ws: Workspace,
+    /// The largest q whose CholeskyQR passes use the fused kernels ([`cholesky_qr_fused_max_q`]).
+    pub(super) fused_max_q: usize,
 }
 
 /// Device scratch of one lane, sized by [`Need`].
@@ -198,6 +202,11 @@ pub(super) struct Workspace {
     pub(super) w: CudaSlice<f64>,
     /// U_R in f64 [q, k], kept for its orthogonality check.
     pub(super) core_u: CudaSlice<f64>,
+    /// The fused CholeskyQR pass's R⁻¹ (f64 q × q), partial Grams and ticket counters
+    /// ([`super::rsvd_cuda_orth`]), sized for min(q, fused_max_q).
+    pub(super) rinv: CudaSlice<f64>,
+    pub(super) partials: CudaSlice<f64>,
+    pub(super) tickets: CudaSlice<u32>,
     /// cuSOLVER's workspace (the larger of potrf's and syevd's for every q reserved) and info.
     pub(super) work: CudaSlice<f64>,
     pub(super) info: CudaSlice<i32>,
@@ -425,16 +434,17 @@ impl CudaRsvd {
         let need = self.need.max(need);
         if self.lanes.is_empty() {
             libs::ensure_cublas()?;
+            let fused_max_q = cholesky_qr_fused_max_q(&self.dev)?;
             for _ in 0..LANES {
                 let stream = self.dev.stream().fork().map_err(Error::cuda("cuStreamCreate"))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(Error::cublas("cublasCreate"))?;
                 let solver = Solver::new(&stream)?;
-                let ws = allocate(&stream, need)?;
-                self.lanes.push(Lane { stream, blas, solver, ws });
+                let ws = allocate(&stream, need, fused_max_q)?;
+                self.lanes.push(Lane { stream, blas, solver, ws, fused_max_q });
             }
         } else if need != self.need {
             for lane in &mut self.lanes {
-                lane.ws = allocate(&lane.stream, need)?;
+                lane.ws = allocate(&lane.stream, need, lane.fused_max_q)?;
             }
         }
         self.need = need;
@@ -463,8 +473,10 @@ impl CudaRsvd {
     }
 }
 
-/// A lane's workspace for `need`, on its stream.
-fn allocate(stream: &Arc<CudaStream>, need: Need) -> Result<Workspace> {
+/// A lane's workspace for `need`, on its stream; the fused pass's buffers for q up to
+/// `fused_max_q`.
+fn allocate(stream: &Arc<CudaStream>, need: Need, fused_max_q: usize) -> Result<Workspace> {
+    let fused_q = need.q.min(fused_max_q);
     let f32s = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
     let f64s = |n: usize| stream.alloc_zeros::<f64>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
     Ok(Workspace {
@@ -483,6 +495,9 @@ fn allocate(stream: &Arc<CudaStream>, need: Need) -> Result<Workspace> {
         rv: f64s(need.qq)?,
         w: f64s(need.q)?,
         core_u: f64s(need.qk)?,
+        rinv: f64s(fused_q * fused_q)?,
+        partials: f64s(partials_len(fused_q))?,
+        tickets: stream.alloc_zeros::<u32>(tickets_len(fused_q).max(1)).map_err(Error::cuda("cuMemAlloc"))?,
         work: f64s(1)?, // sized by reserve, per q
         info: stream.alloc_zeros::<i32>(1).map_err(Error::cuda("cuMemAlloc"))?,
     })

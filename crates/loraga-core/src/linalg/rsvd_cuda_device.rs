@@ -3,11 +3,21 @@
 //! on the device, and the conditions under which the result could be wrong checked there too.
 //!
 //! orth(X), X column-major f32 [rows, q], is CholeskyQR2 with an f64 Gram:
-//!   pass(check):  G = XᵀX (f64: exact widening + DGEMM);  R = potrf(G) (cuSOLVER, f64);
-//!                 X ← X R₃₂⁻¹ (cuBLAS STRSM with R rounded to f32, zeros below the diagonal)
+//!   pass(check):  G = XᵀX (f64);  RᵀR = G (Cholesky, f64);  X ← X R⁻¹
 //!   orth(X) = pass(no check); pass(check: ‖G − I‖_F < 1/2)
+//! A pass has two implementations, picked by q alone (one rule for every pass of every layer):
+//! - q ≤ the lane's `fused_max_q` (≥ 128 on an A100 or H200): three kernels of our own
+//!   ([`super::rsvd_cuda_orth`]): the f64 Gram straight from the f32 X, Cholesky and the f64
+//!   inverse R⁻¹ in one block's shared memory (with this pass's checks), and X ← X R⁻¹ with f64
+//!   accumulation. A pass of cuSOLVER's and cuBLAS's small kernels costs ~45 µs of mostly
+//!   launch latency at q = 32 (20 passes a layer: half the layer's time); these three, a few.
+//! - larger q (the factor no longer fits in shared memory): exact widening + DGEMM for G,
+//!   cuSOLVER potrf, R rounded to f32 with zeros below the diagonal, cuBLAS STRSM, and the
+//!   Gram check as a kernel of its own. There the products with A dominate anyway.
+//!
 //! The f64 Gram lets Cholesky succeed up to cond(X) ≈ 1e7; the first pass leaves X with
-//! orthogonality error ≈ u₃₂·cond(X), and a second pass whose input is within 1/2 of orthonormal
+//! orthogonality error ≈ u₃₂·cond(X) at worst (the STRSM; the fused pass's f64 R⁻¹ does
+//! better, see [`super::rsvd_cuda_orth`]), and a second pass whose input is within 1/2 of orthonormal
 //! (the check) ends at f32 rounding. Anything worse (a Cholesky that fails, a second Gram that is
 //! not near I, a non-finite Gram) raises the layer's flag: the host-assisted fallback
 //! ([`super::rsvd_cuda_host`]) then redoes the layer with shifts, more passes or Householder QR,
@@ -22,21 +32,23 @@
 //! checked directly (‖U_RᵀU_R − I‖_max ≤ 1e-7, f64 DGEMM) rather than argued, so a rank-deficient
 //! or clustered core falls back instead of returning a U that is not orthonormal.
 //!
-//! Per layer at niter = 4: 10 products with A (SGEMM), 10 orths of 2 passes of 5 launches each
-//! (widen, DGEMM, potrf, round, STRSM; plus the check in the second), the core's 7 launches and
-//! 2 SGEMMs for U and V.
+//! Per layer at niter = 4: 10 products with A (SGEMM), 10 orths of 2 passes of 3 launches each
+//! (fused; or 5 each above the limit: widen, DGEMM, potrf, round, STRSM, plus the check in the
+//! second), the core's 7 launches and 2 SGEMMs for U and V.
 //! No launch depends on a value read back.
 
 use cudarc::driver::PushKernelArg;
 
 use super::rsvd_cuda::{CudaMatrixRef, GemmMath, Lane};
 use super::rsvd_cuda_blas::{Precision, Products, dptr, gram_f64, grid, strsm_right_upper, xgemm};
+use super::rsvd_cuda_orth::{PassBuffers, PassChecks, fused_pass};
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
-/// Flag bits (kernels/rsvd_factor.cu ORs them into the layer's flag); any bit means "redo".
-const FLAG_GRAM: u32 = 1; // the second pass's Gram not within 1/2 of I (or not finite)
-const FLAG_CHOLESKY: u32 = 2; // potrf failed, or a rounded diagonal of R is not > 0
+/// Flag bits (kernels/rsvd_factor.cu and rsvd_orth.cu OR them into the layer's flag); any bit
+/// means "redo".
+pub(super) const FLAG_GRAM: u32 = 1; // the second pass's Gram not within 1/2 of I (or not finite)
+pub(super) const FLAG_CHOLESKY: u32 = 2; // Cholesky (or R⁻¹) failed, or a rounded diagonal of R is not > 0
 const FLAG_CORE: u32 = 4; // syevd failed, or a singular value is not a finite f32
 const FLAG_CORE_ORTHO: u32 = 8; // U_R not orthonormal to CORE_ORTHO_TOL
 
@@ -44,7 +56,7 @@ const FLAG_CORE_ORTHO: u32 = 8; // U_R not orthonormal to CORE_ORTHO_TOL
 /// f32, far above what a well-conditioned core gives (~1e-12).
 const CORE_ORTHO_TOL: f64 = 1e-7;
 /// The second CholeskyQR pass must start within this Frobenius distance of I.
-const SECOND_PASS_TOL: f64 = 0.5;
+pub(super) const SECOND_PASS_TOL: f64 = 0.5;
 
 /// Everything one layer's queueing needs: the lane (stream, handles, workspace) it runs on, and
 /// `flag`, the device address of the layer's u32 flag, zero before the layer runs.
@@ -79,6 +91,21 @@ impl DeviceLayer<'_> {
     fn pass(&self, x: u64, rows: usize, q: usize, second: bool) -> Result<()> {
         let (dev, lane) = (self.dev, self.lane);
         let ws = &lane.ws;
+        let r = dptr(if second { &ws.r2 } else { &ws.r }, dev);
+        if q <= lane.fused_max_q {
+            let buffers = PassBuffers {
+                gram: dptr(&ws.gram, dev),
+                rinv: dptr(&ws.rinv, dev),
+                r32: r,
+                partials: dptr(&ws.partials, dev),
+                tickets: dptr(&ws.tickets, dev),
+                flag: self.flag,
+            };
+            // As below: only the second pass checks its Gram.
+            let gram_bit = if second { FLAG_GRAM } else { 0 };
+            let checks = PassChecks { chol_bit: FLAG_CHOLESKY, gram_bit, gram_tol: SECOND_PASS_TOL };
+            return fused_pass(dev, &lane.stream, x, rows, q, &buffers, checks);
+        }
         let gram = dptr(&ws.gram, dev);
         gram_f64(dev, &lane.stream, &lane.blas, x, rows, q, dptr(&ws.wide, dev), gram)?;
         // The first pass needs no check of its own: whatever it gets wrong (a non-finite or
@@ -88,7 +115,6 @@ impl DeviceLayer<'_> {
         }
         let (work, info) = (dptr(&ws.work, dev), dptr(&ws.info, dev));
         lane.solver.potrf(q, gram, work, ws.work.len(), info)?;
-        let r = dptr(if second { &ws.r2 } else { &ws.r }, dev);
         let f = dev.function("rsvd_factor", "rsvd_chol_to_f32")?;
         let (qi, bit) = (q as i32, FLAG_CHOLESKY);
         let mut launch = lane.stream.launch_builder(&f);

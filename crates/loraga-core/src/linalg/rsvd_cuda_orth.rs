@@ -1,0 +1,263 @@
+//! One CholeskyQR pass of the GPU randomized SVD's device path ([`super::rsvd_cuda_device`]) in
+//! three kernels of our own (`kernels/rsvd_orth.cu`), for q up to what one block's shared memory
+//! holds as an f64 q × q matrix ([`cholesky_qr_fused_max_q`]: 168 on an H200, 142 on an A100).
+//!
+//! With X the column-major f32 panel [rows, q]:
+//!   gram:      G = XᵀX in f64 (exact f32 products, f64 sums; per-chunk partial tiles summed in a
+//!              fixed order, so reruns are bit-identical)
+//!   chol_inv:  RᵀR = G (upper Cholesky, f64) and W = R⁻¹ (f64, the same elimination applied
+//!              to I), one block; R in f64 over G, R in f32 for the core, W; the pass's checks
+//!              raise the flag
+//!   apply:     X ← X W, f64 accumulation, rounded to f32 once
+//!
+//! Why X·W, W = R⁻¹ in f64 applied with f64 accumulation, is as good as the triangular solve it
+//! replaces (cuBLAS STRSM with R rounded to f32): R from the f64 Gram has relative error
+//! ~u₆₄·cond(X)², so the exact X R⁻¹ is orthonormal to ~u₆₄·cond(X)². The f32 solve then adds
+//! its own error: R₃₂ = R(1 + O(u₃₂)) and a backward-stable solve, so X R₃₂⁻¹ is orthonormal
+//! only to ~u₃₂·cond(X). The product adds W's error, ~u₆₄·cond(R) = u₆₄·cond(X) relative, the
+//! f64 sums' ~q·u₆₄·cond(X), and one rounding to f32 (u₃₂): orthonormal to ~u₆₄·cond(X)² + u₃₂,
+//! which is no worse than u₃₂·cond(X) for every cond(X) ≤ u₃₂/u₆₄ ≈ 1e9, i.e. for everything
+//! the f64 Cholesky accepts (cond(X) ≲ 1e7). Both first passes thus end within ~u₃₂·cond(X) of
+//! orthonormal (ours usually much closer); the second pass, whose input its Gram check requires
+//! within 1/2 of orthonormal, ends at f32 rounding either way. The explicit inverse's usual
+//! weakness (no backward stability for an ill-conditioned R) is what those two bounds already
+//! price in, and anything beyond them raises the flag: the host-assisted fallback redoes the
+//! layer.
+//!
+//! Why by q: the fused pass needs the whole q × q factor in one block's shared memory, which
+//! caps q at [`cholesky_qr_fused_max_q`]; above it the pass keeps cuSOLVER's potrf and cuBLAS's
+//! STRSM, whose launch latencies (~45 µs a pass) matter less there because the products with A
+//! grow with q. One rule, decided per pass by q alone (each lane asks the device once), so a
+//! layer takes the same path on every run.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg, sys};
+
+use super::rsvd_cuda_blas::dptr;
+use super::rsvd_cuda_device::{FLAG_CHOLESKY, FLAG_GRAM, SECOND_PASS_TOL};
+use crate::cuda::{CudaDevice, CudaSlices, CudaStorage};
+use crate::error::{Error, Result};
+
+const MODULE: &str = "rsvd_orth";
+/// Must match the kernels' GRAM_TILE, CHOL_THREADS and APPLY_ROWS/APPLY_THREADS.
+const GRAM_TILE: usize = 32;
+const GRAM_THREADS: u32 = 256;
+const CHOL_THREADS: usize = 512;
+const APPLY_ROWS: usize = 32;
+const APPLY_THREADS: u32 = 256;
+/// At most this many row chunks per Gram tile (the partials buffer is sized for it), each at
+/// least GRAM_MIN_ROWS rows so the final sum stays small next to the products.
+const MAX_CHUNKS: usize = 32;
+const GRAM_MIN_ROWS: usize = 128;
+
+/// Dynamic shared memory of rsvd_orth_chol_inv for q: G/R/E with leading dimension q + 1, R's
+/// diagonal, its reciprocals and the pivots' reciprocals.
+fn chol_shared_bytes(q: usize) -> usize {
+    (q * (q + 1) + 3 * q) * std::mem::size_of::<f64>()
+}
+
+/// The largest q whose factor fits one block's opt-in shared memory on `dev` (less 1 KiB for
+/// the kernel's static shared variables).
+pub fn cholesky_qr_fused_max_q(dev: &CudaDevice) -> Result<usize> {
+    let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+    let optin = dev.context().attribute(attr).map_err(Error::cuda("cuDeviceGetAttribute"))?;
+    Ok(max_q_for_shared_memory(optin.max(0) as usize))
+}
+
+fn max_q_for_shared_memory(optin: usize) -> usize {
+    let budget = optin.saturating_sub(1024);
+    (1..).take_while(|&q| chol_shared_bytes(q) <= budget).last().unwrap_or(0)
+}
+
+/// How rsvd_orth_gram splits `rows` for a q-wide panel on `sms` SMs: (chunk_rows, chunks).
+/// Enough blocks to cover the SMs twice, no chunk under GRAM_MIN_ROWS rows unless the panel is,
+/// at most MAX_CHUNKS (the partials buffer's size), chunk_rows a multiple of the staged rows.
+fn gram_chunks(rows: usize, q: usize, sms: usize) -> (usize, usize) {
+    let want = (2 * sms).div_ceil(pairs(q)).min(rows.div_ceil(GRAM_MIN_ROWS));
+    let chunk_rows = rows.div_ceil(want.clamp(1, MAX_CHUNKS)).next_multiple_of(GRAM_TILE);
+    (chunk_rows, rows.div_ceil(chunk_rows))
+}
+
+/// Upper-triangle tile pairs of a q × q Gram in GRAM_TILE tiles.
+fn pairs(q: usize) -> usize {
+    let nt = q.div_ceil(GRAM_TILE);
+    nt * (nt + 1) / 2
+}
+
+/// f64 elements of the partial-Gram buffer a pass of width up to q needs.
+pub(super) fn partials_len(q: usize) -> usize {
+    MAX_CHUNKS * pairs(q) * GRAM_TILE * GRAM_TILE
+}
+
+/// u32 ticket counters a pass of width up to q needs (zeroed at allocation; the kernel leaves
+/// them zero).
+pub(super) fn tickets_len(q: usize) -> usize {
+    pairs(q)
+}
+
+/// Device addresses of one pass's buffers: `gram` f64 q × q (G in, R out), `rinv` f64 q × q,
+/// `r32` f32 q × q, `partials` and `tickets` sized by [`partials_len`] / [`tickets_len`] for at
+/// least this q, `flag` one u32.
+pub(super) struct PassBuffers {
+    pub(super) gram: u64,
+    pub(super) rinv: u64,
+    pub(super) r32: u64,
+    pub(super) partials: u64,
+    pub(super) tickets: u64,
+    pub(super) flag: u64,
+}
+
+/// What the pass checks and which flag bits it raises: `gram_bit` (0 for none) unless
+/// ‖G − I‖_F < `gram_tol`; `chol_bit` when the Cholesky or the inverse fails.
+#[derive(Clone, Copy)]
+pub(super) struct PassChecks {
+    pub(super) chol_bit: u32,
+    pub(super) gram_bit: u32,
+    pub(super) gram_tol: f64,
+}
+
+/// One CholeskyQR pass on X at `x` (column-major f32 [rows, q], q ≤ [`cholesky_qr_fused_max_q`]),
+/// queued on `stream`: X ← X R⁻¹, R in `b.gram` (f64) and `b.r32` (f32), R⁻¹ in `b.rinv`.
+pub(super) fn fused_pass(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    x: u64,
+    rows: usize,
+    q: usize,
+    b: &PassBuffers,
+    checks: PassChecks,
+) -> Result<()> {
+    let (rows_i, q_i) = (rows as i32, q as i32);
+
+    let (chunk_rows, chunks) = gram_chunks(rows, q, dev.sm_count());
+    let (chunk_rows_i, chunks_i) = (chunk_rows as i32, chunks as i32);
+    let f = dev.function(MODULE, "rsvd_orth_gram")?;
+    let cfg = LaunchConfig {
+        grid_dim: (pairs(q) as u32, chunks as u32, 1),
+        block_dim: (GRAM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&x).arg(&rows_i).arg(&q_i).arg(&chunk_rows_i).arg(&chunks_i);
+    launch.arg(&b.partials).arg(&b.tickets).arg(&b.gram);
+    // SAFETY: rsvd_orth_gram(const float*, int, int, int, int, double*, unsigned*, double*):
+    // x holds rows*q f32, partials ≥ chunks*pairs*1024 f64 (chunks ≤ MAX_CHUNKS), tickets
+    // pairs(q) zeroed u32, gram q*q f64; the grid is (pairs, chunks) as the kernel expects.
+    unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_gram)"))?;
+
+    let bytes = chol_shared_bytes(q);
+    let f = dev.function_with_shared_memory(MODULE, "rsvd_orth_chol_inv", bytes)?;
+    let cfg =
+        LaunchConfig { grid_dim: (1, 1, 1), block_dim: (CHOL_THREADS as u32, 1, 1), shared_mem_bytes: bytes as u32 };
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&b.gram).arg(&q_i).arg(&b.r32).arg(&b.rinv).arg(&b.flag);
+    launch.arg(&checks.chol_bit).arg(&checks.gram_bit).arg(&checks.gram_tol);
+    // SAFETY: rsvd_orth_chol_inv(double*, int, float*, double*, unsigned*, unsigned, unsigned,
+    // double): gram and rinv q*q f64, r32 q*q f32, flag one u32; one block of CHOL_THREADS
+    // with the dynamic shared memory chol_shared_bytes(q), which cholesky_qr_fused_max_q
+    // keeps in range.
+    unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_chol_inv)"))?;
+
+    let bytes = APPLY_ROWS * q * std::mem::size_of::<f32>();
+    let f = dev.function_with_shared_memory(MODULE, "rsvd_orth_apply", bytes)?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(APPLY_ROWS) as u32, 1, 1),
+        block_dim: (APPLY_THREADS, 1, 1),
+        shared_mem_bytes: bytes as u32,
+    };
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&x).arg(&rows_i).arg(&q_i).arg(&b.rinv);
+    // SAFETY: rsvd_orth_apply(float*, int, int, const double*): x rows*q f32, rinv q*q f64,
+    // APPLY_ROWS*q f32 of dynamic shared memory.
+    unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_apply)"))?;
+    Ok(())
+}
+
+/// What one [`cholesky_qr_pass_cuda`] produced, downloaded: R (f64 and the f32 rounding the core
+/// uses), R⁻¹ (f64), all column-major q × q with zeros below the diagonal, and the flag bits
+/// (1: the Gram check failed, 2: the Cholesky or the inverse failed; the device path's bits).
+#[derive(Debug, Clone)]
+pub struct CholeskyQrPass {
+    pub r: Vec<f64>,
+    pub r_f32: Vec<f32>,
+    pub r_inv: Vec<f64>,
+    pub flag: u32,
+}
+
+/// One pass of the fused CholeskyQR on a column-major f32 panel X [rows, q] in place, on the
+/// device's stream, with the Gram check (‖G − I‖_F < 1/2) when `check_gram`: what the device
+/// path runs for q ≤ the device's limit, exposed so tests can hold it against an f64 reference.
+pub fn cholesky_qr_pass_cuda(x: &mut CudaStorage, rows: usize, q: usize, check_gram: bool) -> Result<CholeskyQrPass> {
+    const OP: &str = "cholesky_qr_pass_cuda";
+    let dev = x.device.clone();
+    let CudaSlices::F32(xs) = &mut x.slice else {
+        return Err(Error::DType { op: OP, msg: "the panel must be f32".into() });
+    };
+    if rows == 0 || q == 0 || rows.checked_mul(q) != Some(xs.len()) || rows < q {
+        return Err(Error::shape(OP, format!("{} elements for a [{rows}, {q}] panel with rows ≥ q ≥ 1", xs.len())));
+    }
+    let max_q = cholesky_qr_fused_max_q(&dev)?;
+    if q > max_q {
+        return Err(Error::shape(OP, format!("q = {q} exceeds this device's fused limit {max_q}")));
+    }
+    let stream = dev.stream();
+    let f64s = |n: usize| stream.alloc_zeros::<f64>(n).map_err(Error::cuda("cuMemAlloc"));
+    let (gram, rinv, partials) = (f64s(q * q)?, f64s(q * q)?, f64s(partials_len(q))?);
+    let r32: CudaSlice<f32> = stream.alloc_zeros(q * q).map_err(Error::cuda("cuMemAlloc"))?;
+    let tickets: CudaSlice<u32> = stream.alloc_zeros(tickets_len(q)).map_err(Error::cuda("cuMemAlloc"))?;
+    let flag: CudaSlice<u32> = stream.alloc_zeros(1).map_err(Error::cuda("cuMemAlloc"))?;
+    let b = PassBuffers {
+        gram: dptr(&gram, &dev),
+        rinv: dptr(&rinv, &dev),
+        r32: dptr(&r32, &dev),
+        partials: dptr(&partials, &dev),
+        tickets: dptr(&tickets, &dev),
+        flag: dptr(&flag, &dev),
+    };
+    let gram_bit = if check_gram { FLAG_GRAM } else { 0 };
+    let checks = PassChecks { chol_bit: FLAG_CHOLESKY, gram_bit, gram_tol: SECOND_PASS_TOL };
+    fused_pass(&dev, stream, dptr(xs, &dev), rows, q, &b, checks)?;
+    let down = |e| Error::cuda("cuMemcpyDtoH")(e);
+    let pass = CholeskyQrPass {
+        r: stream.clone_dtoh(&gram).map_err(down)?,
+        r_f32: stream.clone_dtoh(&r32).map_err(down)?,
+        r_inv: stream.clone_dtoh(&rinv).map_err(down)?,
+        flag: stream.clone_dtoh(&flag).map_err(down)?[0],
+    };
+    dev.synchronize()?;
+    Ok(pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fused_limit_fills_the_opt_in_shared_memory_and_covers_q_128() {
+        // H200 / H100 (227 KiB) and A100 (163 KiB) opt-in limits per block.
+        for (optin, want) in [(232_448, 168), (166_912, 142)] {
+            let q = max_q_for_shared_memory(optin);
+            assert_eq!(q, want, "opt-in {optin}");
+            assert!(chol_shared_bytes(q) + 1024 <= optin && chol_shared_bytes(q + 1) + 1024 > optin);
+        }
+        assert_eq!(max_q_for_shared_memory(0), 0);
+    }
+
+    #[test]
+    fn gram_chunks_cover_every_row_once_within_the_partials_buffer() {
+        for sms in [1, 108, 132] {
+            for q in [1, 9, 32, 33, 100, 128, 168] {
+                for rows in [q, 31, 32, 33, 1000, 3001, 4096, 11008, 1 << 20] {
+                    let rows = rows.max(q);
+                    let (chunk_rows, chunks) = gram_chunks(rows, q, sms);
+                    let what = format!("rows {rows}, q {q}, {sms} SMs: {chunks} x {chunk_rows}");
+                    assert!((1..=MAX_CHUNKS).contains(&chunks), "{what}");
+                    assert_eq!(chunk_rows % GRAM_TILE, 0, "{what}");
+                    assert!(chunks * chunk_rows >= rows && (chunks - 1) * chunk_rows < rows, "{what}");
+                    assert!(chunks * pairs(q) * GRAM_TILE * GRAM_TILE <= partials_len(q), "{what}");
+                }
+            }
+        }
+    }
+}

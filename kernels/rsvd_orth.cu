@@ -1,0 +1,274 @@
+// One CholeskyQR pass of the GPU randomized SVD's device path in three kernels of our own
+// (crates/loraga-core/src/linalg/rsvd_cuda_orth.rs), for q small enough that a q x q f64 matrix
+// fits in one block's shared memory. X is the column-major f32 panel [rows, q] (element (r, j) at
+// x[r + j*rows]); every q x q matrix is column-major (element (i, j) at [i + j*q]).
+//
+//   rsvd_orth_gram(x, rows, q, chunk_rows, chunks, partials, tickets, g):
+//       G = XᵀX in f64, g[q*q] full (both triangles). The f32 products are exact in f64 and
+//       accumulate in f64 (the same Gram as widening + DGEMM, summed in another order). Grid
+//       (pairs, chunks): block (p, c) computes the 32 x 32 tile pair p (tiles ti <= tj of the
+//       upper triangle, numbered row by row) over rows [c*chunk_rows, (c+1)*chunk_rows) into
+//       partials[(c*pairs + p)*1024 ..] ((i, j) of the tile at i + 32*j). The last block of a
+//       pair to finish (a ticket counter per pair, zero between launches: that block resets it)
+//       sums the chunks in order c = 0, 1, ... and writes the tile and its transpose, so G does
+//       not depend on which block finished when: reruns are bit-identical.
+//   rsvd_orth_chol_inv(g, q, r32, rinv, flag, chol_bit, gram_bit, gram_tol):
+//       One block, G in shared memory (leading dimension q + 1). If gram_bit != 0: flag |=
+//       gram_bit unless ||G - I||_F < gram_tol (NaN fails). Then upper Cholesky RᵀR = G in f64
+//       as right-looking elimination (one barrier per step) that applies the same row
+//       operations to I, giving E = L⁻¹ for G = L D Lᵀ, so R⁻¹ = Eᵀ D^-½ at no extra barrier.
+//       Out: g = R (f64), r32 = R rounded to f32, rinv = R⁻¹ (f64), all with zeros below the
+//       diagonal. flag |= chol_bit if a pivot is not > 0 (NaN included) or an entry of R, of R
+//       in f32 or of R⁻¹ is not finite, or a diagonal of R rounds to an f32 that is not > 0;
+//       then R = R⁻¹ = I are written instead, so the following apply leaves X as it was (a
+//       NaN's row aside): finite stays finite, and the flagged layer is redone by the
+//       host-assisted fallback anyway.
+//   rsvd_orth_apply(x, rows, q, rinv):
+//       X ← X R⁻¹ in place, f64 accumulation over the f32 X and f64 R⁻¹, rounded to f32 once.
+//       Each block owns 32-row chunks (grid-stride): it stages its chunk of X (all q columns)
+//       in shared memory before writing any of it.
+//
+// Launch: gram with GRAM_THREADS threads and no dynamic shared memory; chol_inv as one block of
+// CHOL_THREADS threads with (q*(q + 1) + 3*q) doubles of dynamic shared memory (the host
+// computes the largest q that fits the device); apply with APPLY_THREADS threads and
+// APPLY_ROWS*q floats of dynamic shared memory.
+//
+// Failure is reported, not acted on (as in rsvd_factor.cu): bits ORed into the layer's u32 flag,
+// tests written so that NaN raises them.
+//
+// Version 1: plain f64 FMA on CUDA cores; one thread block for the factorisation (q + 4
+// barriers: a few microseconds at q = 32, against ~45 us of library launches for the pass).
+#include "common.cuh"
+
+#define GRAM_TILE 32
+#define GRAM_ROWS 32
+#define GRAM_THREADS 256
+#define CHOL_THREADS 512
+#define APPLY_ROWS 32
+#define APPLY_THREADS 256
+
+// Pair p of the upper triangle of an nt x nt tile grid, numbered row by row: (0,0), (0,1), ...
+__device__ __forceinline__ void pair_tiles(int p, int nt, int* ti, int* tj) {
+    int i = 0;
+    while (p >= nt - i) {
+        p -= nt - i;
+        ++i;
+    }
+    *ti = i;
+    *tj = i + p;
+}
+
+extern "C" __global__ void __launch_bounds__(GRAM_THREADS)
+rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int chunks,
+               double* __restrict__ partials, unsigned int* tickets, double* __restrict__ g) {
+    // Column c of the tile, row r of the staged rows; the +1 keeps the strided reads of xa
+    // (one column per lane) on distinct banks.
+    __shared__ double xa[GRAM_TILE][GRAM_ROWS + 1];
+    __shared__ double xb[GRAM_TILE][GRAM_ROWS + 1];
+    __shared__ bool last;
+    const int nt = ceil_div(q, GRAM_TILE);
+    const int pair = blockIdx.x, chunk = blockIdx.y, pairs = gridDim.x;
+    int ti, tj;
+    pair_tiles(pair, nt, &ti, &tj);
+    const int ca = ti * GRAM_TILE, cb = tj * GRAM_TILE;
+    // Thread t owns tile entries (i, jg + 8k), k = 0..3: a warp shares jg, so xb is a broadcast.
+    const int t = threadIdx.x, i = t % GRAM_TILE, jg = t / GRAM_TILE;
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    const int r_begin = chunk * chunk_rows;
+    const int r_end = min(rows, r_begin + chunk_rows);
+    for (int r0 = r_begin; r0 < r_end; r0 += GRAM_ROWS) {
+        for (int e = t; e < GRAM_TILE * GRAM_ROWS; e += GRAM_THREADS) {
+            const int r = e % GRAM_ROWS, c = e / GRAM_ROWS;
+            const bool in_rows = r0 + r < r_end;
+            xa[c][r] = (in_rows && ca + c < q) ? (double)x[(r0 + r) + (i64)(ca + c) * rows] : 0.0;
+            xb[c][r] = (in_rows && cb + c < q) ? (double)x[(r0 + r) + (i64)(cb + c) * rows] : 0.0;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int r = 0; r < GRAM_ROWS; ++r) {
+            const double a = xa[i][r];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[k] = fma(a, xb[jg + 8 * k][r], acc[k]);
+        }
+        __syncthreads();
+    }
+    const i64 tile = GRAM_TILE * GRAM_TILE;
+    double* mine = partials + ((i64)chunk * pairs + pair) * tile;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) mine[i + GRAM_TILE * (jg + 8 * k)] = acc[k];
+
+    // Publish the partial, then take a ticket: the block that draws the last one sums them all.
+    __threadfence();
+    __syncthreads();
+    if (t == 0) last = atomicAdd(&tickets[pair], 1u) == (unsigned int)(chunks - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const int j = jg + 8 * k;
+        double s = 0.0;
+        for (int c = 0; c < chunks; ++c) s += __ldcg(&partials[((i64)c * pairs + pair) * tile + i + GRAM_TILE * j]);
+        const int gi = ca + i, gj = cb + j;
+        if (gi < q && gj < q) {
+            g[gi + (i64)gj * q] = s;
+            g[gj + (i64)gi * q] = s;
+        }
+    }
+    if (t == 0) tickets[pair] = 0;  // ready for the next launch on this workspace
+}
+
+extern "C" __global__ void __launch_bounds__(CHOL_THREADS)
+rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict__ rinv, unsigned int* flag,
+                   unsigned int chol_bit, unsigned int gram_bit, double gram_tol) {
+    // s holds G's upper triangle, becoming R, and in its strict lower triangle E = L⁻¹ (see
+    // below); element (i, j) at s[i + j*ld]: the odd leading dimension puts the strided reads
+    // of a row (one element per lane) on distinct banks. Loops over a q x q matrix give each
+    // warp a column and its lanes consecutive rows, so no thread divides indices.
+    extern __shared__ double sh[];
+    const int ld = q + 1;
+    double* s = sh;
+    double* rdiag = s + q * ld;     // q: R's diagonal
+    double* rdiag_inv = rdiag + q;  // q: its reciprocals
+    double* pivot_inv = rdiag_inv + q;  // q: 1 / the pivots
+    __shared__ double warp_sum[CHOL_THREADS / 32];
+    __shared__ int failed;
+    const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+    const int warps = CHOL_THREADS / 32;
+    // Pivot k is final once written (by the load for k = 0, by step k − 1's update otherwise);
+    // its writer derives r_k, 1 / r_k and 1 / d_k at once, off the other threads' path. A pivot
+    // that is not > 0 marks the failure and continues as d = 1 (the values are replaced by I
+    // below).
+    auto pivot = [&](int k, double d) {
+        const bool ok = d > 0.0;
+        const double dk = ok ? d : 1.0;
+        const double r = sqrt(dk);
+        rdiag[k] = r;
+        rdiag_inv[k] = 1.0 / r;
+        pivot_inv[k] = 1.0 / dk;
+        if (!ok) failed = 1;
+    };
+    if (t == 0) failed = 0;
+    __syncthreads();  // failed is cleared before any pivot can set it
+
+    double sum = 0.0;
+    for (int j = warp; j < q; j += warps) {
+        for (int i = lane; i < q; i += 32) {
+            const double v = g[i + (i64)j * q];
+            s[i + j * ld] = i <= j ? v : 0.0;
+            if (i == 0 && j == 0) pivot(0, v);
+            const double d = v - (i == j ? 1.0 : 0.0);
+            sum += d * d;  // NaN and inf stay in the sum
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
+    if (lane == 0) warp_sum[warp] = sum;
+    __syncthreads();
+    if (t == 0 && gram_bit != 0) {
+        double total = 0.0;
+        for (int w = 0; w < warps; ++w) total += warp_sum[w];
+        if (!(sqrt(total) < gram_tol)) atomicOr(flag, gram_bit);
+    }
+
+    // Cholesky as elimination: G = L D Lᵀ, R = D^½ Lᵀ, and R⁻¹ = L⁻ᵀ D^-½ with E = L⁻¹ built by
+    // the same row operations applied to I. Step k, with d = the pivot and multipliers
+    // m_i = s[k][i] / d (i > k, from row k as yet unscaled):
+    //   trailing upper triangle, k < i <= j:  s[i][j] −= m_j s[k][i]   (= r_ki r_kj)
+    //   E, rows i > k, columns c <= k:        E[i][c] −= m_i E[k][c]   (E[k][k] = 1)
+    //   row k − 1, which no one reads any more, scaled to R's row: ÷ r_{k−1}
+    // all disjoint, so one barrier per step.
+    for (int k = 0; k < q; ++k) {
+        const double inv_d = pivot_inv[k];
+        for (int col = warp; col < q; col += warps) {
+            if (col > k) {
+                const double m = s[k + col * ld] * inv_d;
+                for (int i = k + 1 + lane; i <= col; i += 32) {
+                    const double v = s[i + col * ld] - s[k + i * ld] * m;
+                    s[i + col * ld] = v;
+                    if (i == k + 1 && col == k + 1) pivot(k + 1, v);
+                }
+            } else {
+                const double e = col == k ? 1.0 : s[k + col * ld];
+                for (int i = k + 1 + lane; i < q; i += 32) s[i + col * ld] -= s[k + i * ld] * inv_d * e;
+            }
+        }
+        if (k > 0) {
+            const double r_prev = rdiag[k - 1], inv_prev = rdiag_inv[k - 1];
+            for (int j = k - 1 + t; j < q; j += CHOL_THREADS) {
+                double* e = &s[(k - 1) + j * ld];
+                *e = j == k - 1 ? r_prev : *e * inv_prev;
+            }
+        }
+        __syncthreads();
+    }
+    if (t == 0) s[(q - 1) + (q - 1) * ld] = rdiag[q - 1];  // the last row is its diagonal alone
+    __syncthreads();
+
+    // R⁻¹ = Eᵀ D^-½: W[c][i] = E[i][c] / r_i for c < i, W[i][i] = 1 / r_i. Everything written
+    // must be usable: finite R (also in f32), finite R⁻¹, and an f32 diagonal > 0 (the core
+    // inverts R = R₂ R₁ made of these f32 factors).
+    if (!failed) {
+        for (int j = warp; j < q; j += warps) {
+            for (int i = lane; i <= j; i += 32) {
+                const double r = i == j ? rdiag[i] : s[i + j * ld];
+                const float r_f = (float)r;
+                const double w = i == j ? rdiag_inv[j] : s[j + i * ld] * rdiag_inv[j];
+                const bool good = (r - r) == 0.0 && (r_f - r_f) == 0.0f && (w - w) == 0.0 && (i != j || r_f > 0.0f);
+                if (!good) failed = 1;  // every writer stores the same value
+            }
+        }
+        __syncthreads();
+    }
+    if (t == 0 && failed) atomicOr(flag, chol_bit);
+
+    for (int j = warp; j < q; j += warps) {
+        for (int i = lane; i < q; i += 32) {
+            double r = i == j ? 1.0 : 0.0, w = r;
+            if (!failed && i <= j) {
+                r = i == j ? rdiag[i] : s[i + j * ld];
+                w = i == j ? rdiag_inv[j] : s[j + i * ld] * rdiag_inv[j];
+            }
+            const i64 idx = i + (i64)j * q;
+            g[idx] = r;
+            r32[idx] = (float)r;
+            rinv[idx] = w;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(APPLY_THREADS)
+rsvd_orth_apply(float* x, int rows, int q, const double* __restrict__ rinv) {
+    extern __shared__ float xs[];  // the chunk of X: (r, l) at r + l*APPLY_ROWS
+    // Thread t owns row r of the chunk and columns jb + g + 8k, k = 0..3, of each 32-column
+    // block: a warp shares g, so its R⁻¹ reads are one broadcast.
+    const int t = threadIdx.x, r = t % APPLY_ROWS, g = t / APPLY_ROWS;
+    for (int r0 = blockIdx.x * APPLY_ROWS; r0 < rows; r0 += gridDim.x * APPLY_ROWS) {
+        const int nr = min(APPLY_ROWS, rows - r0);
+        __syncthreads();  // the previous chunk's reads of xs are done
+        for (int e = t; e < APPLY_ROWS * q; e += APPLY_THREADS) {
+            const int rr = e % APPLY_ROWS, l = e / APPLY_ROWS;
+            xs[e] = rr < nr ? x[r0 + rr + (i64)l * rows] : 0.0f;
+        }
+        __syncthreads();
+        for (int jb = 0; jb < q; jb += 32) {
+            int col[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) col[k] = min(jb + g + 8 * k, q - 1);  // clamped reads, skipped writes
+            double acc[4] = {0.0, 0.0, 0.0, 0.0};
+            const int l_end = min(q, jb + 32);  // R⁻¹ is upper: rows l > j contribute zero
+            for (int l = 0; l < l_end; ++l) {
+                const double xv = (double)xs[r + l * APPLY_ROWS];
+                const double* wl = rinv + l;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) acc[k] = fma(xv, __ldg(wl + (i64)col[k] * q), acc[k]);
+            }
+            if (r < nr) {
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int j = jb + g + 8 * k;
+                    if (j < q) x[r0 + r + (i64)j * rows] = (float)acc[k];
+                }
+            }
+        }
+    }
+}
