@@ -156,12 +156,13 @@ impl Via {
     }
 }
 
-/// The narrowest output the fused path gives the engine. The skinny products (U', V' [M, r],
-/// dA [r, K], dB [N, r]) leave most of the engine's 128 x 256 tiles empty and run on at most
-/// M / 128 CTAs; cuBLAS has narrow-tile and split-K kernels for them. On the H200 (ncu, M = 8192,
-/// K = N = 4096, r = 16, 2026-11-29) the engine took 59 / 53 / 23 / 45 us for U' / V' / dA / dB,
-/// cuBLAS 19 / 22 / 24 / 24 us (the skinny ones at ~3.4 TB/s).
-const ENGINE_MIN_SIDE: usize = 128;
+/// The narrowest output the fused path gives the engine: its N tile. The skinny products (U', V'
+/// [M, r], dA [r, K], dB [N, r]) leave most of the engine's 128 x 256 tiles empty and run on at
+/// most M / 128 CTAs; cuBLAS has narrow-tile and split-K kernels for them. On the H200 (ncu,
+/// M = 8192, K = N = 4096, r = 16, 2026-11-29) the engine took 59 / 53 / 23 / 45 us for U' / V' /
+/// dA / dB, cuBLAS 19 / 22 / 24 / 24 us (the skinny ones at ~3.4 TB/s); U' at r = 128 took 54 us
+/// on the engine and 30 us on cuBLAS (benches/lora_linear.rs grid).
+const ENGINE_MIN_SIDE: usize = 256;
 
 fn product(via: Via, g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor) -> Result<()> {
     match via {
