@@ -1,6 +1,6 @@
 //! One CholeskyQR pass of the GPU randomized SVD's device path ([`super::rsvd_cuda_device`]) in
-//! three kernels of our own (`kernels/rsvd_orth.cu`), for q up to what one block's shared memory
-//! holds as an f64 q × q matrix ([`cholesky_qr_fused_max_q`]: 168 on an H200, 142 on an A100).
+//! three kernels of our own (`kernels/rsvd_orth.cu`), for q ≤ [`cholesky_qr_fused_max_q`]: 64
+//! ([`FUSED_MAX_Q`]), or less where one block's shared memory cannot hold an f64 q × q matrix.
 //!
 //! With X the column-major f32 panel [rows, q]:
 //!   gram:      G = XᵀX in f64 (exact f32 products, f64 sums; per-chunk partial tiles summed in a
@@ -24,11 +24,15 @@
 //! price in, and anything beyond them raises the flag: the host-assisted fallback redoes the
 //! layer.
 //!
-//! Why by q: the fused pass needs the whole q × q factor in one block's shared memory, which
-//! caps q at [`cholesky_qr_fused_max_q`]; above it the pass keeps cuSOLVER's potrf and cuBLAS's
-//! STRSM, whose launch latencies (~45 µs a pass) matter less there because the products with A
-//! grow with q. One rule, decided per pass by q alone (each lane asks the device once), so a
-//! layer takes the same path on every run.
+//! Why by q: the fused pass needs the whole q × q factor in one block's shared memory, and its
+//! one-block Cholesky does ~q³/3 f64 updates on one SM, bound by that SM's shared-memory
+//! bandwidth. Measured on an H200 (4096 × 4096, niter = 4): at q = 32 the three kernels take
+//! ~49 µs a pass before tuning, at q = 128 the Cholesky alone 242 µs a launch (apply 57 µs,
+//! gram 27 µs), far slower than cuSOLVER's blocked potrf and cuBLAS's STRSM (~45 µs a pass,
+//! mostly launch latency). So [`cholesky_qr_fused_max_q`] is min([`FUSED_MAX_Q`], what the
+//! shared memory holds); above it the pass keeps cuSOLVER and cuBLAS, whose launch latencies
+//! matter less there because the products with A grow with q. One rule, decided per pass by q
+//! alone (each lane asks the device once), so a layer takes the same path on every run.
 
 use std::sync::Arc;
 
@@ -57,12 +61,21 @@ fn chol_shared_bytes(q: usize) -> usize {
     (q * (q + 1) + 3 * q) * std::mem::size_of::<f64>()
 }
 
-/// The largest q whose factor fits one block's opt-in shared memory on `dev` (less 1 KiB for
-/// the kernel's static shared variables).
+/// The largest q the fused pass takes on any device: beyond it the one-block Cholesky costs more
+/// than cuSOLVER's blocked potrf (see the module docs).
+pub const FUSED_MAX_Q: usize = 64;
+
+/// The largest q the fused pass takes on `dev`: [`FUSED_MAX_Q`], or less where the factor does
+/// not fit one block's opt-in shared memory (less 1 KiB for the kernel's static shared
+/// variables).
 pub fn cholesky_qr_fused_max_q(dev: &CudaDevice) -> Result<usize> {
     let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
     let optin = dev.context().attribute(attr).map_err(Error::cuda("cuDeviceGetAttribute"))?;
-    Ok(max_q_for_shared_memory(optin.max(0) as usize))
+    Ok(fused_max_q(optin.max(0) as usize))
+}
+
+fn fused_max_q(optin: usize) -> usize {
+    max_q_for_shared_memory(optin).min(FUSED_MAX_Q)
 }
 
 fn max_q_for_shared_memory(optin: usize) -> usize {
@@ -234,14 +247,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_fused_limit_fills_the_opt_in_shared_memory_and_covers_q_128() {
-        // H200 / H100 (227 KiB) and A100 (163 KiB) opt-in limits per block.
-        for (optin, want) in [(232_448, 168), (166_912, 142)] {
+    fn the_fused_limit_is_64_or_what_the_opt_in_shared_memory_holds() {
+        // H200 / H100 (227 KiB) and A100 (163 KiB) opt-in limits per block hold more than 64;
+        // the default 48 KiB holds 64 too; 32 KiB does not.
+        for (optin, fits) in [(232_448, 168), (166_912, 142), (49_152, 75), (32_768, 61)] {
             let q = max_q_for_shared_memory(optin);
-            assert_eq!(q, want, "opt-in {optin}");
+            assert_eq!(q, fits, "opt-in {optin}");
             assert!(chol_shared_bytes(q) + 1024 <= optin && chol_shared_bytes(q + 1) + 1024 > optin);
+            assert_eq!(fused_max_q(optin), fits.min(FUSED_MAX_Q), "opt-in {optin}");
         }
-        assert_eq!(max_q_for_shared_memory(0), 0);
+        assert_eq!(FUSED_MAX_Q, 64);
+        assert_eq!(fused_max_q(0), 0);
     }
 
     #[test]
