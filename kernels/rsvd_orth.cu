@@ -10,8 +10,9 @@
 //       upper triangle, numbered row by row) over rows [c*chunk_rows, (c+1)*chunk_rows) into
 //       partials[(c*pairs + p)*1024 ..] ((i, j) of the tile at i + 32*j). The last block of a
 //       pair to finish (a ticket counter per pair, zero between launches: that block resets it)
-//       sums the chunks in order c = 0, 1, ... and writes the tile and its transpose, so G does
-//       not depend on which block finished when: reruns are bit-identical.
+//       sums the chunks in order c = 0, 1, ... (loading SUM_BATCH chunks at a time) and writes the
+//       tile and its transpose, so G does not depend on which block finished when: reruns are
+//       bit-identical.
 //   rsvd_orth_chol_inv(g, q, r32, rinv, flag, chol_bit, gram_bit, gram_tol):
 //       One block, G in shared memory (leading dimension q + 1). If gram_bit != 0: flag |=
 //       gram_bit unless ||G - I||_F < gram_tol (NaN fails). Then upper Cholesky RᵀR = G in f64
@@ -43,6 +44,7 @@
 #define GRAM_TILE 32
 #define GRAM_ROWS 32
 #define GRAM_THREADS 256
+#define SUM_BATCH 16
 #define CHOL_THREADS 512
 #define APPLY_ROWS 32
 #define APPLY_THREADS 256
@@ -104,15 +106,33 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // The sum waits on L2 latency, not bandwidth: load SUM_BATCH chunks' partials of all four
+    // entries at once (independent, unconditional loads: past the last chunk they reread it), then
+    // add the real ones in chunk order c = 0, 1, ... as before.
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    const double* mine0 = partials + (i64)pair * tile + i + GRAM_TILE * jg;
+    for (int c0 = 0; c0 < chunks; c0 += SUM_BATCH) {
+        double v[SUM_BATCH][4];
+#pragma unroll
+        for (int u = 0; u < SUM_BATCH; ++u) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                v[u][k] = __ldcg(mine0 + (i64)min(c0 + u, chunks - 1) * pairs * tile + GRAM_TILE * 8 * k);
+        }
+#pragma unroll
+        for (int u = 0; u < SUM_BATCH; ++u) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                if (c0 + u < chunks) s[k] += v[u][k];
+        }
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
         const int j = jg + 8 * k;
-        double s = 0.0;
-        for (int c = 0; c < chunks; ++c) s += __ldcg(&partials[((i64)c * pairs + pair) * tile + i + GRAM_TILE * j]);
         const int gi = ca + i, gj = cb + j;
         if (gi < q && gj < q) {
-            g[gi + (i64)gj * q] = s;
-            g[gj + (i64)gi * q] = s;
+            g[gi + (i64)gj * q] = s[k];
+            g[gj + (i64)gi * q] = s[k];
         }
     }
     if (t == 0) tickets[pair] = 0;  // ready for the next launch on this workspace
