@@ -26,13 +26,14 @@
 //       host-assisted fallback anyway.
 //   rsvd_orth_apply(x, rows, q, rinv):
 //       X ← X R⁻¹ in place, f64 accumulation over the f32 X and f64 R⁻¹, rounded to f32 once.
-//       Each block owns 32-row chunks (grid-stride): it stages its chunk of X (all q columns)
-//       in shared memory before writing any of it.
+//       Each block stages R⁻¹ (f64 q x q) in shared memory once, then owns 32-row chunks
+//       (grid-stride): it stages its chunk of X (all q columns) in shared memory before writing
+//       any of it.
 //
 // Launch: gram with GRAM_THREADS threads and no dynamic shared memory; chol_inv as one block of
 // CHOL_THREADS threads with (q*(q + 1) + 3*q) doubles of dynamic shared memory (the host
-// computes the largest q that fits the device); apply with APPLY_THREADS threads and
-// APPLY_ROWS*q floats of dynamic shared memory.
+// computes the largest q that fits the device); apply with APPLY_THREADS threads and q*q
+// doubles then APPLY_ROWS*q floats of dynamic shared memory (40 KiB at q = 64).
 //
 // Failure is reported, not acted on (as in rsvd_factor.cu): bits ORed into the layer's u32 flag,
 // tests written so that NaN raises them.
@@ -258,10 +259,15 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
 
 extern "C" __global__ void __launch_bounds__(APPLY_THREADS)
 rsvd_orth_apply(float* x, int rows, int q, const double* __restrict__ rinv) {
-    extern __shared__ float xs[];  // the chunk of X: (r, l) at r + l*APPLY_ROWS
+    // R⁻¹ staged once per block ((l, j) at l + j*q, as in global memory): the FMA loop reads it
+    // at shared-memory latency instead of waiting on L1/L2 for every l. Then the chunk of X:
+    // (r, l) at r + l*APPLY_ROWS.
+    extern __shared__ double ws[];
+    float* xs = (float*)(ws + q * q);
     // Thread t owns row r of the chunk and columns jb + g + 8k, k = 0..3, of each 32-column
     // block: a warp shares g, so its R⁻¹ reads are one broadcast.
     const int t = threadIdx.x, r = t % APPLY_ROWS, g = t / APPLY_ROWS;
+    for (int e = t; e < q * q; e += APPLY_THREADS) ws[e] = rinv[e];  // read after the loop's barriers
     for (int r0 = blockIdx.x * APPLY_ROWS; r0 < rows; r0 += gridDim.x * APPLY_ROWS) {
         const int nr = min(APPLY_ROWS, rows - r0);
         __syncthreads();  // the previous chunk's reads of xs are done
@@ -278,9 +284,9 @@ rsvd_orth_apply(float* x, int rows, int q, const double* __restrict__ rinv) {
             const int l_end = min(q, jb + 32);  // R⁻¹ is upper: rows l > j contribute zero
             for (int l = 0; l < l_end; ++l) {
                 const double xv = (double)xs[r + l * APPLY_ROWS];
-                const double* wl = rinv + l;
+                const double* wl = ws + l;
 #pragma unroll
-                for (int k = 0; k < 4; ++k) acc[k] = fma(xv, __ldg(wl + (i64)col[k] * q), acc[k]);
+                for (int k = 0; k < 4; ++k) acc[k] = fma(xv, wl[col[k] * q], acc[k]);
             }
             if (r < nr) {
 #pragma unroll

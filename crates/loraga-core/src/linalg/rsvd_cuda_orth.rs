@@ -63,13 +63,18 @@ fn chol_shared_bytes(q: usize) -> usize {
     (q * (q + 1) + 3 * q) * std::mem::size_of::<f64>()
 }
 
+/// Dynamic shared memory of rsvd_orth_apply for q: R⁻¹ in f64, then a chunk of X in f32.
+fn apply_shared_bytes(q: usize) -> usize {
+    q * q * std::mem::size_of::<f64>() + APPLY_ROWS * q * std::mem::size_of::<f32>()
+}
+
 /// The largest q the fused pass takes on any device: beyond it the one-block Cholesky costs more
 /// than cuSOLVER's blocked potrf (see the module docs).
 pub const FUSED_MAX_Q: usize = 64;
 
-/// The largest q the fused pass takes on `dev`: [`FUSED_MAX_Q`], or less where the factor does
-/// not fit one block's opt-in shared memory (less 1 KiB for the kernel's static shared
-/// variables).
+/// The largest q the fused pass takes on `dev`: [`FUSED_MAX_Q`], or less where the factor (or
+/// the apply's R⁻¹ and chunk of X) does not fit one block's opt-in shared memory (less 1 KiB for
+/// the kernels' static shared variables).
 pub fn cholesky_qr_fused_max_q(dev: &CudaDevice) -> Result<usize> {
     let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
     let optin = dev.context().attribute(attr).map_err(Error::cuda("cuDeviceGetAttribute"))?;
@@ -82,7 +87,8 @@ fn fused_max_q(optin: usize) -> usize {
 
 fn max_q_for_shared_memory(optin: usize) -> usize {
     let budget = optin.saturating_sub(1024);
-    (1..).take_while(|&q| chol_shared_bytes(q) <= budget).last().unwrap_or(0)
+    let fits = |q: usize| chol_shared_bytes(q) <= budget && apply_shared_bytes(q) <= budget;
+    (1..).take_while(|&q| fits(q)).last().unwrap_or(0)
 }
 
 /// How rsvd_orth_gram splits `rows` for a q-wide panel on `sms` SMs: (chunk_rows, chunks).
@@ -174,17 +180,19 @@ pub(super) fn fused_pass(
     // keeps in range.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_chol_inv)"))?;
 
-    let bytes = APPLY_ROWS * q * std::mem::size_of::<f32>();
+    // R⁻¹ in f64, then a chunk of X in f32; each block stages R⁻¹ once, so no more blocks than
+    // twice the SMs (more rows each on tall panels).
+    let bytes = apply_shared_bytes(q);
     let f = dev.function_with_shared_memory(MODULE, "rsvd_orth_apply", bytes)?;
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(APPLY_ROWS) as u32, 1, 1),
+        grid_dim: (rows.div_ceil(APPLY_ROWS).min(2 * dev.sm_count()) as u32, 1, 1),
         block_dim: (APPLY_THREADS, 1, 1),
         shared_mem_bytes: bytes as u32,
     };
     let mut launch = stream.launch_builder(&f);
     launch.arg(&x).arg(&rows_i).arg(&q_i).arg(&b.rinv);
     // SAFETY: rsvd_orth_apply(float*, int, int, const double*): x rows*q f32, rinv q*q f64,
-    // APPLY_ROWS*q f32 of dynamic shared memory.
+    // q*q f64 + APPLY_ROWS*q f32 of dynamic shared memory (grid-stride over the row chunks).
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_apply)"))?;
     Ok(())
 }
@@ -252,10 +260,11 @@ mod tests {
     fn the_fused_limit_is_64_or_what_the_opt_in_shared_memory_holds() {
         // H200 / H100 (227 KiB) and A100 (163 KiB) opt-in limits per block hold more than 64;
         // the default 48 KiB holds 64 too; 32 KiB does not.
-        for (optin, fits) in [(232_448, 168), (166_912, 142), (49_152, 75), (32_768, 61)] {
+        for (optin, fits) in [(232_448, 162), (166_912, 136), (49_152, 69), (32_768, 55)] {
             let q = max_q_for_shared_memory(optin);
             assert_eq!(q, fits, "opt-in {optin}");
-            assert!(chol_shared_bytes(q) + 1024 <= optin && chol_shared_bytes(q + 1) + 1024 > optin);
+            let need = |q: usize| chol_shared_bytes(q).max(apply_shared_bytes(q)) + 1024;
+            assert!(need(q) <= optin && need(q + 1) > optin, "opt-in {optin}");
             assert_eq!(fused_max_q(optin), fits.min(FUSED_MAX_Q), "opt-in {optin}");
         }
         assert_eq!(FUSED_MAX_Q, 64);
