@@ -157,16 +157,18 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
     const int t = threadIdx.x, lane = t % 32, warp = t / 32;
     const int warps = CHOL_THREADS / 32;
     // Pivot k is final once written (by the load for k = 0, by step k − 1's update otherwise);
-    // its writer derives r_k, 1 / r_k and 1 / d_k at once, off the other threads' path. A pivot
-    // that is not > 0 marks the failure and continues as d = 1 (the values are replaced by I
-    // below).
+    // its writer derives r_k, 1 / r_k and 1 / d_k at once, off the other threads' path but on
+    // the step's: so from one reciprocal square root (within 1 ulp in CUDA's double rsqrt; the
+    // products add a rounding or two, ~1e-16 relative, far inside what the checks and tests
+    // allow) rather than a square root and two divisions. A pivot that is not > 0 marks the
+    // failure and continues as d = 1 (the values are replaced by I below).
     auto pivot = [&](int k, double d) {
         const bool ok = d > 0.0;
         const double dk = ok ? d : 1.0;
-        const double r = sqrt(dk);
-        rdiag[k] = r;
-        rdiag_inv[k] = 1.0 / r;
-        pivot_inv[k] = 1.0 / dk;
+        const double rsq = rsqrt(dk);
+        rdiag[k] = dk * rsq;
+        rdiag_inv[k] = rsq;
+        pivot_inv[k] = rsq * rsq;
         if (!ok) failed = 1;
     };
     if (t == 0) failed = 0;
