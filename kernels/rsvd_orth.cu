@@ -79,14 +79,29 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
     const int r_begin = chunk * chunk_rows;
     const int r_end = min(rows, r_begin + chunk_rows);
+    // Thread t stages row r0 + i of columns jg + 8u, u = 0..3, of both tiles (a warp reads 32
+    // consecutive rows of one column), loaded one step ahead into registers so that the loads
+    // for the next 32 rows wait while this step's products run.
+    static_assert(GRAM_ROWS == GRAM_TILE && GRAM_TILE * GRAM_ROWS == 4 * GRAM_THREADS, "staging split");
+    float na[4], nb[4];
+    auto fetch = [&](int r0) {
+        const bool in_rows = r0 + i < r_end;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int c = jg + 8 * u;
+            na[u] = (in_rows && ca + c < q) ? x[(r0 + i) + (i64)(ca + c) * rows] : 0.0f;
+            nb[u] = (in_rows && cb + c < q) ? x[(r0 + i) + (i64)(cb + c) * rows] : 0.0f;
+        }
+    };
+    if (r_begin < r_end) fetch(r_begin);
     for (int r0 = r_begin; r0 < r_end; r0 += GRAM_ROWS) {
-        for (int e = t; e < GRAM_TILE * GRAM_ROWS; e += GRAM_THREADS) {
-            const int r = e % GRAM_ROWS, c = e / GRAM_ROWS;
-            const bool in_rows = r0 + r < r_end;
-            xa[c][r] = (in_rows && ca + c < q) ? (double)x[(r0 + r) + (i64)(ca + c) * rows] : 0.0;
-            xb[c][r] = (in_rows && cb + c < q) ? (double)x[(r0 + r) + (i64)(cb + c) * rows] : 0.0;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            xa[jg + 8 * u][i] = (double)na[u];
+            xb[jg + 8 * u][i] = (double)nb[u];
         }
         __syncthreads();
+        if (r0 + GRAM_ROWS < r_end) fetch(r0 + GRAM_ROWS);
 #pragma unroll 8
         for (int r = 0; r < GRAM_ROWS; ++r) {
             const double a = xa[i][r];
