@@ -46,6 +46,9 @@
 #define GRAM_ROWS 32
 #define GRAM_THREADS 256
 #define SUM_BATCH 16
+// 16 warps: at q <= 64 a warp updates 2 to 4 columns per elimination step, each a chain of
+// dependent shared-memory loads and stores; fewer warps would lengthen every step's slowest
+// warp, while a barrier costs about the same for 8 or 16 warps.
 #define CHOL_THREADS 512
 #define APPLY_ROWS 32
 #define APPLY_THREADS 256
