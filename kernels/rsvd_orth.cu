@@ -10,8 +10,9 @@
 //       upper triangle, numbered row by row) over rows [c*chunk_rows, (c+1)*chunk_rows) into
 //       partials[(c*pairs + p)*1024 ..] ((i, j) of the tile at i + 32*j). The last block of a
 //       pair to finish (a ticket counter per pair, zero between launches: that block resets it)
-//       sums the chunks in order c = 0, 1, ... and writes the tile and its transpose, so G does
-//       not depend on which block finished when: reruns are bit-identical.
+//       sums the chunks in order c = 0, 1, ... (loading SUM_BATCH chunks at a time) and writes the
+//       tile and its transpose, so G does not depend on which block finished when: reruns are
+//       bit-identical.
 //   rsvd_orth_chol_inv(g, q, r32, rinv, flag, chol_bit, gram_bit, gram_tol):
 //       One block, G in shared memory (leading dimension q + 1). If gram_bit != 0: flag |=
 //       gram_bit unless ||G - I||_F < gram_tol (NaN fails). Then upper Cholesky RᵀR = G in f64
@@ -25,13 +26,14 @@
 //       host-assisted fallback anyway.
 //   rsvd_orth_apply(x, rows, q, rinv):
 //       X ← X R⁻¹ in place, f64 accumulation over the f32 X and f64 R⁻¹, rounded to f32 once.
-//       Each block owns 32-row chunks (grid-stride): it stages its chunk of X (all q columns)
-//       in shared memory before writing any of it.
+//       Each block stages R⁻¹ (f64 q x q) in shared memory once, then owns 32-row chunks
+//       (grid-stride): it stages its chunk of X (all q columns) in shared memory before writing
+//       any of it.
 //
 // Launch: gram with GRAM_THREADS threads and no dynamic shared memory; chol_inv as one block of
 // CHOL_THREADS threads with (q*(q + 1) + 3*q) doubles of dynamic shared memory (the host
-// computes the largest q that fits the device); apply with APPLY_THREADS threads and
-// APPLY_ROWS*q floats of dynamic shared memory.
+// computes the largest q that fits the device); apply with APPLY_THREADS threads and q*q
+// doubles then APPLY_ROWS*q floats of dynamic shared memory (40 KiB at q = 64).
 //
 // Failure is reported, not acted on (as in rsvd_factor.cu): bits ORed into the layer's u32 flag,
 // tests written so that NaN raises them.
@@ -43,6 +45,10 @@
 #define GRAM_TILE 32
 #define GRAM_ROWS 32
 #define GRAM_THREADS 256
+#define SUM_BATCH 16
+// 16 warps: at q <= 64 a warp updates 2 to 4 columns per elimination step, each a chain of
+// dependent shared-memory loads and stores; fewer warps would lengthen every step's slowest
+// warp, while a barrier costs about the same for 8 or 16 warps.
 #define CHOL_THREADS 512
 #define APPLY_ROWS 32
 #define APPLY_THREADS 256
@@ -76,14 +82,29 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
     const int r_begin = chunk * chunk_rows;
     const int r_end = min(rows, r_begin + chunk_rows);
+    // Thread t stages row r0 + i of columns jg + 8u, u = 0..3, of both tiles (a warp reads 32
+    // consecutive rows of one column), loaded one step ahead into registers so that the loads
+    // for the next 32 rows wait while this step's products run.
+    static_assert(GRAM_ROWS == GRAM_TILE && GRAM_TILE * GRAM_ROWS == 4 * GRAM_THREADS, "staging split");
+    float na[4], nb[4];
+    auto fetch = [&](int r0) {
+        const bool in_rows = r0 + i < r_end;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int c = jg + 8 * u;
+            na[u] = (in_rows && ca + c < q) ? x[(r0 + i) + (i64)(ca + c) * rows] : 0.0f;
+            nb[u] = (in_rows && cb + c < q) ? x[(r0 + i) + (i64)(cb + c) * rows] : 0.0f;
+        }
+    };
+    if (r_begin < r_end) fetch(r_begin);
     for (int r0 = r_begin; r0 < r_end; r0 += GRAM_ROWS) {
-        for (int e = t; e < GRAM_TILE * GRAM_ROWS; e += GRAM_THREADS) {
-            const int r = e % GRAM_ROWS, c = e / GRAM_ROWS;
-            const bool in_rows = r0 + r < r_end;
-            xa[c][r] = (in_rows && ca + c < q) ? (double)x[(r0 + r) + (i64)(ca + c) * rows] : 0.0;
-            xb[c][r] = (in_rows && cb + c < q) ? (double)x[(r0 + r) + (i64)(cb + c) * rows] : 0.0;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            xa[jg + 8 * u][i] = (double)na[u];
+            xb[jg + 8 * u][i] = (double)nb[u];
         }
         __syncthreads();
+        if (r0 + GRAM_ROWS < r_end) fetch(r0 + GRAM_ROWS);
 #pragma unroll 8
         for (int r = 0; r < GRAM_ROWS; ++r) {
             const double a = xa[i][r];
@@ -104,15 +125,33 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // The sum waits on L2 latency, not bandwidth: load SUM_BATCH chunks' partials of all four
+    // entries at once (independent, unconditional loads: past the last chunk they reread it), then
+    // add the real ones in chunk order c = 0, 1, ... as before.
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    const double* mine0 = partials + (i64)pair * tile + i + GRAM_TILE * jg;
+    for (int c0 = 0; c0 < chunks; c0 += SUM_BATCH) {
+        double v[SUM_BATCH][4];
+#pragma unroll
+        for (int u = 0; u < SUM_BATCH; ++u) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                v[u][k] = __ldcg(mine0 + (i64)min(c0 + u, chunks - 1) * pairs * tile + GRAM_TILE * 8 * k);
+        }
+#pragma unroll
+        for (int u = 0; u < SUM_BATCH; ++u) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                if (c0 + u < chunks) s[k] += v[u][k];
+        }
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
         const int j = jg + 8 * k;
-        double s = 0.0;
-        for (int c = 0; c < chunks; ++c) s += __ldcg(&partials[((i64)c * pairs + pair) * tile + i + GRAM_TILE * j]);
         const int gi = ca + i, gj = cb + j;
         if (gi < q && gj < q) {
-            g[gi + (i64)gj * q] = s;
-            g[gj + (i64)gi * q] = s;
+            g[gi + (i64)gj * q] = s[k];
+            g[gj + (i64)gi * q] = s[k];
         }
     }
     if (t == 0) tickets[pair] = 0;  // ready for the next launch on this workspace
@@ -136,16 +175,18 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
     const int t = threadIdx.x, lane = t % 32, warp = t / 32;
     const int warps = CHOL_THREADS / 32;
     // Pivot k is final once written (by the load for k = 0, by step k − 1's update otherwise);
-    // its writer derives r_k, 1 / r_k and 1 / d_k at once, off the other threads' path. A pivot
-    // that is not > 0 marks the failure and continues as d = 1 (the values are replaced by I
-    // below).
+    // its writer derives r_k, 1 / r_k and 1 / d_k at once, off the other threads' path but on
+    // the step's: so from one reciprocal square root (within 1 ulp in CUDA's double rsqrt; the
+    // products add a rounding or two, ~1e-16 relative, far inside what the checks and tests
+    // allow) rather than a square root and two divisions. A pivot that is not > 0 marks the
+    // failure and continues as d = 1 (the values are replaced by I below).
     auto pivot = [&](int k, double d) {
         const bool ok = d > 0.0;
         const double dk = ok ? d : 1.0;
-        const double r = sqrt(dk);
-        rdiag[k] = r;
-        rdiag_inv[k] = 1.0 / r;
-        pivot_inv[k] = 1.0 / dk;
+        const double rsq = rsqrt(dk);
+        rdiag[k] = dk * rsq;
+        rdiag_inv[k] = rsq;
+        pivot_inv[k] = rsq * rsq;
         if (!ok) failed = 1;
     };
     if (t == 0) failed = 0;
@@ -238,10 +279,15 @@ rsvd_orth_chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict
 
 extern "C" __global__ void __launch_bounds__(APPLY_THREADS)
 rsvd_orth_apply(float* x, int rows, int q, const double* __restrict__ rinv) {
-    extern __shared__ float xs[];  // the chunk of X: (r, l) at r + l*APPLY_ROWS
+    // R⁻¹ staged once per block ((l, j) at l + j*q, as in global memory): the FMA loop reads it
+    // at shared-memory latency instead of waiting on L1/L2 for every l. Then the chunk of X:
+    // (r, l) at r + l*APPLY_ROWS.
+    extern __shared__ double ws[];
+    float* xs = (float*)(ws + q * q);
     // Thread t owns row r of the chunk and columns jb + g + 8k, k = 0..3, of each 32-column
     // block: a warp shares g, so its R⁻¹ reads are one broadcast.
     const int t = threadIdx.x, r = t % APPLY_ROWS, g = t / APPLY_ROWS;
+    for (int e = t; e < q * q; e += APPLY_THREADS) ws[e] = rinv[e];  // read after the loop's barriers
     for (int r0 = blockIdx.x * APPLY_ROWS; r0 < rows; r0 += gridDim.x * APPLY_ROWS) {
         const int nr = min(APPLY_ROWS, rows - r0);
         __syncthreads();  // the previous chunk's reads of xs are done
@@ -258,9 +304,9 @@ rsvd_orth_apply(float* x, int rows, int q, const double* __restrict__ rinv) {
             const int l_end = min(q, jb + 32);  // R⁻¹ is upper: rows l > j contribute zero
             for (int l = 0; l < l_end; ++l) {
                 const double xv = (double)xs[r + l * APPLY_ROWS];
-                const double* wl = rinv + l;
+                const double* wl = ws + l;
 #pragma unroll
-                for (int k = 0; k < 4; ++k) acc[k] = fma(xv, __ldg(wl + (i64)col[k] * q), acc[k]);
+                for (int k = 0; k < 4; ++k) acc[k] = fma(xv, wl[col[k] * q], acc[k]);
             }
             if (r < nr) {
 #pragma unroll

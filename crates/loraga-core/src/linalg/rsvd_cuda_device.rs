@@ -6,12 +6,12 @@
 //!   pass(check):  G = XᵀX (f64);  RᵀR = G (Cholesky, f64);  X ← X R⁻¹
 //!   orth(X) = pass(no check); pass(check: ‖G − I‖_F < 1/2)
 //! A pass has two implementations, picked by q alone (one rule for every pass of every layer):
-//! - q ≤ the lane's `fused_max_q` (≥ 128 on an A100 or H200): three kernels of our own
+//! - q ≤ the lane's `fused_max_q` (64 on an A100 or H200): three kernels of our own
 //!   ([`super::rsvd_cuda_orth`]): the f64 Gram straight from the f32 X, Cholesky and the f64
 //!   inverse R⁻¹ in one block's shared memory (with this pass's checks), and X ← X R⁻¹ with f64
 //!   accumulation. A pass of cuSOLVER's and cuBLAS's small kernels costs ~45 µs of mostly
 //!   launch latency at q = 32 (20 passes a layer: half the layer's time); these three, a few.
-//! - larger q (the factor no longer fits in shared memory): exact widening + DGEMM for G,
+//! - larger q (one block's Cholesky would be slower than potrf, see there): exact widening + DGEMM for G,
 //!   cuSOLVER potrf, R rounded to f32 with zeros below the diagonal, cuBLAS STRSM, and the
 //!   Gram check as a kernel of its own. There the products with A dominate anyway.
 //!

@@ -1,6 +1,6 @@
 //! One CholeskyQR pass of the GPU randomized SVD's device path ([`super::rsvd_cuda_device`]) in
-//! three kernels of our own (`kernels/rsvd_orth.cu`), for q up to what one block's shared memory
-//! holds as an f64 q × q matrix ([`cholesky_qr_fused_max_q`]: 168 on an H200, 142 on an A100).
+//! three kernels of our own (`kernels/rsvd_orth.cu`), for q ≤ [`cholesky_qr_fused_max_q`]: 64
+//! ([`FUSED_MAX_Q`]), or less where one block's shared memory cannot hold an f64 q × q matrix.
 //!
 //! With X the column-major f32 panel [rows, q]:
 //!   gram:      G = XᵀX in f64 (exact f32 products, f64 sums; per-chunk partial tiles summed in a
@@ -24,11 +24,15 @@
 //! price in, and anything beyond them raises the flag: the host-assisted fallback redoes the
 //! layer.
 //!
-//! Why by q: the fused pass needs the whole q × q factor in one block's shared memory, which
-//! caps q at [`cholesky_qr_fused_max_q`]; above it the pass keeps cuSOLVER's potrf and cuBLAS's
-//! STRSM, whose launch latencies (~45 µs a pass) matter less there because the products with A
-//! grow with q. One rule, decided per pass by q alone (each lane asks the device once), so a
-//! layer takes the same path on every run.
+//! Why by q: the fused pass needs the whole q × q factor in one block's shared memory, and its
+//! one-block Cholesky does ~q³/3 f64 updates on one SM, bound by that SM's shared-memory
+//! bandwidth. Measured on an H200 (4096 × 4096, niter = 4): at q = 32 the three kernels take
+//! ~49 µs a pass before tuning, at q = 128 the Cholesky alone 242 µs a launch (apply 57 µs,
+//! gram 27 µs), far slower than cuSOLVER's blocked potrf and cuBLAS's STRSM (~45 µs a pass,
+//! mostly launch latency). So [`cholesky_qr_fused_max_q`] is min([`FUSED_MAX_Q`], what the
+//! shared memory holds); above it the pass keeps cuSOLVER and cuBLAS, whose launch latencies
+//! matter less there because the products with A grow with q. One rule, decided per pass by q
+//! alone (each lane asks the device once), so a layer takes the same path on every run.
 
 use std::sync::Arc;
 
@@ -47,9 +51,11 @@ const CHOL_THREADS: usize = 512;
 const APPLY_ROWS: usize = 32;
 const APPLY_THREADS: u32 = 256;
 /// At most this many row chunks per Gram tile (the partials buffer is sized for it), each at
-/// least GRAM_MIN_ROWS rows so the final sum stays small next to the products.
+/// least about GRAM_MIN_ROWS rows: the last block's sum of the chunks' partials waits on L2
+/// latency once per 16 chunks (the kernel's SUM_BATCH), a block's rows once per 32-row step.
+/// 4096 rows at q = 32 thus take 16 chunks of 8 steps and one round of sums.
 const MAX_CHUNKS: usize = 32;
-const GRAM_MIN_ROWS: usize = 128;
+const GRAM_MIN_ROWS: usize = 256;
 
 /// Dynamic shared memory of rsvd_orth_chol_inv for q: G/R/E with leading dimension q + 1, R's
 /// diagonal, its reciprocals and the pivots' reciprocals.
@@ -57,17 +63,32 @@ fn chol_shared_bytes(q: usize) -> usize {
     (q * (q + 1) + 3 * q) * std::mem::size_of::<f64>()
 }
 
-/// The largest q whose factor fits one block's opt-in shared memory on `dev` (less 1 KiB for
-/// the kernel's static shared variables).
+/// Dynamic shared memory of rsvd_orth_apply for q: R⁻¹ in f64, then a chunk of X in f32.
+fn apply_shared_bytes(q: usize) -> usize {
+    q * q * std::mem::size_of::<f64>() + APPLY_ROWS * q * std::mem::size_of::<f32>()
+}
+
+/// The largest q the fused pass takes on any device: beyond it the one-block Cholesky costs more
+/// than cuSOLVER's blocked potrf (see the module docs).
+pub const FUSED_MAX_Q: usize = 64;
+
+/// The largest q the fused pass takes on `dev`: [`FUSED_MAX_Q`], or less where the factor (or
+/// the apply's R⁻¹ and chunk of X) does not fit one block's opt-in shared memory (less 1 KiB for
+/// the kernels' static shared variables).
 pub fn cholesky_qr_fused_max_q(dev: &CudaDevice) -> Result<usize> {
     let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
     let optin = dev.context().attribute(attr).map_err(Error::cuda("cuDeviceGetAttribute"))?;
-    Ok(max_q_for_shared_memory(optin.max(0) as usize))
+    Ok(fused_max_q(optin.max(0) as usize))
+}
+
+fn fused_max_q(optin: usize) -> usize {
+    max_q_for_shared_memory(optin).min(FUSED_MAX_Q)
 }
 
 fn max_q_for_shared_memory(optin: usize) -> usize {
     let budget = optin.saturating_sub(1024);
-    (1..).take_while(|&q| chol_shared_bytes(q) <= budget).last().unwrap_or(0)
+    let fits = |q: usize| chol_shared_bytes(q) <= budget && apply_shared_bytes(q) <= budget;
+    (1..).take_while(|&q| fits(q)).last().unwrap_or(0)
 }
 
 /// How rsvd_orth_gram splits `rows` for a q-wide panel on `sms` SMs: (chunk_rows, chunks).
@@ -159,17 +180,19 @@ pub(super) fn fused_pass(
     // keeps in range.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_chol_inv)"))?;
 
-    let bytes = APPLY_ROWS * q * std::mem::size_of::<f32>();
+    // R⁻¹ in f64, then a chunk of X in f32; each block stages R⁻¹ once, so no more blocks than
+    // twice the SMs (more rows each on tall panels).
+    let bytes = apply_shared_bytes(q);
     let f = dev.function_with_shared_memory(MODULE, "rsvd_orth_apply", bytes)?;
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(APPLY_ROWS) as u32, 1, 1),
+        grid_dim: (rows.div_ceil(APPLY_ROWS).min(2 * dev.sm_count()) as u32, 1, 1),
         block_dim: (APPLY_THREADS, 1, 1),
         shared_mem_bytes: bytes as u32,
     };
     let mut launch = stream.launch_builder(&f);
     launch.arg(&x).arg(&rows_i).arg(&q_i).arg(&b.rinv);
     // SAFETY: rsvd_orth_apply(float*, int, int, const double*): x rows*q f32, rinv q*q f64,
-    // APPLY_ROWS*q f32 of dynamic shared memory.
+    // q*q f64 + APPLY_ROWS*q f32 of dynamic shared memory (grid-stride over the row chunks).
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_apply)"))?;
     Ok(())
 }
@@ -234,14 +257,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_fused_limit_fills_the_opt_in_shared_memory_and_covers_q_128() {
-        // H200 / H100 (227 KiB) and A100 (163 KiB) opt-in limits per block.
-        for (optin, want) in [(232_448, 168), (166_912, 142)] {
+    fn the_fused_limit_is_64_or_what_the_opt_in_shared_memory_holds() {
+        // H200 / H100 (227 KiB) and A100 (163 KiB) opt-in limits per block hold more than 64;
+        // the default 48 KiB holds 64 too; 32 KiB does not.
+        for (optin, fits) in [(232_448, 162), (166_912, 136), (49_152, 69), (32_768, 55)] {
             let q = max_q_for_shared_memory(optin);
-            assert_eq!(q, want, "opt-in {optin}");
-            assert!(chol_shared_bytes(q) + 1024 <= optin && chol_shared_bytes(q + 1) + 1024 > optin);
+            assert_eq!(q, fits, "opt-in {optin}");
+            let need = |q: usize| chol_shared_bytes(q).max(apply_shared_bytes(q)) + 1024;
+            assert!(need(q) <= optin && need(q + 1) > optin, "opt-in {optin}");
+            assert_eq!(fused_max_q(optin), fits.min(FUSED_MAX_Q), "opt-in {optin}");
         }
-        assert_eq!(max_q_for_shared_memory(0), 0);
+        assert_eq!(FUSED_MAX_Q, 64);
+        assert_eq!(fused_max_q(0), 0);
     }
 
     #[test]
@@ -256,8 +283,11 @@ mod tests {
                     assert_eq!(chunk_rows % GRAM_TILE, 0, "{what}");
                     assert!(chunks * chunk_rows >= rows && (chunks - 1) * chunk_rows < rows, "{what}");
                     assert!(chunks * pairs(q) * GRAM_TILE * GRAM_TILE <= partials_len(q), "{what}");
+                    assert!(chunks <= rows.div_ceil(GRAM_MIN_ROWS), "{what}");
                 }
             }
         }
+        // The measured shape: 4096 rows, q = 32 on an H200's 132 SMs.
+        assert_eq!(gram_chunks(4096, 32, 132), (256, 16));
     }
 }
