@@ -71,7 +71,7 @@ fn decaying_spectra_match_the_exact_svd_and_the_cpu_path() {
         let got = plan.run("case", CudaMatrixRef::new(&storage, c.m, c.n).unwrap(), &cfg).unwrap();
         assert_eq!(plan.fallbacks(), 0, "{what}: the device path flagged this layer");
         let cpu = svd_lowrank("case", a, &cfg).unwrap();
-        check_against_exact(&what, &got, a, c.q);
+        check_against_exact_and(&what, &got, Some(&cpu), a, c.q);
         let err = |s: &TruncatedSvd| s.reconstruction_error(a).unwrap();
         let vs_cpu = err(&got) / err(&cpu);
         eprintln!("{what}: rank-q error {vs_cpu}x the CPU path's");

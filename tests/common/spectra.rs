@@ -80,7 +80,12 @@ pub struct Case {
 /// 1.4e-5 relative (torch 5.8e-6); the rank-q/2 error within 1.000005x of the best (torch the
 /// same). The rank-q error is where randomisation shows: its ratio to the best rank-q error had
 /// medians 1.004-1.009 for torch and 1.006 here (equal within 0.3%), and maxima up to 1.043
-/// (torch, q = 8) and 1.030 (here); 1.06 bounds that tail with room.
+/// (torch, q = 8) and 1.030 (here); 1.06 bounds that tail with room for these cases. The tail is
+/// longer without oversampling on a fast-decaying spectrum: at 4096x1024, q = 8, σ_i = i⁻³, 40
+/// draws of Ω gave up to 1.036 and one seed on the H200 (2026-11-29) 1.117 for the CPU path
+/// and the GPU path alike. Tests that have the reference algorithm's result for the same Ω
+/// pass it to [`check_against_exact_and`], which then bounds the rank-q error by the larger of
+/// 1.06 and 1.005x the reference's own ratio.
 pub const S_REL_TOL: f64 = 1e-3;
 pub const ORTHO_TOL: f64 = 1e-5;
 pub const RANK_HALF_Q_RATIO: f64 = 1.005;
@@ -91,6 +96,18 @@ pub const RANK_Q_RATIO: f64 = 1.06;
 pub fn check_against_exact(
     what: &str,
     got: &loraga_core::linalg::TruncatedSvd,
+    a: loraga_core::linalg::MatrixRef,
+    q: usize,
+) {
+    check_against_exact_and(what, got, None, a, q)
+}
+
+/// [`check_against_exact`], with the rank-q bound raised to 1.005x the `reference`'s ratio (the
+/// same algorithm with the same Ω, e.g. the CPU path) where that is above [`RANK_Q_RATIO`].
+pub fn check_against_exact_and(
+    what: &str,
+    got: &loraga_core::linalg::TruncatedSvd,
+    reference: Option<&loraga_core::linalg::TruncatedSvd>,
     a: loraga_core::linalg::MatrixRef,
     q: usize,
 ) {
@@ -108,6 +125,10 @@ pub fn check_against_exact(
         got.truncated(k).reconstruction_error(a).unwrap() / exact.truncated(k).reconstruction_error(a).unwrap()
     };
     let (rk, rq) = (ratio(k), ratio(q));
+    let rq_bound = reference.map_or(RANK_Q_RATIO, |r| {
+        let own = r.truncated(q).reconstruction_error(a).unwrap() / exact.truncated(q).reconstruction_error(a).unwrap();
+        RANK_Q_RATIO.max(1.005 * own)
+    });
     assert!(rk <= RANK_HALF_Q_RATIO, "{what}: rank-{k} error is {rk}x the best");
-    assert!(rq <= RANK_Q_RATIO, "{what}: rank-{q} error is {rq}x the best");
+    assert!(rq <= rq_bound, "{what}: rank-{q} error is {rq}x the best (bound {rq_bound})");
 }
