@@ -9,8 +9,10 @@
 //! - q ≤ the lane's `fused_max_q` (64 on an A100 or H200): three kernels of our own
 //!   ([`super::rsvd_cuda_orth`]): the f64 Gram straight from the f32 X, Cholesky and the f64
 //!   inverse R⁻¹ in one block's shared memory (with this pass's checks), and X ← X R⁻¹ with f64
-//!   accumulation. A pass of cuSOLVER's and cuBLAS's small kernels costs ~45 µs of mostly
-//!   launch latency at q = 32 (20 passes a layer: half the layer's time); these three, a few.
+//!   accumulation. On the H200 at q = 32 (ncu, 2026-11-29) a pass of cuSOLVER's and cuBLAS's
+//!   small kernels took ~45 µs (20 passes a layer: half of it), these three 40.6 µs, of which
+//!   the one-block Cholesky is 20 (0.5 µs per column step): a warp-level Cholesky with the
+//!   matrix in registers is where the rest of the gain is.
 //! - larger q (one block's Cholesky would be slower than potrf, see there): exact widening + DGEMM for G,
 //!   cuSOLVER potrf, R rounded to f32 with zeros below the diagonal, cuBLAS STRSM, and the
 //!   Gram check as a kernel of its own. There the products with A dominate anyway.
