@@ -21,12 +21,10 @@ mod common;
 use common::{group, measure, setup};
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
-use loraga_core::cuda::lora_skinny::{self, Small};
 use loraga_core::cuda::timing::median_ms;
 use loraga_core::cuda::{CudaDevice, GemmPath};
 use loraga_core::gemm::{Gemm, gemm_cuda};
 use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
-use loraga_core::storage::Storage;
 use loraga_core::testing::randn;
 use loraga_core::{DType, Device, Result, Tensor};
 use rand::SeedableRng;
@@ -144,20 +142,8 @@ impl Layer {
         lora::accumulate_weight_grad(path, &mut self.g, &self.dys[i], &self.xs[i], 1.0)
     }
 
-    /// The forward's skinny product U' = s X Aᵀ alone, by one GEMM path or (None) by the fused
-    /// path's kernel (`kernels/lora_skinny.cu`).
-    fn skinny(&mut self, path: Option<GemmPath>, i: usize) -> Result<()> {
-        let Some(path) = path else {
-            let (m, k, r) = (self.xs[i].dims()[0], self.xs[i].dims()[1], self.a.dims()[0]);
-            fn cuda(t: &Tensor) -> &loraga_core::cuda::CudaStorage {
-                match t.storage() {
-                    Storage::Cuda(s) => s,
-                    Storage::Cpu(_) => unreachable!("the bench's tensors are on the GPU"),
-                }
-            }
-            let Storage::Cuda(u) = self.fwd.u.storage_mut() else { unreachable!("the bench's tensors are on the GPU") };
-            return lora_skinny::down(cuda(&self.xs[i]), cuda(&self.a), Small::A, (m, k, r), 2.0, u);
-        };
+    /// The forward's skinny product U' = s X Aᵀ alone, by one GEMM path.
+    fn skinny(&mut self, path: GemmPath, i: usize) -> Result<()> {
         gemm_cuda(path, &Gemm { alpha: 2.0, ..NT }, &self.xs[i], &self.a, &mut self.fwd.u)
     }
 }
@@ -200,7 +186,7 @@ fn criterion_groups(dev: &CudaDevice, c: &mut criterion::Criterion, inp: &mut In
         let skinny_flops = 2.0 * (m * k * r) as f64;
         let problem = format!("U' = s X A^T M={m} K={k} r={r}");
         let mut g = group(c, &format!("lora_skinny_r{r}"), skinny_flops);
-        for (name, path) in [("cublas", Some(GemmPath::Cublas)), ("engine", Some(GemmPath::Engine)), ("kernel", None)] {
+        for (name, path) in [("cublas", GemmPath::Cublas), ("engine", GemmPath::Engine)] {
             let ms = measure(dev, &mut g, name, |i| layer.skinny(path, i));
             rows.push(row(&problem, name, ms, skinny_flops));
         }
@@ -228,8 +214,8 @@ fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
     let mut table = String::from(
         "### LoRA layer grid (issue 4), bf16, s = 2, CUDA-event medians (ms)\n\n\
          | M | K | N | r | base fwd | fused fwd | fused / base fwd | PEFT fwd / fused | base f+b | fused f+b \
-         | fused / base f+b | PEFT f+b | PEFT / fused f+b | folded / fused f+b | U' engine | U' cuBLAS | U' kernel |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | fused / base f+b | PEFT f+b | PEFT / fused f+b | folded / fused f+b | U' engine | U' cuBLAS |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut g_table = String::from(
         "\n### G += dYᵀ X in place (f32 G [N, K]), ms\n\n\
@@ -267,13 +253,12 @@ fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
                 let fused_fb = time(&mut |i| layer.fwd_bwd(LoraPath::Fused, i))?;
                 let peft_fb = time(&mut |i| layer.fwd_bwd(LoraPath::Cublas, i))?;
                 let folded_fb = time(&mut |i| layer.fwd_bwd(LoraPath::CublasFolded, i))?;
-                let u_engine = time(&mut |i| layer.skinny(Some(GemmPath::Engine), i))?;
-                let u_cublas = time(&mut |i| layer.skinny(Some(GemmPath::Cublas), i))?;
-                let u_kernel = time(&mut |i| layer.skinny(None, i))?;
+                let u_engine = time(&mut |i| layer.skinny(GemmPath::Engine, i))?;
+                let u_cublas = time(&mut |i| layer.skinny(GemmPath::Cublas, i))?;
                 eprintln!("{label}: fused f+b {fused_fb:.4} ms");
                 table += &format!(
                     "| {m} | {k} | {n} | {r} | {base:.4} | {fused:.4} | {:.3} | {:.3} | {base_fb:.4} | {fused_fb:.4} \
-                     | {:.3} | {peft_fb:.4} | {:.3} | {:.3} | {u_engine:.4} | {u_cublas:.4} | {u_kernel:.4} |\n",
+                     | {:.3} | {peft_fb:.4} | {:.3} | {:.3} | {u_engine:.4} | {u_cublas:.4} |\n",
                     fused / base,
                     peft / fused,
                     fused_fb / base_fb,

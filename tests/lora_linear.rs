@@ -7,13 +7,12 @@
 
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cpu::gemm::gemm_f64;
-use loraga_core::cuda::lora_skinny::{self, Small};
 use loraga_core::cuda::ops::poison_outputs;
-use loraga_core::cuda::{CudaDevice, CudaStorage};
+use loraga_core::cuda::CudaDevice;
 use loraga_core::gemm::{Gemm, GemmDims};
 use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
 use loraga_core::testing::{randn, rel_error};
-use loraga_core::{DType, Device, Storage, Tensor};
+use loraga_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 
 struct Case {
@@ -220,41 +219,5 @@ fn mixed_devices_are_clear_errors_on_the_gpu() {
         let dy_cpu = c.dy.to_device(&Device::Cpu).unwrap();
         let e = lora::backward(path, &l, &c.x, &f.u, &dy_cpu).err().unwrap().to_string();
         assert!(e.contains("dY on cpu"), "{}: {e}", path.name());
-    }
-}
-
-/// The fused path's skinny kernel alone (`kernels/lora_skinny.cu`: U' = s X Aᵀ with A [r, C],
-/// V' = s dY B with B [C, r]), over several row and column blocks, C with and without 16-byte
-/// rows, against f64.
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn skinny_kernel_matches_f64_reference_on_the_gpu() {
-    let dev = gpu();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
-    fn cuda(t: &Tensor) -> &CudaStorage {
-        match t.storage() {
-            Storage::Cuda(s) => s,
-            Storage::Cpu(_) => unreachable!("made on the GPU"),
-        }
-    }
-    for (m, c, r) in [(1, 8, 1), (77, 203, 13), (1000, 520, 64), (300, 136, 130), (129, 264, 256), (65, 4096, 16)] {
-        for small in [Small::A, Small::B] {
-            let mut t = |rows: usize, cols: usize| {
-                let v = randn(&mut rng, rows * cols);
-                let wide: Vec<f64> =
-                    CpuStorage::from_f32_vec(DType::BF16, v.clone()).to_f32_vec().into_iter().map(f64::from).collect();
-                (Tensor::from_cpu(CpuStorage::from_f32_vec(DType::BF16, v), [rows, cols].into(), &dev).unwrap(), wide)
-            };
-            let (z, z64) = t(m, c);
-            let (s, s64) = if small == Small::A { t(r, c) } else { t(c, r) };
-            let g = Gemm { trans_a: false, trans_b: small == Small::A, alpha: 0.5, beta: 0.0, deterministic: false };
-            let mut reference = vec![0.0f64; m * r];
-            gemm_f64(&g, GemmDims { m, n: r, k: c }, &z64, &s64, &mut reference);
-            let mut p = Tensor::full([m, r], DType::BF16, f32::NAN, &dev).unwrap();
-            let Storage::Cuda(ps) = p.storage_mut() else { unreachable!("made on the GPU") };
-            lora_skinny::down(cuda(&z), cuda(&s), small, (m, c, r), 0.5, ps).unwrap();
-            let err = rel_error(&p.to_f32_vec().unwrap(), &reference);
-            assert!(err <= 5e-3, "{small:?} M={m} C={c} r={r}: rel. error {err:.2e}");
-        }
     }
 }

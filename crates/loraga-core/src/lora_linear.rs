@@ -12,12 +12,13 @@
 //! - `Fused` runs each `[.. | ..]` product as one GEMM-engine call over two K sources, after one
 //!   skinny product for U' (or V'). The skinny products (U', V', dA, dB: one side r) run on
 //!   cuBLAS, whose narrow-tile kernels stream X or dY once near memory bandwidth; the engine's
-//!   128 x 256 tiles and our tensor-core skinny kernel (`kernels/lora_skinny.cu`) measured 2-3x
-//!   slower for them on the H200 (see [`ENGINE_MIN_SIDE`]; benches/lora_linear.rs times U' all
-//!   three ways). Every product the engine cannot take (f32 operands, a rank r that is not a
-//!   multiple of 8, a device without wgmma) runs the folded composition below on cuBLAS
-//!   instead, so any r in 1..=min(K, N) and any M, K, N work; the two-source GEMMs need bf16,
-//!   sm_90a and r, K, N multiples of 8.
+//!   128 x 256 tiles measured 2-3x slower for them on the H200 (see [`ENGINE_MIN_SIDE`];
+//!   benches/lora_linear.rs times U' both ways). A tensor-core skinny kernel of our own
+//!   (`kernels/lora_skinny.cu`, removed after 098689c) measured slower than the engine. Every
+//!   product the engine cannot take (f32 operands, a rank r that is not a multiple of 8, a
+//!   device without wgmma) runs the folded composition below on cuBLAS instead, so any r in
+//!   1..=min(K, N) and any M, K, N work; the two-source GEMMs need bf16, sm_90a and r, K, N
+//!   multiples of 8.
 //! - `Cublas` is the composition PEFT runs in eager PyTorch (`result = base(x); result = result +
 //!   lora_B(lora_A(x)) * scaling`, backward as autograd runs it): base GEMM, A GEMM, B GEMM into a
 //!   fresh [M, N], `* s` and `+` as two elementwise kernels; backward `dY * s`, two GEMMs per
@@ -35,7 +36,6 @@
 
 use crate::cuda::GemmPath;
 use crate::cuda::gemm_sm90::{self, KSource};
-use crate::cuda::lora_skinny::Small;
 use crate::cuda::ops::elementwise;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -178,15 +178,6 @@ fn product(via: Via, g: Gemm, a: &Tensor, b: &Tensor, c: &mut Tensor) -> Result<
     }
 }
 
-/// The skinny product `p = s z Aᵀ` (`Small::A`) or `p = s z B` (`Small::B`).
-fn down(via: Via, s: f32, z: &Tensor, small: &Tensor, layout: Small, p: &mut Tensor) -> Result<()> {
-    let g = match layout {
-        Small::A => Gemm { alpha: s, ..NT },
-        Small::B => Gemm { alpha: s, ..NN },
-    };
-    product(via, g, z, small, p)
-}
-
 const NT: Gemm = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0, deterministic: false };
 const NN: Gemm = Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
 const TN: Gemm = Gemm { trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
@@ -210,7 +201,7 @@ pub fn forward_into(path: LoraPath, l: &Lora, x: &Tensor, out: &mut Forward) -> 
     if via == Via::Cublas && path == LoraPath::Cublas {
         return peft_forward(l, x, out);
     }
-    down(via, l.scale, x, l.a, Small::A, &mut out.u)?;
+    product(via, Gemm { alpha: l.scale, ..NT }, x, l.a, &mut out.u)?;
     if via == Via::Best && two_sources(NT, [(x, l.w), (&out.u, l.b)], &mut out.y)? {
         return Ok(());
     }
@@ -254,7 +245,7 @@ pub fn backward_into(
     if via == Via::Cublas && path == LoraPath::Cublas {
         return peft_backward(l, x, u, dy, v, grads);
     }
-    down(via, l.scale, dy, l.b, Small::B, v)?;
+    product(via, Gemm { alpha: l.scale, ..NN }, dy, l.b, v)?;
     if !(via == Via::Best && two_sources(NN, [(dy, l.w), (v, l.a)], &mut grads.dx)?) {
         product(via, NN, dy, l.w, &mut grads.dx)?;
         product(via, Gemm { beta: 1.0, ..NN }, v, l.a, &mut grads.dx)?;

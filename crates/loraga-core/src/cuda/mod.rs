@@ -12,7 +12,6 @@ pub mod gemm_sm80;
 pub mod gemm_sm90;
 pub mod kernels;
 pub mod libs;
-pub mod lora_skinny;
 pub mod nvrtc;
 pub mod ops;
 pub mod storage;
