@@ -7,8 +7,8 @@
 
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cpu::gemm::gemm_f64;
-use loraga_core::cuda::ops::poison_outputs;
 use loraga_core::cuda::CudaDevice;
+use loraga_core::cuda::ops::poison_outputs;
 use loraga_core::gemm::{Gemm, GemmDims};
 use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
 use loraga_core::testing::{randn, rel_error};
