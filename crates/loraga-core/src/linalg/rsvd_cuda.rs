@@ -14,7 +14,8 @@
 //! harmless (see [`super::rsvd_cuda_device`]).
 //!
 //! Two paths compute this:
-//! - [`super::rsvd_cuda_device`], the normal one: CholeskyQR2 with an f64 Gram (its passes in
+//! - [`super::rsvd_cuda_device`], the normal one: CholeskyQR with an f64 Gram, two passes for the
+//!   bases U and V are made of, one for the others (its passes in
 //!   kernels of our own, [`super::rsvd_cuda_orth`], up to the q whose factor fits in shared
 //!   memory; cuSOLVER's Cholesky and cuBLAS's triangular solve above that); the core through
 //!   an f64 eigen-decomposition of RᵀR, all on the device, no host round trip inside a layer. It cannot branch on the data, so it

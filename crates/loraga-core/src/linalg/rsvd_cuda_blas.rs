@@ -68,21 +68,23 @@ impl<'a> Products<'a> {
     }
 
     /// The range finder up to Z = op(A)ᵀ Q (Ω at `omega`, niter power iterations), calling
-    /// `orth(x, rows)` after every product but that last one, whose orth the caller does.
+    /// `orth(x, rows, last)` after every product but that last one, whose orth the caller does.
+    /// `last` marks the orth whose Q is the returned basis (U or V is made from it); the others
+    /// only carry a subspace to the next product.
     pub(super) fn range_finder(
         &self,
         omega: u64,
         niter: usize,
-        mut orth: impl FnMut(u64, usize) -> Result<()>,
+        mut orth: impl FnMut(u64, usize, bool) -> Result<()>,
     ) -> Result<()> {
         let (y, z, p, c) = (self.y, self.z, self.p, self.c);
         self.range(omega, true)?;
-        orth(y, p)?;
-        for _ in 0..niter {
+        orth(y, p, niter == 0)?;
+        for i in 0..niter {
             self.corange()?;
-            orth(z, c)?;
+            orth(z, c, false)?;
             self.range(z, false)?;
-            orth(y, p)?;
+            orth(y, p, i + 1 == niter)?;
         }
         self.corange()
     }

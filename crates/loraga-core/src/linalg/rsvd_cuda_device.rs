@@ -2,15 +2,22 @@
 //! layer queued on one lane's stream with no host round trip, every q × q factorisation done
 //! on the device, and the conditions under which the result could be wrong checked there too.
 //!
-//! orth(X), X column-major f32 [rows, q], is CholeskyQR2 with an f64 Gram:
+//! orth(X), X column-major f32 [rows, q], is CholeskyQR with an f64 Gram:
 //!   pass(check):  G = XᵀX (f64);  RᵀR = G (Cholesky, f64);  X ← X R⁻¹
-//!   orth(X) = pass(no check); pass(check: ‖G − I‖_F < 1/2)
+//!   a basis that U or V is made of (the range finder's last Q, and Q₂ of Z = Bᵀ) is
+//!   CholeskyQR2: pass(no check); pass(check: ‖G − I‖_F < 1/2)
+//!   the 2·niter bases before it take one pass: they only carry a subspace to the next product
+//!   with A, which needs their span, not their orthonormality to f32 rounding. One pass already
+//!   leaves X within ~u₃₂·cond(X) of orthonormal (below), a basis with a condition number near
+//!   1 for anything the f64 Cholesky accepts; a Cholesky that fails still raises the flag, and a
+//!   NaN carries through the products to the final basis's checked pass. At niter = 4 that is
+//!   12 passes a layer instead of 20, with the same results to the tests' tolerances.
 //! A pass has two implementations, picked by q alone (one rule for every pass of every layer):
 //! - q ≤ the lane's `fused_max_q` (64 on an A100 or H200): three kernels of our own
 //!   ([`super::rsvd_cuda_orth`]): the f64 Gram straight from the f32 X, Cholesky and the f64
 //!   inverse R⁻¹ in one block's shared memory (with this pass's checks), and X ← X R⁻¹ with f64
 //!   accumulation. On the H200 at q = 32 (ncu, 2026-11-29) a pass of cuSOLVER's and cuBLAS's
-//!   small kernels took ~45 µs (20 passes a layer: half of it), these three 40.6 µs, of which
+//!   small kernels took ~45 µs (then 20 passes a layer: half of it), these three 40.6 µs, of which
 //!   the one-block Cholesky is 20 (0.5 µs per column step): a warp-level Cholesky with the
 //!   matrix in registers is where the rest of the gain is.
 //! - larger q (one block's Cholesky would be slower than potrf, see there): exact widening + DGEMM for G,
@@ -34,9 +41,9 @@
 //! checked directly (‖U_RᵀU_R − I‖_max ≤ 1e-7, f64 DGEMM) rather than argued, so a rank-deficient
 //! or clustered core falls back instead of returning a U that is not orthonormal.
 //!
-//! Per layer at niter = 4: 10 products with A (SGEMM), 10 orths of 2 passes of 3 launches each
-//! (fused; or 5 each above the limit: widen, DGEMM, potrf, round, STRSM, plus the check in the
-//! second), the core's 7 launches and 2 SGEMMs for U and V.
+//! Per layer at niter = 4: 10 products with A (SGEMM), 12 passes of 3 launches each (fused; or
+//! 5 each above the limit: widen, DGEMM, potrf, round, STRSM, plus the check in a second pass),
+//! the core's 7 launches and 2 SGEMMs for U and V.
 //! No launch depends on a value read back.
 
 use cudarc::driver::PushKernelArg;
@@ -77,15 +84,17 @@ impl DeviceLayer<'_> {
         let (dev, ws) = (self.dev, &self.lane.ws);
         let (y, z) = (dptr(&ws.y, dev), dptr(&ws.z, dev));
         let products = Products::new(dev, &self.lane.blas, self.math, a, q, y, z);
-        products.range_finder(omega, niter, |x, rows| self.orth(x, rows, q))?;
-        self.orth(z, products.short_side(), q)?; // Z = Q₂ R₂ R₁ with R₁ in ws.r, R₂ in ws.r2
+        products.range_finder(omega, niter, |x, rows, last| {
+            if last { self.orth2(x, rows, q) } else { self.pass(x, rows, q, false) }
+        })?;
+        self.orth2(z, products.short_side(), q)?; // Z = Q₂ R₂ R₁ with R₁ in ws.r, R₂ in ws.r2
         self.core(q, k)?;
         let (sv, su) = (dptr(&ws.small_v, dev), dptr(&ws.small_u, dev));
         products.factors(k, sv, su, dptr(&ws.out_p, dev), dptr(&ws.out_c, dev))
     }
 
     /// CholeskyQR2 of the column-major f32 X [rows, q] in place; R₁ in ws.r, R₂ in ws.r2.
-    fn orth(&self, x: u64, rows: usize, q: usize) -> Result<()> {
+    fn orth2(&self, x: u64, rows: usize, q: usize) -> Result<()> {
         self.pass(x, rows, q, false)?;
         self.pass(x, rows, q, true)
     }

@@ -47,7 +47,7 @@ pub(super) fn factor_with_host_help(
     let products = Products::new(dev, blas, math, a, q, y, z);
     let (p, c) = (products.long_side(), products.short_side());
     let mut orth = Orth { dev, blas, ws_wide: &mut ws.wide, ws_gram: &mut ws.gram, ws_r: &mut ws.r, q, name };
-    products.range_finder(omega, niter, |x, rows| orth.run(x, rows, false).map(drop))?;
+    products.range_finder(omega, niter, |x, rows, _last| orth.run(x, rows, false).map(drop))?;
     let r = orth.run(z, c, true)?.expect("asked for R");
 
     // Bᵀ = Z = Q₂ R and R = U_R Σ V_Rᵀ give B = V_R Σ (Q₂ U_R)ᵀ.
