@@ -373,10 +373,11 @@ fn fused_cholesky_qr_pass_matches_an_f64_reference() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(test_seed());
     let limit = cholesky_qr_fused_max_q(&dev).unwrap();
-    // Ragged rows (not multiples of the kernels' 32-row chunks) and q inside one Gram tile, over
-    // two tiles with a ragged last one, and at the limit 64 (wider panels take cuSOLVER's and
-    // cuBLAS's pass: the spectra test covers both, the end of this one the refusal).
-    for (rows, q) in [(1000, 24), (517, 45), (3001, 64)] {
+    // Ragged rows (not multiples of the kernels' 32-row chunks) and q inside one Gram tile, one
+    // full tile (the bench's 4096, q = 32), over two tiles with a ragged last one, and at the
+    // limit 64 (wider panels take cuSOLVER's and cuBLAS's pass: the spectra test covers both,
+    // the end of this one the refusal).
+    for (rows, q) in [(1000, 24), (4096, 32), (517, 45), (3001, 64)] {
         let what = format!("{rows}x{q}");
         let x = panel_with_condition(&mut rng, rows, q, 1e4);
         let mut dx = upload(&dev, &x);
@@ -429,29 +430,88 @@ fn fused_cholesky_qr_pass_matches_an_f64_reference() {
         assert!(max_abs_diff(&second.r, &identity(q)) <= 1e-3, "{what}: R₂ is not near I");
     }
 
-    // Failures raise their bit and leave the panel as it was. A first-pass panel is far from
-    // orthonormal, so the Gram check flags it (bit 1) while the Cholesky succeeds.
-    let (rows, q) = (300, 40);
-    let x = panel_with_condition(&mut rng, rows, q, 1e3);
-    let mut dx = upload(&dev, &x);
-    assert_eq!(cholesky_qr_pass_cuda(&mut dx, rows, q, true).unwrap().flag, 1);
-    // A zero panel has no Cholesky factor (bit 2): R = R⁻¹ = I are written, X stays zero.
-    let mut dz = upload(&dev, &vec![0.0; rows * q]);
-    let zero = cholesky_qr_pass_cuda(&mut dz, rows, q, false).unwrap();
-    assert_eq!(zero.flag, 2);
-    assert_eq!((zero.r.clone(), zero.r_inv.clone()), (identity(q), identity(q)));
-    assert!(download(&dz).iter().all(|&v| v == 0.0));
-    // A NaN makes the Gram non-finite: both bits, and X R⁻¹ with R⁻¹ = I keeps every other row
-    // as it was (the NaN's own row is NaN · 0 in every column).
-    let mut poisoned = x.clone();
-    poisoned[17] = f32::NAN; // row 17, column 0
-    let mut dn = upload(&dev, &poisoned);
-    assert_eq!(cholesky_qr_pass_cuda(&mut dn, rows, q, true).unwrap().flag, 3);
-    for (idx, v) in download(&dn).into_iter().enumerate() {
-        assert!(if idx % rows == 17 { v.is_nan() } else { v == x[idx] }, "[{}, {}] = {v}", idx % rows, idx / rows);
+    // Failures raise their bit and leave the panel as it was, inside one Gram tile and over two.
+    // A first-pass panel is far from orthonormal, so the Gram check flags it (bit 1) while the
+    // Cholesky succeeds.
+    for q in [20, 40] {
+        let rows = 300;
+        let x = panel_with_condition(&mut rng, rows, q, 1e3);
+        let mut dx = upload(&dev, &x);
+        assert_eq!(cholesky_qr_pass_cuda(&mut dx, rows, q, true).unwrap().flag, 1, "q = {q}");
+        // A zero panel has no Cholesky factor (bit 2): R = R⁻¹ = I are written, X stays zero.
+        let mut dz = upload(&dev, &vec![0.0; rows * q]);
+        let zero = cholesky_qr_pass_cuda(&mut dz, rows, q, false).unwrap();
+        assert_eq!(zero.flag, 2, "q = {q}");
+        assert_eq!((zero.r.clone(), zero.r_inv.clone()), (identity(q), identity(q)), "q = {q}");
+        assert!(download(&dz).iter().all(|&v| v == 0.0), "q = {q}");
+        // A NaN makes the Gram non-finite: both bits, and X R⁻¹ with R⁻¹ = I keeps every other
+        // row as it was (the NaN's own row is NaN · 0 in every column).
+        let mut poisoned = x.clone();
+        poisoned[17] = f32::NAN; // row 17, column 0
+        let mut dn = upload(&dev, &poisoned);
+        assert_eq!(cholesky_qr_pass_cuda(&mut dn, rows, q, true).unwrap().flag, 3, "q = {q}");
+        for (idx, v) in download(&dn).into_iter().enumerate() {
+            let (row, col) = (idx % rows, idx / rows);
+            assert!(if row == 17 { v.is_nan() } else { v == x[idx] }, "q = {q}: [{row}, {col}] = {v}");
+        }
     }
 
     let mut too_wide = upload(&dev, &vec![1.0; (limit + 1) * (limit + 1)]);
     let e = cholesky_qr_pass_cuda(&mut too_wide, limit + 1, limit + 1, false).unwrap_err().to_string();
     assert!(e.contains(&format!("exceeds this device's fused limit {limit}")), "{e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn jacobi_core_matches_an_f64_svd() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let limit = jacobi_core_max_q(&dev).unwrap();
+    assert!(limit >= 32, "Jacobi limit {limit} on this device");
+    // Odd q (a padding column), one and two columns, q = 32 and 33, and the limit; R is the
+    // Cholesky factor of a panel with condition number 1e4, as the core sees it.
+    for q in [1, 2, 7, 32, 33, limit - 1, limit] {
+        let x = panel_with_condition(&mut rng, 2 * q, q, 1e4);
+        let r = cholesky_upper(&gram(&x, 2 * q, q), q);
+        let mut garbage_below = r.clone(); // the kernel must ignore the lower triangle
+        (0..q * q).filter(|idx| idx % q > idx / q).for_each(|idx| garbage_below[idx] = 1e3);
+        let core = jacobi_core_cuda(&dev, &garbage_below, q).unwrap();
+        let what = format!("q = {q}");
+        assert_eq!(core.info, 0, "{what}: no convergence or non-finite σ");
+
+        let exact = faer::Mat::from_fn(q, q, |i, j| r[i + j * q]).thin_svd().unwrap();
+        let want: Vec<f64> = exact.S().column_vector().iter().copied().collect(); // descending
+        let got: Vec<f64> = core.sigma2.iter().rev().map(|s| s.sqrt()).collect();
+        assert!(core.sigma2.windows(2).all(|w| w[0] <= w[1]), "{what}: σ² not ascending");
+        let s_err = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / w).fold(0.0, f64::max);
+        // One-sided Jacobi keeps each σ's relative accuracy (a numpy model of the kernel: ≤ 3e-14).
+        assert!(s_err <= 1e-12, "{what}: σ off by {s_err:e} relative");
+
+        // V orthonormal, U = R V Σ⁻¹ orthonormal, and R = U Σ Vᵀ: a full SVD of R, not just
+        // the right singular values.
+        let v = faer::Mat::from_fn(q, q, |i, j| core.v[i + j * q]);
+        let rm = faer::Mat::from_fn(q, q, |i, j| r[i + j * q]);
+        let sigma: Vec<f64> = core.sigma2.iter().map(|s| s.sqrt()).collect();
+        let rv = &rm * &v;
+        let u = faer::Mat::from_fn(q, q, |i, j| rv[(i, j)] / sigma[j]);
+        let eye = faer::Mat::<f64>::identity(q, q);
+        let v_err = max_abs_mat(&(v.transpose() * &v - &eye));
+        let u_err = max_abs_mat(&(u.transpose() * &u - &eye));
+        let back = faer::Mat::from_fn(q, q, |i, j| (0..q).map(|l| u[(i, l)] * sigma[l] * v[(j, l)]).sum::<f64>());
+        let r_err = max_abs_mat(&(&back - &rm)) / want[0];
+        eprintln!("{what}: σ {s_err:e}, |VᵀV - I| {v_err:e}, |UᵀU - I| {u_err:e}, |R - UΣVᵀ| {r_err:e}");
+        // U inherits the stopping tolerance 1e-13 times cond(R) = 1e4 (the model: ≤ 7e-10).
+        assert!(v_err <= 1e-12 && u_err <= 1e-8 && r_err <= 1e-12, "{what}: not an SVD");
+    }
+
+    // A NaN in R is reported (info 1); a q over the limit is refused.
+    let mut poisoned = identity(5);
+    poisoned[1 + 2 * 5] = f64::NAN; // (1, 2), above the diagonal
+    assert_eq!(jacobi_core_cuda(&dev, &poisoned, 5).unwrap().info, 1);
+    let e = jacobi_core_cuda(&dev, &identity(limit + 1), limit + 1).unwrap_err().to_string();
+    assert!(e.contains(&format!("exceeds this device's Jacobi limit {limit}")), "{e}");
+}
+
+fn max_abs_mat(m: &faer::Mat<f64>) -> f64 {
+    (0..m.ncols()).flat_map(|j| (0..m.nrows()).map(move |i| (i, j))).map(|(i, j)| m[(i, j)].abs()).fold(0.0, f64::max)
 }

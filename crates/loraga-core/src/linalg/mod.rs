@@ -14,6 +14,7 @@ pub mod rsvd_cuda;
 mod rsvd_cuda_blas;
 mod rsvd_cuda_device;
 mod rsvd_cuda_host;
+mod rsvd_cuda_jacobi;
 mod rsvd_cuda_orth;
 pub mod svd;
 
@@ -22,6 +23,7 @@ pub use rsvd::{
     RsvdConfig, gaussian_test_matrix, svd_lowrank, svd_lowrank_batch, svd_lowrank_tensor, svd_lowrank_with_omega,
 };
 pub use rsvd_cuda::{CudaMatrixRef, CudaRsvd, GemmMath, svd_lowrank_batch_cuda, svd_lowrank_cuda};
+pub use rsvd_cuda_jacobi::{JacobiCore, jacobi_core_cuda, jacobi_core_max_q};
 pub use rsvd_cuda_orth::{CholeskyQrPass, cholesky_qr_fused_max_q, cholesky_qr_pass_cuda};
 pub use svd::{TruncatedSvd, svd_exact};
 

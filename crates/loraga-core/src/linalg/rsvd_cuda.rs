@@ -17,8 +17,9 @@
 //! - [`super::rsvd_cuda_device`], the normal one: CholeskyQR with an f64 Gram, two passes for the
 //!   bases U and V are made of, one for the others (its passes in
 //!   kernels of our own, [`super::rsvd_cuda_orth`], up to the q whose factor fits in shared
-//!   memory; cuSOLVER's Cholesky and cuBLAS's triangular solve above that); the core through
-//!   an f64 eigen-decomposition of RᵀR, all on the device, no host round trip inside a layer. It cannot branch on the data, so it
+//!   memory; cuSOLVER's Cholesky and cuBLAS's triangular solve above that); the core by
+//!   one-sided Jacobi on R in one block (or, above q = 64, an f64 eigen-decomposition of RᵀR),
+//!   all on the device, no host round trip inside a layer. It cannot branch on the data, so it
 //!   checks itself on the device instead (Cholesky info, the second CholeskyQR pass's Gram within
 //!   1/2 of I, the core's U_R orthonormal to 1e-7, finite values) and raises a per-layer flag.
 //! - [`super::rsvd_cuda_host`], the fallback for flagged layers: the same products with the q × q
@@ -56,6 +57,7 @@ use super::cusolver::Solver;
 use super::rsvd_cuda_blas::{dptr, grid};
 use super::rsvd_cuda_device::DeviceLayer;
 use super::rsvd_cuda_host::factor_with_host_help;
+use super::rsvd_cuda_jacobi::jacobi_core_max_q;
 use super::rsvd_cuda_orth::{cholesky_qr_fused_max_q, partials_len, tickets_len};
 use super::{RsvdConfig, TruncatedSvd, gaussian_test_matrix};
 use crate::cuda::{CudaDevice, CudaSlices, CudaStorage, libs};
@@ -182,6 +184,8 @@ pub(super) struct Lane {
     pub(super) ws: Workspace,
     /// The largest q whose CholeskyQR passes use the fused kernels ([`cholesky_qr_fused_max_q`]).
     pub(super) fused_max_q: usize,
+    /// The largest q whose core uses the Jacobi kernel ([`jacobi_core_max_q`]).
+    pub(super) jacobi_max_q: usize,
 }
 
 /// Device scratch of one lane, sized by [`Need`].
@@ -436,12 +440,13 @@ impl CudaRsvd {
         if self.lanes.is_empty() {
             libs::ensure_cublas()?;
             let fused_max_q = cholesky_qr_fused_max_q(&self.dev)?;
+            let jacobi_max_q = jacobi_core_max_q(&self.dev)?;
             for _ in 0..LANES {
                 let stream = self.dev.stream().fork().map_err(Error::cuda("cuStreamCreate"))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(Error::cublas("cublasCreate"))?;
                 let solver = Solver::new(&stream)?;
                 let ws = allocate(&stream, need, fused_max_q)?;
-                self.lanes.push(Lane { stream, blas, solver, ws, fused_max_q });
+                self.lanes.push(Lane { stream, blas, solver, ws, fused_max_q, jacobi_max_q });
             }
         } else if need != self.need {
             for lane in &mut self.lanes {

@@ -17,9 +17,9 @@
 //!   ([`super::rsvd_cuda_orth`]): the f64 Gram straight from the f32 X, Cholesky and the f64
 //!   inverse R⁻¹ in one block's shared memory (with this pass's checks), and X ← X R⁻¹ with f64
 //!   accumulation. On the H200 at q = 32 (ncu, 2026-11-29) a pass of cuSOLVER's and cuBLAS's
-//!   small kernels took ~45 µs (then 20 passes a layer: half of it), these three 40.6 µs, of which
-//!   the one-block Cholesky is 20 (0.5 µs per column step): a warp-level Cholesky with the
-//!   matrix in registers is where the rest of the gain is.
+//!   small kernels took ~45 µs, these three 40.6 µs, of which the one-block Cholesky is 19
+//!   (ncu: 16 warps issuing ~4,000 instructions each, mostly loop and barrier overhead). The
+//!   same elimination in one warp, a lane per column, measured 62.7 µs, so it was not kept.
 //! - larger q (one block's Cholesky would be slower than potrf, see there): exact widening + DGEMM for G,
 //!   cuSOLVER potrf, R rounded to f32 with zeros below the diagonal, cuBLAS STRSM, and the
 //!   Gram check as a kernel of its own. There the products with A dominate anyway.
@@ -33,9 +33,11 @@
 //! which a fixed device schedule cannot branch into.
 //!
 //! The last orth, of Z = Bᵀ, keeps its two f32 factors: Z = Q₂ R with R = R₂ R₁ (f64, exact
-//! products of the f32 factors the solves used). The core R = U_R Σ V_Rᵀ comes from the f64
-//! eigen-decomposition RᵀR = V_R Σ² V_Rᵀ (cuSOLVER syevd, eigenvalues ascending, reversed), and
-//! U_R = R V_R Σ⁻¹. Squaring R is harmless in f64 as long as R is well conditioned in f64 terms,
+//! products of the f32 factors the solves used). The core R = U_R Σ V_Rᵀ gets V_R and σ²
+//! (ascending, reversed) from one-sided Jacobi on Rᵀ for q ≤ the lane's `jacobi_max_q`, 64 on an
+//! A100 or H200 ([`super::rsvd_cuda_jacobi`]), and from the f64 eigen-decomposition
+//! RᵀR = V_R Σ² V_Rᵀ (cuSOLVER syevd) above that; then U_R = R V_R Σ⁻¹. Squaring R there is
+//! harmless in f64 as long as R is well conditioned in f64 terms,
 //! which the Cholesky checks above already demand (cond(R) ≲ 1e7, so σ² keeps ~2 digits even for
 //! the smallest σ, and the top 2r that LoRA-GA keeps lose nothing); U_R's orthogonality is then
 //! checked directly (‖U_RᵀU_R − I‖_max ≤ 1e-7, f64 DGEMM) rather than argued, so a rank-deficient
@@ -43,13 +45,14 @@
 //!
 //! Per layer at niter = 4: 10 products with A (SGEMM), 12 passes of 3 launches each (fused; or
 //! 5 each above the limit: widen, DGEMM, potrf, round, STRSM, plus the check in a second pass),
-//! the core's 7 launches and 2 SGEMMs for U and V.
+//! the core's 6 launches (7 with syevd's) and 2 SGEMMs for U and V.
 //! No launch depends on a value read back.
 
 use cudarc::driver::PushKernelArg;
 
 use super::rsvd_cuda::{CudaMatrixRef, GemmMath, Lane};
 use super::rsvd_cuda_blas::{Precision, Products, dptr, gram_f64, grid, strsm_right_upper, xgemm};
+use super::rsvd_cuda_jacobi::jacobi_core;
 use super::rsvd_cuda_orth::{PassBuffers, PassChecks, fused_pass};
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
@@ -167,9 +170,14 @@ impl DeviceLayer<'_> {
         // SAFETY: rsvd_tri_product(const float*, const float*, int, double*): all q*q elements.
         unsafe { launch.launch(grid(dev, q * q)) }.map_err(Error::cuda("cuLaunchKernel(rsvd_tri_product)"))?;
 
-        xgemm(blas, Precision::F64, true, false, q, q, q, rt, q, rt, q, gram, q)?; // RᵀR
-        let (work, info) = (dptr(&ws.work, dev), dptr(&ws.info, dev));
-        lane.solver.syevd(q, gram, w, work, ws.work.len(), info)?; // gram ← V, w ← σ² ascending
+        let info = dptr(&ws.info, dev);
+        if q <= lane.jacobi_max_q {
+            jacobi_core(dev, stream, rt, q, gram, w, info)?; // gram ← V, w ← σ² ascending
+        } else {
+            xgemm(blas, Precision::F64, true, false, q, q, q, rt, q, rt, q, gram, q)?; // RᵀR
+            let work = dptr(&ws.work, dev);
+            lane.solver.syevd(q, gram, w, work, ws.work.len(), info)?; // the same, from RᵀR
+        }
         xgemm(blas, Precision::F64, false, false, q, q, q, rt, q, gram, q, rv, q)?; // R V = U_R Σ
 
         let f = dev.function("rsvd_factor", "rsvd_core_order")?;
