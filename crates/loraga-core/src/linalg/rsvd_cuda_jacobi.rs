@@ -33,9 +33,9 @@ const GROUP: usize = 16;
 /// 2,780 µs at q = 128, against syevd's 236 and 1,543 µs (wall, host waits included): a tie at
 /// q = 32 and a loss at 128 for one layer. What it wins is the batch: syevd waits on the host
 /// inside, which stalls the other lane, and a batch of Llama-2-7B's 224 layers at q = 32 took
-/// 286 ms with the kernel against 490 ms with syevd. So q ≤ 64: at 64 syevd takes 906 µs and
-/// the kernel's sweeps are 2x those of q = 32 in rounds, each round dearer but far from q = 128's;
-/// q = 64 itself has not been timed.
+/// 286 ms with the kernel against 490 ms with syevd. So q ≤ 64: there syevd takes 906 µs, and
+/// the kernel runs 63 rounds a sweep (31 at q = 32, 127 at 128), each dearer than at q = 32 and
+/// cheaper than at 128; q = 64 itself has not been timed.
 pub const JACOBI_MAX_Q: usize = 64;
 /// The kernel's own limit: (q/2)·GROUP threads ≤ 1024, Rᵀ in shared memory.
 const KERNEL_MAX_Q: usize = 128;
