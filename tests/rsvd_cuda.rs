@@ -57,7 +57,7 @@ fn decaying_spectra_match_the_exact_svd_and_the_cpu_path() {
     ];
     // q ≤ the fused limit runs CholeskyQR's passes in loraga's kernels, q = 128 and 256 in cuSOLVER's
     // and cuBLAS's: both implementations must be covered here.
-    let limit = cholesky_qr_fused_max_q(&dev).unwrap();
+    let limit = cholesky_qr_fused_max_q(&dev);
     assert!((32..128).contains(&limit), "fused CholeskyQR limit {limit}: the cases no longer cover both paths");
     // These spectra are well conditioned for CholeskyQR2 (cond ≤ ~1e4): the device path must
     // handle every one of them without the host fallback.
@@ -372,7 +372,7 @@ fn download(s: &CudaStorage) -> Vec<f32> {
 fn fused_cholesky_qr_pass_matches_an_f64_reference() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(test_seed());
-    let limit = cholesky_qr_fused_max_q(&dev).unwrap();
+    let limit = cholesky_qr_fused_max_q(&dev);
     // Ragged rows (not multiples of the kernels' 32-row chunks) and q inside one Gram tile, one
     // full tile (the bench's 4096, q = 32), over two tiles with a ragged last one, and at the
     // limit 64 (wider panels take cuSOLVER's and cuBLAS's pass: the spectra test covers both,
@@ -466,7 +466,7 @@ fn fused_cholesky_qr_pass_matches_an_f64_reference() {
 fn jacobi_core_matches_an_f64_svd() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(test_seed());
-    let limit = jacobi_core_max_q(&dev).unwrap();
+    let limit = jacobi_core_max_q(&dev);
     assert!(limit >= 32, "Jacobi limit {limit} on this device");
     // Odd q (a padding column), one and two columns, q = 32 and 33, and the limit; R is the
     // Cholesky factor of a panel with condition number 1e4, as the core sees it.

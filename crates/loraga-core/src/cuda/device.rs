@@ -27,6 +27,7 @@ struct Inner {
     stream: Arc<CudaStream>,
     arch: Arch,
     sm_count: usize,
+    shared_memory_optin: usize,
     name: String,
     cache: KernelCache,
     modules: Mutex<HashMap<&'static str, (Arc<CudaModule>, ModuleLoad)>>,
@@ -67,15 +68,17 @@ impl CudaDevice {
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(Error::cuda("cuDeviceGetAttribute"))?;
         let name = ctx.name().map_err(Error::cuda("cuDeviceGetName"))?;
-        let sm_count = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(Error::cuda("cuDeviceGetAttribute"))? as usize;
+        let attribute = |a| ctx.attribute(a).map_err(Error::cuda("cuDeviceGetAttribute")).map(|v| v.max(0) as usize);
+        let sm_count = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let shared_memory_optin =
+            attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let stream = ctx.default_stream();
         Ok(CudaDevice(Arc::new(Inner {
             ctx,
             stream,
             arch: Arch::for_device(major as u32, minor as u32),
             sm_count,
+            shared_memory_optin,
             name,
             cache,
             modules: Mutex::new(HashMap::new()),
@@ -101,6 +104,12 @@ impl CudaDevice {
     /// Streaming multiprocessors: the grid size of persistent kernels.
     pub fn sm_count(&self) -> usize {
         self.0.sm_count
+    }
+
+    /// Bytes of shared memory one block may opt into (dynamic and static together): what sizes
+    /// the one-block kernels' limits on q.
+    pub fn shared_memory_per_block_optin(&self) -> usize {
+        self.0.shared_memory_optin
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

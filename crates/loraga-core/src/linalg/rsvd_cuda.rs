@@ -439,8 +439,7 @@ impl CudaRsvd {
         let need = self.need.max(need);
         if self.lanes.is_empty() {
             libs::ensure_cublas()?;
-            let fused_max_q = cholesky_qr_fused_max_q(&self.dev)?;
-            let jacobi_max_q = jacobi_core_max_q(&self.dev)?;
+            let (fused_max_q, jacobi_max_q) = (cholesky_qr_fused_max_q(&self.dev), jacobi_core_max_q(&self.dev));
             for _ in 0..LANES {
                 let stream = self.dev.stream().fork().map_err(Error::cuda("cuStreamCreate"))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(Error::cublas("cublasCreate"))?;

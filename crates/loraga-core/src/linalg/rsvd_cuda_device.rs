@@ -61,7 +61,7 @@ use crate::error::{Error, Result};
 /// means "redo".
 pub(super) const FLAG_GRAM: u32 = 1; // the second pass's Gram not within 1/2 of I (or not finite)
 pub(super) const FLAG_CHOLESKY: u32 = 2; // Cholesky (or R⁻¹) failed, or a rounded diagonal of R is not > 0
-const FLAG_CORE: u32 = 4; // syevd failed, or a singular value is not a finite f32
+const FLAG_CORE: u32 = 4; // the core (Jacobi or syevd) failed, or a singular value is not a finite f32
 const FLAG_CORE_ORTHO: u32 = 8; // U_R not orthonormal to CORE_ORTHO_TOL
 
 /// How far from orthonormal the f64 U_R may be: far below the 1e-5 that U and V must meet in

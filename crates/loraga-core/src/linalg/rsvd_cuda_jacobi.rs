@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg, sys};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::rsvd_cuda_blas::dptr;
 use crate::cuda::CudaDevice;
@@ -47,10 +47,8 @@ fn shared_bytes(q: usize) -> usize {
 
 /// The largest q the Jacobi core takes on `dev`: [`JACOBI_MAX_Q`], or less where Rᵀ does not
 /// fit one block's opt-in shared memory (less 2 KiB for the kernel's static shared variables).
-pub fn jacobi_core_max_q(dev: &CudaDevice) -> Result<usize> {
-    let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-    let optin = dev.context().attribute(attr).map_err(Error::cuda("cuDeviceGetAttribute"))?;
-    Ok(max_q_for_shared_memory(optin.max(0) as usize))
+pub fn jacobi_core_max_q(dev: &CudaDevice) -> usize {
+    max_q_for_shared_memory(dev.shared_memory_per_block_optin())
 }
 
 fn max_q_for_shared_memory(optin: usize) -> usize {
@@ -101,7 +99,7 @@ pub fn jacobi_core_cuda(dev: &CudaDevice, r: &[f64], q: usize) -> Result<JacobiC
     if q == 0 || r.len() != q * q {
         return Err(Error::shape(OP, format!("{} elements for a {q} x {q} R with q ≥ 1", r.len())));
     }
-    let max_q = jacobi_core_max_q(dev)?;
+    let max_q = jacobi_core_max_q(dev);
     if q > max_q {
         return Err(Error::shape(OP, format!("q = {q} exceeds this device's Jacobi limit {max_q}")));
     }

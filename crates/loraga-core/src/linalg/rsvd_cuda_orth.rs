@@ -37,7 +37,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg, sys};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::rsvd_cuda_blas::dptr;
 use super::rsvd_cuda_device::{FLAG_CHOLESKY, FLAG_GRAM, SECOND_PASS_TOL};
@@ -76,10 +76,8 @@ pub const FUSED_MAX_Q: usize = 64;
 /// The largest q the fused pass takes on `dev`: [`FUSED_MAX_Q`], or less where the factor (or
 /// the apply's R⁻¹ and chunk of X) does not fit one block's opt-in shared memory (less 1 KiB for
 /// the kernels' static shared variables).
-pub fn cholesky_qr_fused_max_q(dev: &CudaDevice) -> Result<usize> {
-    let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-    let optin = dev.context().attribute(attr).map_err(Error::cuda("cuDeviceGetAttribute"))?;
-    Ok(fused_max_q(optin.max(0) as usize))
+pub fn cholesky_qr_fused_max_q(dev: &CudaDevice) -> usize {
+    fused_max_q(dev.shared_memory_per_block_optin())
 }
 
 fn fused_max_q(optin: usize) -> usize {
@@ -221,7 +219,7 @@ pub fn cholesky_qr_pass_cuda(x: &mut CudaStorage, rows: usize, q: usize, check_g
     if rows == 0 || q == 0 || rows.checked_mul(q) != Some(xs.len()) || rows < q {
         return Err(Error::shape(OP, format!("{} elements for a [{rows}, {q}] panel with rows ≥ q ≥ 1", xs.len())));
     }
-    let max_q = cholesky_qr_fused_max_q(&dev)?;
+    let max_q = cholesky_qr_fused_max_q(&dev);
     if q > max_q {
         return Err(Error::shape(OP, format!("q = {q} exceeds this device's fused limit {max_q}")));
     }
