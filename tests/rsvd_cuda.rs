@@ -495,10 +495,10 @@ fn jacobi_core_matches_an_f64_svd() {
         let rv = &rm * &v;
         let u = faer::Mat::from_fn(q, q, |i, j| rv[(i, j)] / sigma[j]);
         let eye = faer::Mat::<f64>::identity(q, q);
-        let v_err = max_abs_mat(&(v.transpose() * &v - &eye));
-        let u_err = max_abs_mat(&(u.transpose() * &u - &eye));
+        let v_err = (v.transpose() * &v - &eye).norm_max();
+        let u_err = (u.transpose() * &u - &eye).norm_max();
         let back = faer::Mat::from_fn(q, q, |i, j| (0..q).map(|l| u[(i, l)] * sigma[l] * v[(j, l)]).sum::<f64>());
-        let r_err = max_abs_mat(&(&back - &rm)) / want[0];
+        let r_err = (&back - &rm).norm_max() / want[0];
         eprintln!("{what}: σ {s_err:e}, |VᵀV - I| {v_err:e}, |UᵀU - I| {u_err:e}, |R - UΣVᵀ| {r_err:e}");
         // U inherits the stopping tolerance 1e-13 times cond(R) = 1e4 (the model: ≤ 7e-10).
         assert!(v_err <= 1e-12 && u_err <= 1e-8 && r_err <= 1e-12, "{what}: not an SVD");
@@ -510,8 +510,4 @@ fn jacobi_core_matches_an_f64_svd() {
     assert_eq!(jacobi_core_cuda(&dev, &poisoned, 5).unwrap().info, 1);
     let e = jacobi_core_cuda(&dev, &identity(limit + 1), limit + 1).unwrap_err().to_string();
     assert!(e.contains(&format!("exceeds this device's Jacobi limit {limit}")), "{e}");
-}
-
-fn max_abs_mat(m: &faer::Mat<f64>) -> f64 {
-    (0..m.ncols()).flat_map(|j| (0..m.nrows()).map(move |i| (i, j))).map(|(i, j)| m[(i, j)].abs()).fold(0.0, f64::max)
 }
