@@ -33,7 +33,7 @@
 //! mostly launch latency). So [`cholesky_qr_fused_max_q`] is min([`FUSED_MAX_Q`], what the
 //! shared memory holds); above it the pass keeps cuSOLVER and cuBLAS, whose launch latencies
 //! matter less there because the products with A grow with q. One rule, decided per pass by q
-//! alone (each lane asks the device once), so a layer takes the same path on every run.
+//! alone (the plan computes the limit once per device), so a layer takes the same path on every run.
 
 use std::sync::Arc;
 
