@@ -180,6 +180,21 @@ fn bad_inputs_are_errors_that_name_the_layer() {
     let e = svd_lowrank_batch_cuda(&items, &cfg).unwrap_err().to_string();
     assert!(e.contains("first_bad"), "{e}");
 
+    // The device's check reads float4s with a scalar tail: the first bad element anywhere in a
+    // ragged matrix (1001 x 37: a tail of one), and the least index when several are bad.
+    let (m, n) = (1001, 37);
+    let clean = randn(&mut rng, m * n);
+    let last = m * n - 1;
+    for bad in [vec![0], vec![3], vec![4, 2000], vec![31_000, 30_999], vec![last - 1], vec![last], vec![last, 17]] {
+        let mut poisoned = clean.clone();
+        for (t, &i) in bad.iter().enumerate() {
+            poisoned[i] = if t % 2 == 0 { f32::NEG_INFINITY } else { f32::NAN };
+        }
+        let first = *bad.iter().min().unwrap();
+        let e = err(&poisoned, m, n, &cfg);
+        assert!(e.contains(&format!("at [{}, {}]", first / n, first % n)), "{bad:?}: {e}");
+    }
+
     // The tensor path (bf16 widened on the device) checks q the same way.
     let t = Tensor::from_vec(vec![half::bf16::from_f32(1.0); 6], [2, 3], &Device::Cuda(dev.clone())).unwrap();
     let e = svd_lowrank_tensor("w", &t, &RsvdConfig::new(3, 3, 4, 7)).unwrap_err().to_string();
