@@ -526,3 +526,60 @@ fn jacobi_core_matches_an_f64_svd() {
     let e = jacobi_core_cuda(&dev, &identity(limit + 1), limit + 1).unwrap_err().to_string();
     assert!(e.contains(&format!("exceeds this device's Jacobi limit {limit}")), "{e}");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn skinny_products_match_an_f64_reference() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    // (trans, m, k, q, offset of A in its buffer): both layouts, q = 32 (the limit) and below,
+    // one split and many, ragged m and k (the 4-byte-copy variant for k or m not a multiple of 4
+    // and for a misaligned A), and a single element.
+    let cases = [
+        (false, 2048, 4096, 32, 0),
+        (true, 4096, 2048, 32, 0),
+        (false, 515, 1024, 20, 0),
+        (true, 1024, 3000, 32, 0),
+        (false, 700, 777, 31, 0),
+        (true, 1001, 500, 17, 0),
+        (false, 300, 2000, 32, 0),
+        (true, 300, 129, 8, 1),
+        (false, 129, 64, 7, 3),
+        (false, 1, 1, 1, 0),
+        (true, 1, 1, 1, 0),
+    ];
+    for (trans, m, k, q, offset) in cases {
+        let what = format!("trans {trans}, m {m}, k {k}, q {q}, offset {offset}");
+        // A sits between NaNs: a read outside it would poison the sums.
+        let mut a_buf = vec![f32::NAN; offset + m * k + 64];
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        a_buf[offset..offset + m * k].copy_from_slice(&a);
+        let v: Vec<f32> = (0..k * q).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let (a_dev, v_dev) = (upload(&dev, &a_buf), upload(&dev, &v));
+        let out = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap();
+        let again = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap();
+        assert_eq!(out.len(), m * q, "{what}");
+        assert!(out.iter().zip(&again).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: reruns differ");
+        let elem = |i: usize, l: usize| a[if trans { l * m + i } else { i * k + l }] as f64;
+        let mut worst = 0.0f64;
+        for j in 0..q {
+            for i in 0..m {
+                let (mut exact, mut scale) = (0.0f64, 0.0f64);
+                for l in 0..k {
+                    let t = elem(i, l) * v[l + j * k] as f64;
+                    exact += t;
+                    scale += t.abs();
+                }
+                let got = out[i + j * m] as f64;
+                assert!(got.is_finite(), "{what}: ({i}, {j}) = {got}");
+                worst = worst.max((got - exact).abs() / scale.max(f64::MIN_POSITIVE));
+            }
+        }
+        // 3xTF32 with f32 sums of k terms: measured ≤ 7e-7 of Σ|a||v| at k = 11008 (SGEMM:
+        // ≤ 1.4e-7); an indexing error is O(1), a dropped lo term ~1e-3.
+        assert!(worst <= 1e-5, "{what}: error {worst:e} of Σ|a||v|");
+    }
+    let (a, v) = (upload(&dev, &[1.0; 4]), upload(&dev, &[1.0; 2 * 33]));
+    let e = skinny_product_cuda(&a, 0, false, 2, 2, &v, 33).unwrap_err().to_string();
+    assert!(e.contains("outside 1..=32"), "{e}");
+}

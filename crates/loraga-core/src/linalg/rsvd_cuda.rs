@@ -3,7 +3,7 @@
 //! [`TruncatedSvd`] result on the host.
 //!
 //! With op(A) the tall orientation [p, c] of A (p ≥ c; a wide A is used through its transpose,
-//! without copying: cuBLAS reads the row-major buffer with the other transpose flag):
+//! without copying: the products read the row-major buffer in the other orientation):
 //!   Y = op(A) Ω;  Q = orth(Y)
 //!   niter times:  Z = op(A)ᵀ Q;  Q' = orth(Z);  Y = op(A) Q';  Q = orth(Y)
 //!   Z = op(A)ᵀ Q = Bᵀ   (B = Qᵀ op(A), the [q, c] core);   Z = Q₂ R  (orth, keeping R)
@@ -27,10 +27,13 @@
 //!   handles rank-deficient, ill-conditioned (cond > ~1e7) and zero inputs, and reports overflow.
 //!   [`CudaRsvd::fallbacks`] counts its uses, so a test or bench sees when the fast path gave up.
 //!
-//! Precision: the products with A are cuBLAS SGEMM with CUBLAS_COMPUTE_32F, i.e. full fp32 (no
-//! TF32; set no NVIDIA_TF32_OVERRIDE), matching torch's default `allow_tf32 = False`.
-//! [`GemmMath::Tf32`] opts into CUBLAS_COMPUTE_32F_FAST_TF32 for those ten products only (Grams,
-//! solves and the small products stay full precision).
+//! Precision: the products with A are f32-accurate, matching torch's default `allow_tf32 =
+//! False`: at q ≤ 32 our own kernel ([`super::rsvd_cuda_skinny`]: 3xTF32 on the tensor cores,
+//! within a few 1e-7 of |A||V|, 4-6x SGEMM's rounding error, 1.06-1.33x faster than SGEMM on an
+//! H200), above that cuBLAS SGEMM with CUBLAS_COMPUTE_32F (set no NVIDIA_TF32_OVERRIDE).
+//! [`GemmMath::Tf32`] opts into cuBLAS's CUBLAS_COMPUTE_32F_FAST_TF32 (one TF32 product, ~1e-3
+//! relative) for those ten products only (Grams, solves and the small products stay full
+//! precision).
 //!
 //! Streams and syncs: a plan has two lanes, each a stream with its own cuBLAS and cuSOLVER
 //! handles and workspace; layer i of a batch runs on lane i mod 2, so two layers are in flight
@@ -44,8 +47,8 @@
 //! Ω is generated on the host (ChaCha8, so CPU and GPU paths see the same Ω) and cached on the
 //! device per (rows, q, seed) by a [`CudaRsvd`] plan, so repeated calls pay for it once.
 //!
-//! This file holds the entry points, the plan and its lanes; the cuBLAS products both paths
-//! share are in [`super::rsvd_cuda_blas`].
+//! This file holds the entry points, the plan and its lanes; the products both paths share are
+//! in [`super::rsvd_cuda_blas`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -59,6 +62,7 @@ use super::rsvd_cuda_device::DeviceLayer;
 use super::rsvd_cuda_host::factor_with_host_help;
 use super::rsvd_cuda_jacobi::jacobi_core_max_q;
 use super::rsvd_cuda_orth::{cholesky_qr_fused_max_q, partials_len, tickets_len};
+use super::rsvd_cuda_skinny as skinny;
 use super::{RsvdConfig, TruncatedSvd, gaussian_test_matrix};
 use crate::cuda::{CudaDevice, CudaSlices, CudaStorage, libs};
 use crate::error::{Error, Result};
@@ -68,7 +72,8 @@ pub(super) const OP: &str = "svd_lowrank";
 /// How the ten products with A are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmMath {
-    /// SGEMM, CUBLAS_COMPUTE_32F: full fp32, as torch with allow_tf32 = False.
+    /// f32-accurate products, as torch with allow_tf32 = False: our 3xTF32 kernel at q ≤ 32,
+    /// cuBLAS SGEMM (CUBLAS_COMPUTE_32F) above (see the module docs).
     #[default]
     Fp32,
     /// CUBLAS_COMPUTE_32F_FAST_TF32: tensor cores with 10-bit mantissas for the products with A.
@@ -121,9 +126,9 @@ impl<'a> CudaMatrixRef<'a> {
     }
 }
 
-/// [`super::svd_lowrank`] of a device matrix, full fp32. Same config and seed give the same Ω as
-/// the CPU path, and bit-identical results on one GPU (cuBLAS's default algorithms are
-/// deterministic for a fixed problem on one stream).
+/// [`super::svd_lowrank`] of a device matrix, f32-accurate. Same config and seed give the same Ω
+/// as the CPU path, and bit-identical results on one GPU (our kernels sum in a fixed order, and
+/// cuBLAS's default algorithms are deterministic for a fixed problem on one stream).
 pub fn svd_lowrank_cuda(name: &str, a: CudaMatrixRef<'_>, cfg: &RsvdConfig) -> Result<TruncatedSvd> {
     with_shared_plan(a.device(), |plan| plan.run(name, a, cfg))
 }
@@ -212,6 +217,9 @@ pub(super) struct Workspace {
     pub(super) rinv: CudaSlice<f64>,
     pub(super) partials: CudaSlice<f64>,
     pub(super) tickets: CudaSlice<u32>,
+    /// The products' split sums ([`super::rsvd_cuda_skinny`]), sized for the long side and q.
+    pub(super) skinny_partials: CudaSlice<f32>,
+    pub(super) skinny_tickets: CudaSlice<u32>,
     /// cuSOLVER's workspace (the larger of potrf's and syevd's for every q reserved) and info.
     pub(super) work: CudaSlice<f64>,
     pub(super) info: CudaSlice<i32>,
@@ -228,12 +236,14 @@ struct Need {
     ck: usize,
     q: usize,
     k: usize,
+    /// The long side.
+    p: usize,
 }
 
 impl Need {
     fn of(m: usize, n: usize, q: usize, k: usize) -> Need {
         let (p, c) = (m.max(n), m.min(n));
-        Need { pq: p * q, cq: c * q, qq: q * q, qk: q * k, pk: p * k, ck: c * k, q, k }
+        Need { pq: p * q, cq: c * q, qq: q * q, qk: q * k, pk: p * k, ck: c * k, q, k, p }
     }
 
     fn max(self, o: Need) -> Need {
@@ -246,6 +256,7 @@ impl Need {
             ck: self.ck.max(o.ck),
             q: self.q.max(o.q),
             k: self.k.max(o.k),
+            p: self.p.max(o.p),
         }
     }
 }
@@ -444,12 +455,12 @@ impl CudaRsvd {
                 let stream = self.dev.stream().fork().map_err(Error::cuda("cuStreamCreate"))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(Error::cublas("cublasCreate"))?;
                 let solver = Solver::new(&stream)?;
-                let ws = allocate(&stream, need, fused_max_q)?;
+                let ws = allocate(&stream, need, fused_max_q, self.dev.sm_count())?;
                 self.lanes.push(Lane { stream, blas, solver, ws, fused_max_q, jacobi_max_q });
             }
         } else if need != self.need {
             for lane in &mut self.lanes {
-                lane.ws = allocate(&lane.stream, need, lane.fused_max_q)?;
+                lane.ws = allocate(&lane.stream, need, lane.fused_max_q, self.dev.sm_count())?;
             }
         }
         self.need = need;
@@ -467,10 +478,13 @@ impl CudaRsvd {
         Ok(())
     }
 
-    /// Ω [c, q] row-major (= column-major [q, c]) for this seed, uploaded once.
+    /// Ω [c, q] for this seed (the CPU path's values), uploaded once in the column-major layout
+    /// the products take.
     fn omega(&mut self, c: usize, q: usize, seed: u64) -> Result<u64> {
         if !self.omegas.contains_key(&(c, q, seed)) {
-            let host = gaussian_test_matrix(c, q, seed);
+            let row_major = gaussian_test_matrix(c, q, seed);
+            let host: Vec<f32> =
+                (0..q).flat_map(|j| (0..c).map(move |i| (i, j))).map(|(i, j)| row_major[i * q + j]).collect();
             let dev = self.dev.stream().clone_htod(&host).map_err(Error::cuda("cuMemcpyHtoD"))?;
             self.omegas.insert((c, q, seed), dev);
         }
@@ -480,7 +494,7 @@ impl CudaRsvd {
 
 /// A lane's workspace for `need`, on its stream; the fused pass's buffers for q up to
 /// `fused_max_q`.
-fn allocate(stream: &Arc<CudaStream>, need: Need, fused_max_q: usize) -> Result<Workspace> {
+fn allocate(stream: &Arc<CudaStream>, need: Need, fused_max_q: usize, sms: usize) -> Result<Workspace> {
     let fused_q = need.q.min(fused_max_q);
     let f32s = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
     let f64s = |n: usize| stream.alloc_zeros::<f64>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
@@ -503,6 +517,10 @@ fn allocate(stream: &Arc<CudaStream>, need: Need, fused_max_q: usize) -> Result<
         rinv: f64s(fused_q * fused_q)?,
         partials: f64s(partials_len(fused_q))?,
         tickets: stream.alloc_zeros::<u32>(tickets_len(fused_q).max(1)).map_err(Error::cuda("cuMemAlloc"))?,
+        skinny_partials: f32s(skinny::partials_len(need.q, sms))?,
+        skinny_tickets: stream
+            .alloc_zeros::<u32>(skinny::tickets_len(need.p).max(1))
+            .map_err(Error::cuda("cuMemAlloc"))?,
         work: f64s(1)?, // sized by reserve, per q
         info: stream.alloc_zeros::<i32>(1).map_err(Error::cuda("cuMemAlloc"))?,
     })

@@ -1,5 +1,6 @@
-//! The dense products of the GPU randomized SVD ([`super::rsvd_cuda`]) on cuBLAS: the ten
-//! products with A in its tall orientation ([`Products`]), f32/f64 GEMMs in cuBLAS's
+//! The dense products of the GPU randomized SVD ([`super::rsvd_cuda`]): the ten products with A
+//! in its tall orientation ([`Products`]: our skinny kernel for fp32 at q ≤ 128,
+//! [`super::rsvd_cuda_skinny`], cuBLAS otherwise), f32/f64 GEMMs on cuBLAS in its
 //! column-major convention, the triangular solve, the exact f64 Gram of an f32 panel, and the
 //! widening of a bf16 input. Shared by the device path, the host-assisted fallback and the
 //! gesvdr baseline.
@@ -11,14 +12,20 @@ use cudarc::cublas::{CudaBlas, result as blas_result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP};
+use super::rsvd_cuda_skinny::{SKINNY_MAX_Q, SkinnyBuffers, SkinnyProduct, skinny_product};
 use crate::cuda::{CudaDevice, CudaSlices, CudaStorage};
 use crate::error::{Error, Result};
 
 /// The products with A that both paths make, in the tall orientation op(A) [p, c] of the module
 /// docs, on column-major Y [p, q] and Z [c, q] buffers.
 pub(super) struct Products<'a> {
+    dev: &'a CudaDevice,
+    stream: &'a Arc<CudaStream>,
     blas: &'a CudaBlas,
     math: GemmMath,
+    /// Our kernel's split buffers when it runs the products (fp32 at q ≤ SKINNY_MAX_Q), else
+    /// None: cuBLAS.
+    skinny: Option<SkinnyBuffers>,
     tall: bool,
     p: usize,
     c: usize,
@@ -30,19 +37,25 @@ pub(super) struct Products<'a> {
 }
 
 impl<'a> Products<'a> {
+    /// The products of `a` queued on `stream` (`blas` is bound to it). `skinny` is the lane's
+    /// split buffers for our kernel, sized for this layer.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        dev: &CudaDevice,
+        dev: &'a CudaDevice,
+        stream: &'a Arc<CudaStream>,
         blas: &'a CudaBlas,
         math: GemmMath,
         a: CudaMatrixRef<'_>,
         q: usize,
         y: u64,
         z: u64,
+        skinny: SkinnyBuffers,
     ) -> Self {
         let (m, n) = (a.rows, a.cols);
         let tall = m >= n;
         let (p, c) = if tall { (m, n) } else { (n, m) };
-        Products { blas, math, tall, p, c, n, q, a: dptr(a.slice(), dev), y, z }
+        let skinny = (math == GemmMath::Fp32 && q <= SKINNY_MAX_Q).then_some(skinny);
+        Products { dev, stream, blas, math, skinny, tall, p, c, n, q, a: dptr(a.slice(), dev), y, z }
     }
 
     pub(super) fn long_side(&self) -> usize {
@@ -53,22 +66,31 @@ impl<'a> Products<'a> {
         self.c
     }
 
-    /// Y [p, q] = op(A) W, with W column-major [c, q] (or Ωᵀ stored [q, c]). The row-major
-    /// A [m, n] is the column-major M [n, m] (ld n); op(A) = Mᵀ when A is tall.
-    fn range(&self, w: u64, w_transposed: bool) -> Result<()> {
+    /// Y [p, q] = op(A) W, with W column-major [c, q]. The row-major A [m, n] is the
+    /// column-major M [n, m] (ld n); op(A) = Mᵀ when A is tall.
+    fn range(&self, w: u64) -> Result<()> {
         let (p, c, q) = (self.p, self.c, self.q);
-        let ldw = if w_transposed { q } else { c };
-        xgemm(self.blas, Precision::F32(self.math), self.tall, w_transposed, p, q, c, self.a, self.n, w, ldw, self.y, p)
+        if let Some(buffers) = self.skinny {
+            // Tall: Y = A W (A row-major [p, c]); wide: Y = Aᵀ W (A row-major [c, p]).
+            let product = SkinnyProduct { a: self.a, trans: !self.tall, m: p, k: c, v: w, q, out: self.y };
+            return skinny_product(self.dev, self.stream, product, buffers);
+        }
+        xgemm(self.blas, Precision::F32(self.math), self.tall, false, p, q, c, self.a, self.n, w, c, self.y, p)
     }
 
     /// Z [c, q] = op(A)ᵀ Q, Q = Y [p, q].
     fn corange(&self) -> Result<()> {
         let (p, c, q) = (self.p, self.c, self.q);
+        if let Some(buffers) = self.skinny {
+            let product = SkinnyProduct { a: self.a, trans: self.tall, m: c, k: p, v: self.y, q, out: self.z };
+            return skinny_product(self.dev, self.stream, product, buffers);
+        }
         xgemm(self.blas, Precision::F32(self.math), !self.tall, false, c, q, p, self.a, self.n, self.y, p, self.z, c)
     }
 
-    /// The range finder up to Z = op(A)ᵀ Q (Ω at `omega`, niter power iterations), calling
-    /// `orth(x, rows, last)` after every product but that last one, whose orth the caller does.
+    /// The range finder up to Z = op(A)ᵀ Q (Ω column-major [c, q] at `omega`, niter power
+    /// iterations), calling `orth(x, rows, last)` after every product but that last one, whose
+    /// orth the caller does.
     /// `last` marks the orth whose Q is the returned basis (U or V is made from it); the others
     /// only carry a subspace to the next product.
     pub(super) fn range_finder(
@@ -78,12 +100,12 @@ impl<'a> Products<'a> {
         mut orth: impl FnMut(u64, usize, bool) -> Result<()>,
     ) -> Result<()> {
         let (y, z, p, c) = (self.y, self.z, self.p, self.c);
-        self.range(omega, true)?;
+        self.range(omega)?;
         orth(y, p, niter == 0)?;
         for i in 0..niter {
             self.corange()?;
             orth(z, c, false)?;
-            self.range(z, false)?;
+            self.range(z)?;
             orth(y, p, i + 1 == niter)?;
         }
         self.corange()

@@ -43,7 +43,7 @@
 //! checked directly (‖U_RᵀU_R − I‖_max ≤ 1e-7, f64 DGEMM) rather than argued, so a rank-deficient
 //! or clustered core falls back instead of returning a U that is not orthonormal.
 //!
-//! Per layer at niter = 4: 10 products with A (SGEMM), 12 passes of 3 launches each (fused; or
+//! Per layer at niter = 4: 10 products with A (one launch each, ours or SGEMM), 12 passes of 3 launches each (fused; or
 //! 5 each above the limit: widen, DGEMM, potrf, round, STRSM, plus the check in a second pass),
 //! the core's 6 launches (7 with syevd's) and 2 SGEMMs for U and V.
 //! No launch depends on a value read back.
@@ -54,6 +54,7 @@ use super::rsvd_cuda::{CudaMatrixRef, GemmMath, Lane};
 use super::rsvd_cuda_blas::{Precision, Products, dptr, gram_f64, grid, strsm_right_upper, xgemm};
 use super::rsvd_cuda_jacobi::jacobi_core;
 use super::rsvd_cuda_orth::{PassBuffers, PassChecks, fused_pass};
+use super::rsvd_cuda_skinny::SkinnyBuffers;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
@@ -86,7 +87,8 @@ impl DeviceLayer<'_> {
     pub(super) fn enqueue(self, a: CudaMatrixRef<'_>, omega: u64, q: usize, k: usize, niter: usize) -> Result<()> {
         let (dev, ws) = (self.dev, &self.lane.ws);
         let (y, z) = (dptr(&ws.y, dev), dptr(&ws.z, dev));
-        let products = Products::new(dev, &self.lane.blas, self.math, a, q, y, z);
+        let skinny = SkinnyBuffers { partials: dptr(&ws.skinny_partials, dev), tickets: dptr(&ws.skinny_tickets, dev) };
+        let products = Products::new(dev, &self.lane.stream, &self.lane.blas, self.math, a, q, y, z, skinny);
         products.range_finder(omega, niter, |x, rows, last| {
             if last { self.orth2(x, rows, q) } else { self.pass(x, rows, q, false) }
         })?;

@@ -20,6 +20,7 @@ use faer::{Mat, MatRef, Side};
 use super::TruncatedSvd;
 use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP, Workspace};
 use super::rsvd_cuda_blas::{Products, dptr, gram_f64, strsm_right_upper};
+use super::rsvd_cuda_skinny::SkinnyBuffers;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
@@ -44,7 +45,8 @@ pub(super) fn factor_with_host_help(
     let (m, n) = (a.rows, a.cols);
     let blas = dev.cublas()?;
     let (y, z) = (dptr(&ws.y, dev), dptr(&ws.z, dev));
-    let products = Products::new(dev, blas, math, a, q, y, z);
+    let skinny = SkinnyBuffers { partials: dptr(&ws.skinny_partials, dev), tickets: dptr(&ws.skinny_tickets, dev) };
+    let products = Products::new(dev, dev.stream(), blas, math, a, q, y, z, skinny);
     let (p, c) = (products.long_side(), products.short_side());
     let mut orth = Orth { dev, blas, ws_wide: &mut ws.wide, ws_gram: &mut ws.gram, ws_r: &mut ws.r, q, name };
     products.range_finder(omega, niter, |x, rows, _last| orth.run(x, rows, false).map(drop))?;
