@@ -8,11 +8,14 @@
 //       accumulate in f64 (the same Gram as widening + DGEMM, summed in another order). Grid
 //       (pairs, chunks): block (p, c) computes the 32 x 32 tile pair p (tiles ti <= tj of the
 //       upper triangle, numbered row by row) over rows [c*chunk_rows, (c+1)*chunk_rows) into
-//       partials[(c*pairs + p)*1024 ..] ((i, j) of the tile at i + 32*j). The last block of a
-//       pair to finish (a ticket counter per pair, zero between launches: that block resets it)
-//       sums the chunks in order c = 0, 1, ... (loading SUM_BATCH chunks at a time) and writes the
-//       tile and its transpose, so G does not depend on which block finished when: reruns are
-//       bit-identical.
+//       partials[(c*pairs + p)*1024 ..] ((i, j) of the tile at i + 32*j), chunks <= MAX_CHUNKS.
+//       The chunks form groups of SUM_GROUP: the last block of a group to finish (a ticket
+//       counter per (pair, group)) sums the group's partials in chunk order, into the group
+//       partial at partials[((MAX_CHUNKS + group)*pairs + p)*1024 ..] when there are several
+//       groups; the last of those (a ticket per pair) sums them in group order and writes the
+//       tile and its transpose. Tickets: tickets[p*MAX_GROUPS + group], then tickets[pairs*
+//       MAX_GROUPS + p], zero between launches (each last block resets its own). G does not
+//       depend on which block finished when: reruns are bit-identical.
 //   rsvd_orth_chol_inv(g, q, r32, rinv, flag, chol_bit, gram_bit, gram_tol):
 //       One block, G in shared memory (leading dimension q + 1). If gram_bit != 0: flag |=
 //       gram_bit unless ||G - I||_F < gram_tol (NaN fails). Then upper Cholesky RᵀR = G in f64
@@ -45,7 +48,11 @@
 #define GRAM_TILE 32
 #define GRAM_ROWS 32
 #define GRAM_THREADS 256
-#define SUM_BATCH 16
+// Chunks summed by one block at each of the two levels; MAX_CHUNKS = SUM_GROUP * MAX_GROUPS
+// chunks at most (the host sizes partials and tickets for them).
+#define SUM_GROUP 8
+#define MAX_GROUPS 8
+#define MAX_CHUNKS (SUM_GROUP * MAX_GROUPS)
 // 16 warps: at q <= 64 a warp updates 2 to 4 columns per elimination step, each a chain of
 // dependent shared-memory loads and stores; fewer warps would lengthen every step's slowest
 // warp, while a barrier costs about the same for 8 or 16 warps.
@@ -118,32 +125,52 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
 #pragma unroll
     for (int k = 0; k < 4; ++k) mine[i + GRAM_TILE * (jg + 8 * k)] = acc[k];
 
-    // Publish the partial, then take a ticket: the block that draws the last one sums them all.
+    // Publish the partial, then take the group's ticket: the block that draws the group's last
+    // one sums the group's partials in chunk order into a group partial, and the last of those
+    // (a second ticket per pair) sums the group partials in group order into G. Two levels of at
+    // most SUM_GROUP loads an entry, all in flight at once: a single level over all chunks waited
+    // on L2 latency once per SUM_GROUP chunks.
     __threadfence();
     __syncthreads();
-    if (t == 0) last = atomicAdd(&tickets[pair], 1u) == (unsigned int)(chunks - 1);
+    const int groups = ceil_div(chunks, SUM_GROUP), group = chunk / SUM_GROUP;
+    const int first = group * SUM_GROUP, count = min(SUM_GROUP, chunks - first);
+    unsigned int* group_ticket = tickets + pair * MAX_GROUPS + group;
+    if (t == 0) last = atomicAdd(group_ticket, 1u) == (unsigned int)(count - 1);
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // The sum waits on L2 latency, not bandwidth: load SUM_BATCH chunks' partials of all four
-    // entries at once (independent, unconditional loads: past the last chunk they reread it), then
-    // add the real ones in chunk order c = 0, 1, ... as before.
-    double s[4] = {0.0, 0.0, 0.0, 0.0};
-    const double* mine0 = partials + (i64)pair * tile + i + GRAM_TILE * jg;
-    for (int c0 = 0; c0 < chunks; c0 += SUM_BATCH) {
-        double v[SUM_BATCH][4];
+    if (t == 0) *group_ticket = 0;  // ready for the next launch on this workspace
+    // Sum of `n` (≤ SUM_GROUP) runs of this thread's four entries, `stride` doubles apart, in order.
+    auto sum_runs = [&](const double* base, int n, i64 stride, double (&out)[4]) {
+        double v[SUM_GROUP][4];
 #pragma unroll
-        for (int u = 0; u < SUM_BATCH; ++u) {
+        for (int u = 0; u < SUM_GROUP; ++u)
 #pragma unroll
-            for (int k = 0; k < 4; ++k)
-                v[u][k] = __ldcg(mine0 + (i64)min(c0 + u, chunks - 1) * pairs * tile + GRAM_TILE * 8 * k);
-        }
+            for (int k = 0; k < 4; ++k) v[u][k] = __ldcg(base + (i64)min(u, n - 1) * stride + GRAM_TILE * 8 * k);
 #pragma unroll
-        for (int u = 0; u < SUM_BATCH; ++u) {
+        for (int k = 0; k < 4; ++k) out[k] = 0.0;
+#pragma unroll
+        for (int u = 0; u < SUM_GROUP; ++u)
 #pragma unroll
             for (int k = 0; k < 4; ++k)
-                if (c0 + u < chunks) s[k] += v[u][k];
-        }
+                if (u < n) out[k] += v[u][k];
+    };
+    const i64 entry = i + GRAM_TILE * jg;
+    double s[4];
+    sum_runs(partials + ((i64)first * pairs + pair) * tile + entry, count, (i64)pairs * tile, s);
+    if (groups > 1) {
+        double* group_partials = partials + (i64)MAX_CHUNKS * pairs * tile;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) group_partials[((i64)group * pairs + pair) * tile + entry + GRAM_TILE * 8 * k] = s[k];
+        __threadfence();
+        __syncthreads();
+        unsigned int* pair_ticket = tickets + pairs * MAX_GROUPS + pair;
+        if (t == 0) last = atomicAdd(pair_ticket, 1u) == (unsigned int)(groups - 1);
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        if (t == 0) *pair_ticket = 0;
+        sum_runs(group_partials + (i64)pair * tile + entry, groups, (i64)pairs * tile, s);
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -154,7 +181,6 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
             g[gj + (i64)gi * q] = s[k];
         }
     }
-    if (t == 0) tickets[pair] = 0;  // ready for the next launch on this workspace
 }
 
 extern "C" __global__ void __launch_bounds__(CHOL_THREADS)

@@ -19,7 +19,8 @@
 //!   accumulation. On the H200 at q = 32 (ncu, 2026-11-29) a pass of cuSOLVER's and cuBLAS's
 //!   small kernels took ~45 µs, these three 40.6 µs, of which the one-block Cholesky is 19
 //!   (ncu: 16 warps issuing ~4,000 instructions each, mostly loop and barrier overhead). The
-//!   same elimination in one warp, a lane per column, measured 62.7 µs, so it was not kept.
+//!   same elimination in one warp, a lane per column, measured 62.7 µs, and a row a lane with
+//!   everything in registers 33.5 µs, so neither was kept.
 //! - larger q (one block's Cholesky would be slower than potrf, see there): exact widening + DGEMM for G,
 //!   cuSOLVER potrf, R rounded to f32 with zeros below the diagonal, cuBLAS STRSM, and the
 //!   Gram check as a kernel of its own. There the products with A dominate anyway.

@@ -27,7 +27,8 @@
 //! Why by q: the fused pass needs the whole q × q factor in one block's shared memory, and its
 //! one-block Cholesky does ~q³/3 f64 updates on one SM, bound by that SM's shared-memory
 //! bandwidth. Measured on an H200 (4096 × 4096, niter = 4, ncu): at q = 32 the three kernels
-//! took ~49 µs a pass before tuning and 40.6 µs after (Cholesky 20.1, Gram 14.9, apply 5.6), at
+//! took ~49 µs a pass before tuning and 40.6 µs after (Cholesky 20.1, Gram 14.9, apply 5.6; the
+//! Gram 9.9 since its sums take two levels), at
 //! q = 128 the Cholesky alone 242 µs a launch (apply 57 µs,
 //! gram 27 µs), far slower than cuSOLVER's blocked potrf and cuBLAS's STRSM (~45 µs a pass,
 //! mostly launch latency). So [`cholesky_qr_fused_max_q`] is min([`FUSED_MAX_Q`], what the
@@ -51,12 +52,14 @@ const GRAM_THREADS: u32 = 256;
 const CHOL_THREADS: usize = 512;
 const APPLY_ROWS: usize = 32;
 const APPLY_THREADS: u32 = 256;
-/// At most this many row chunks per Gram tile (the partials buffer is sized for it), each at
-/// least about GRAM_MIN_ROWS rows: the last block's sum of the chunks' partials waits on L2
-/// latency once per 16 chunks (the kernel's SUM_BATCH), a block's rows once per 32-row step.
-/// 4096 rows at q = 32 thus take 16 chunks of 8 steps and one round of sums.
-const MAX_CHUNKS: usize = 32;
-const GRAM_MIN_ROWS: usize = 256;
+/// At most this many row chunks per Gram tile (the kernel's MAX_CHUNKS = SUM_GROUP ·
+/// MAX_GROUPS; the partials and tickets are sized for it), each at least about GRAM_MIN_ROWS
+/// rows: a block waits on memory once per 32-row step, and the two levels of sums (groups of
+/// SUM_GROUP chunks, then the groups) once each. 4096 rows at q = 32 take 64 chunks of 2 steps.
+/// (One level over 16 chunks of 8 steps took 14.9 µs there, ncu.)
+const MAX_CHUNKS: usize = 64;
+const MAX_GROUPS: usize = 8;
+const GRAM_MIN_ROWS: usize = 64;
 
 /// Dynamic shared memory of rsvd_orth_chol_inv for q: G/R/E with leading dimension q + 1, R's
 /// diagonal, its reciprocals and the pivots' reciprocals.
@@ -105,15 +108,16 @@ fn pairs(q: usize) -> usize {
     nt * (nt + 1) / 2
 }
 
-/// f64 elements of the partial-Gram buffer a pass of width up to q needs.
+/// f64 elements of the partial-Gram buffer a pass of width up to q needs: the chunks' partial
+/// tiles, then the groups'.
 pub(super) fn partials_len(q: usize) -> usize {
-    MAX_CHUNKS * pairs(q) * GRAM_TILE * GRAM_TILE
+    (MAX_CHUNKS + MAX_GROUPS) * pairs(q) * GRAM_TILE * GRAM_TILE
 }
 
 /// u32 ticket counters a pass of width up to q needs (zeroed at allocation; the kernel leaves
-/// them zero).
+/// them zero): one per (pair, group), then one per pair.
 pub(super) fn tickets_len(q: usize) -> usize {
-    pairs(q)
+    pairs(q) * (MAX_GROUPS + 1)
 }
 
 /// Device addresses of one pass's buffers: `gram` f64 q × q (G in, R out), `rinv` f64 q × q,
@@ -162,8 +166,9 @@ pub(super) fn fused_pass(
     launch.arg(&x).arg(&rows_i).arg(&q_i).arg(&chunk_rows_i).arg(&chunks_i);
     launch.arg(&b.partials).arg(&b.tickets).arg(&b.gram);
     // SAFETY: rsvd_orth_gram(const float*, int, int, int, int, double*, unsigned*, double*):
-    // x holds rows*q f32, partials ≥ chunks*pairs*1024 f64 (chunks ≤ MAX_CHUNKS), tickets
-    // pairs(q) zeroed u32, gram q*q f64; the grid is (pairs, chunks) as the kernel expects.
+    // x holds rows*q f32, partials partials_len(q) f64 and tickets tickets_len(q) zeroed u32
+    // (chunks ≤ MAX_CHUNKS, the kernel's too), gram q*q f64; the grid is (pairs, chunks) as the
+    // kernel expects.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_gram)"))?;
 
     let bytes = chol_shared_bytes(q);
@@ -286,7 +291,9 @@ mod tests {
                 }
             }
         }
-        // The measured shape: 4096 rows, q = 32 on an H200's 132 SMs.
-        assert_eq!(gram_chunks(4096, 32, 132), (256, 16));
+        // The bench's shapes on an H200's 132 SMs: 4096 rows at q = 32 in 64 chunks of 64 rows,
+        // 11008 in 58 of 192.
+        assert_eq!(gram_chunks(4096, 32, 132), (64, 64));
+        assert_eq!(gram_chunks(11008, 32, 132), (192, 58));
     }
 }
