@@ -3,7 +3,7 @@
 // squared singular values of the upper-triangular f64 R, by one-sided Jacobi (Hestenes) on the
 // columns of C = Rᵀ, in one thread block with C in shared memory.
 //
-//   rsvd_jacobi_core(rt, q, evec, w, info):
+//   rsvd_jacobi_core_<rows>(rt, q, evec, w, info), rows = ceil(q / GROUP) rounded up to 2, 4 or 8:
 //       in:  rt  column-major f64 q x q, R upper triangular (entries below the diagonal ignored)
 //       out: evec column-major f64 q x q: V_R, orthonormal columns, with R = U_R Σ V_Rᵀ
 //            w    f64 q: σ², ascending, w[j] belonging to evec's column j
@@ -46,15 +46,15 @@
 // q ≤ MAX_Q = 128 on any device with 132 KiB of opt-in shared memory per block (the host
 // checks).
 //
-// Version 2: f64 columns on CUDA cores, the angle in f32 (version 1 computed it in f64 and ran
-// ~0.9 µs a round at q = 32, 2.8 µs at q = 128, slower than syevd); measured cost:
-// rsvd_cuda_jacobi.rs.
+// Version 3: f64 columns on CUDA cores, the angle in f32 (version 1 computed it in f64 and ran
+// ~0.9 µs a round at q = 32, 2.8 µs at q = 128, slower than syevd), instantiated by the rows a
+// lane holds (version 2 ran the widest's 8 predicated rows at every q: 213 µs at q = 32, now
+// 169 µs); measured cost: rsvd_cuda_jacobi.rs.
 #include "common.cuh"
 
 #define GROUP 16
 #define MAX_SWEEPS 40
 #define MAX_Q 128
-#define ROWS (MAX_Q / GROUP)
 #define TOL 1e-13
 
 // Position j of round `round` in the round-robin ordering of n players: 0 stays, 1..n−1 rotate.
@@ -91,9 +91,11 @@ __device__ __forceinline__ double rotation_t(double d, double gamma) {
     return (double)t;
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-rsvd_jacobi_core(const double* __restrict__ rt, int q, double* __restrict__ evec, double* __restrict__ w,
-                 int* __restrict__ info) {
+// ROWS = rows of a column each lane holds, ceil(q / GROUP): one instantiation a width class, so a
+// small q does not run (predicated) the loads and FMAs of the widest.
+template <int ROWS>
+__device__ __forceinline__ void jacobi_core(const double* __restrict__ rt, int q, double* __restrict__ evec,
+                                            double* __restrict__ w, int* __restrict__ info) {
     extern __shared__ double c[];  // n columns of q rows: C = Rᵀ, then the padding column
     __shared__ double norm2[MAX_Q];
     __shared__ int failed;
@@ -177,3 +179,14 @@ rsvd_jacobi_core(const double* __restrict__ rt, int q, double* __restrict__ evec
     __syncthreads();
     if (t == 0) *info = (failed || rotated) ? 1 : 0;  // rotated: MAX_SWEEPS ran out
 }
+
+#define JACOBI(ROWS)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(1024) rsvd_jacobi_core_##ROWS(                         \
+        const double* __restrict__ rt, int q, double* __restrict__ evec, double* __restrict__ w,        \
+        int* __restrict__ info) {                                                                        \
+        jacobi_core<ROWS>(rt, q, evec, w, info);                                                         \
+    }
+
+JACOBI(2)   // q <= 32
+JACOBI(4)   // q <= 64
+JACOBI(8)   // q <= MAX_Q

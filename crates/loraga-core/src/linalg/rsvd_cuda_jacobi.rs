@@ -31,7 +31,8 @@ const GROUP: usize = 16;
 /// The largest q the core takes the kernel for. The kernel itself takes up to 128 ((q/2)·GROUP
 /// threads ≤ 1024), but measured on the H200 (ncu, 2026-11-29) it took 216 µs at q = 32 and
 /// 2,780 µs at q = 128, against syevd's 236 and 1,543 µs (wall, host waits included): a tie at
-/// q = 32 and a loss at 128 for one layer. What it wins is the batch: syevd waits on the host
+/// q = 32 and a loss at 128 for one layer. (Instantiated by rows a lane, fifth session: 169 µs
+/// at q = 32; q = 128 runs the same code as before.) What it wins is the batch: syevd waits on the host
 /// inside, which stalls the other lane, and a batch of Llama-2-7B's 224 layers at q = 32 took
 /// 286 ms with the kernel against 490 ms with syevd. So q ≤ 64: there syevd takes 906 µs, and
 /// the kernel runs 63 rounds a sweep (31 at q = 32, 127 at 128), each dearer than at q = 32 and
@@ -69,13 +70,16 @@ pub(super) fn jacobi_core(
     info: u64,
 ) -> Result<()> {
     let bytes = shared_bytes(q);
-    let f = dev.function_with_shared_memory(MODULE, "rsvd_jacobi_core", bytes)?;
+    // Rows of a column a lane holds: the kernel is instantiated for 2, 4 and 8.
+    let rows = q.div_ceil(GROUP).next_power_of_two().max(2);
+    let f = dev.function_with_shared_memory(MODULE, &format!("rsvd_jacobi_core_{rows}"), bytes)?;
     let threads = (q.div_ceil(2) * GROUP).next_multiple_of(32) as u32;
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: bytes as u32 };
     let q_i = q as i32;
     let mut launch = stream.launch_builder(&f);
     launch.arg(&rt).arg(&q_i).arg(&evec).arg(&w).arg(&info);
-    // SAFETY: rsvd_jacobi_core(const double*, int, double*, double*, int*): rt and evec hold q*q
+    // SAFETY: rsvd_jacobi_core_<rows>(const double*, int, double*, double*, int*), rows ≥
+    // ceil(q / GROUP) (q ≤ KERNEL_MAX_Q = 8·GROUP by the callers): rt and evec hold q*q
     // f64, w q f64, info one int; one block of (q/2 rounded up)·GROUP threads rounded up to a
     // whole warp, ≤ 1024 (q ≤ JACOBI_MAX_Q, checked by the callers), with shared_bytes(q) of
     // dynamic shared memory, which jacobi_core_max_q keeps within the device's limit.
