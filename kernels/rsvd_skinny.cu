@@ -123,7 +123,7 @@ template <bool TRANS, bool VEC> struct Skinny {
                 // t: row l of the tile is BM contiguous floats; n: row i is BK contiguous floats.
                 const int r = TRANS ? c / (BM / 4) : c / (BK / 4);
                 const int col = TRANS ? 4 * (c % (BM / 4)) : 4 * (c % (BK / 4));
-                const int off = TRANS ? r * m + col : r * k + col;
+                const i64 off = TRANS ? (i64)r * m + col : (i64)r * k + col;  // m, k up to 2^30
                 float* dst = as + r * AS_LD + col;
                 if (whole) {
                     copy16(dst, corner + off, 16);

@@ -1,5 +1,5 @@
 //! The dense products of the GPU randomized SVD ([`super::rsvd_cuda`]): the ten products with A
-//! in its tall orientation ([`Products`]: our skinny kernel for fp32 at q ≤ 128,
+//! in its tall orientation ([`Products`]: our skinny kernel for fp32 at q ≤ 32,
 //! [`super::rsvd_cuda_skinny`], cuBLAS otherwise), f32/f64 GEMMs on cuBLAS in its
 //! column-major convention, the triangular solve, the exact f64 Gram of an f32 panel, and the
 //! widening of a bf16 input. Shared by the device path, the host-assisted fallback and the
@@ -12,7 +12,7 @@ use cudarc::cublas::{CudaBlas, result as blas_result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP};
-use super::rsvd_cuda_skinny::{SKINNY_MAX_Q, SkinnyBuffers, SkinnyProduct, skinny_product};
+use super::rsvd_cuda_skinny::{SkinnyBuffers, SkinnyProduct, skinny_max_q, skinny_product};
 use crate::cuda::{CudaDevice, CudaSlices, CudaStorage};
 use crate::error::{Error, Result};
 
@@ -54,7 +54,7 @@ impl<'a> Products<'a> {
         let (m, n) = (a.rows, a.cols);
         let tall = m >= n;
         let (p, c) = if tall { (m, n) } else { (n, m) };
-        let skinny = (math == GemmMath::Fp32 && q <= SKINNY_MAX_Q).then_some(skinny);
+        let skinny = (math == GemmMath::Fp32 && q <= skinny_max_q(dev)).then_some(skinny);
         Products { dev, stream, blas, math, skinny, tall, p, c, n, q, a: dptr(a.slice(), dev), y, z }
     }
 

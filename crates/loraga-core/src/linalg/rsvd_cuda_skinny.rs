@@ -46,6 +46,24 @@ pub(super) struct SkinnyBuffers {
     pub(super) tickets: u64,
 }
 
+/// Dynamic shared memory of the kernel: STAGES tiles of A (the layout's) and of V, in f32.
+fn shared_bytes(trans: bool) -> usize {
+    let a_tile = if trans { BK * (BM + 8) } else { BM * (BK + 4) };
+    STAGES * (a_tile + SKINNY_MAX_Q * (BK + 4)) * std::mem::size_of::<f32>()
+}
+
+/// The widest q whose products take the kernel on `dev`: [`SKINNY_MAX_Q`], or 0 (cuBLAS for
+/// all) where its stages do not fit one block's opt-in shared memory (92 KiB; an A100 has 163,
+/// an H200 227).
+pub(super) fn skinny_max_q(dev: &CudaDevice) -> usize {
+    max_q_for_shared_memory(dev.shared_memory_per_block_optin())
+}
+
+fn max_q_for_shared_memory(optin: usize) -> usize {
+    // Less 1 KiB for the kernel's static shared variables.
+    if shared_bytes(true).max(shared_bytes(false)) + 1024 <= optin { SKINNY_MAX_Q } else { 0 }
+}
+
 /// Row tiles of out for m rows.
 fn tiles(m: usize) -> usize {
     m.div_ceil(BM)
@@ -82,8 +100,9 @@ pub(super) fn skinny_product(
     p: SkinnyProduct,
     buffers: SkinnyBuffers,
 ) -> Result<()> {
-    if p.q == 0 || p.q > SKINNY_MAX_Q {
-        return Err(Error::Shape { op: MODULE, msg: format!("q = {} outside 1..={SKINNY_MAX_Q}", p.q) });
+    let max_q = skinny_max_q(dev);
+    if p.q == 0 || p.q > max_q {
+        return Err(Error::Shape { op: MODULE, msg: format!("q = {} outside 1..={max_q} on this device", p.q) });
     }
     if p.m == 0 {
         return Ok(());
@@ -94,8 +113,7 @@ pub(super) fn skinny_product(
         && p.k.is_multiple_of(4)
         && (!p.trans || p.m.is_multiple_of(4));
     let name = format!("rsvd_skinny_{}{}", if p.trans { "t" } else { "n" }, if aligned { "" } else { "_s" });
-    let a_tile = if p.trans { BK * (BM + 8) } else { BM * (BK + 4) };
-    let smem = STAGES * (a_tile + SKINNY_MAX_Q * (BK + 4)) * 4;
+    let smem = shared_bytes(p.trans);
     let f = dev.function_with_shared_memory(MODULE, &name, smem)?;
     let tiles = tiles(p.m);
     let (kchunk, splits) = if p.k == 0 { (BK, 1) } else { splits(tiles, p.k, dev.sm_count().max(1)) };
@@ -188,5 +206,14 @@ mod tests {
         // The bench's shapes on an H200: 4096 by 4096 in 8 splits of 512; 11008 rows by 4096 in 3.
         assert_eq!(splits(tiles(4096), 4096, 132), (512, 8));
         assert_eq!(splits(tiles(11008), 4096, 132), (1376, 3));
+    }
+
+    #[test]
+    fn the_kernel_runs_where_its_stages_fit_the_shared_memory() {
+        assert_eq!(shared_bytes(false), 4 * (128 * 36 + 32 * 36) * 4); // 92,160 bytes
+        for optin in [99 * 1024, 163 * 1024, 227 * 1024] {
+            assert_eq!(max_q_for_shared_memory(optin), SKINNY_MAX_Q, "{optin}");
+        }
+        assert_eq!(max_q_for_shared_memory(48 * 1024), 0);
     }
 }
