@@ -11,7 +11,7 @@ use cudarc::cublas::sys::{self as blas_sys, cublasComputeType_t, cublasGemmAlgo_
 use cudarc::cublas::{CudaBlas, result as blas_result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP};
+use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP, Workspace};
 use super::rsvd_cuda_skinny::{SkinnyBuffers, SkinnyProduct, skinny_max_q, skinny_product};
 use crate::cuda::{CudaDevice, CudaSlices, CudaStorage};
 use crate::error::{Error, Result};
@@ -37,9 +37,8 @@ pub(super) struct Products<'a> {
 }
 
 impl<'a> Products<'a> {
-    /// The products of `a` queued on `stream` (`blas` is bound to it). `skinny` is the lane's
-    /// split buffers for our kernel, sized for this layer.
-    #[allow(clippy::too_many_arguments)]
+    /// The products of `a` queued on `stream` (`blas` is bound to it), into the workspace's Y
+    /// and Z, with its split buffers when our kernel runs them.
     pub(super) fn new(
         dev: &'a CudaDevice,
         stream: &'a Arc<CudaStream>,
@@ -47,14 +46,16 @@ impl<'a> Products<'a> {
         math: GemmMath,
         a: CudaMatrixRef<'_>,
         q: usize,
-        y: u64,
-        z: u64,
-        skinny: SkinnyBuffers,
+        ws: &Workspace,
     ) -> Self {
         let (m, n) = (a.rows, a.cols);
         let tall = m >= n;
         let (p, c) = if tall { (m, n) } else { (n, m) };
-        let skinny = (math == GemmMath::Fp32 && q <= skinny_max_q(dev)).then_some(skinny);
+        let skinny = (math == GemmMath::Fp32 && q <= skinny_max_q(dev)).then(|| SkinnyBuffers {
+            partials: dptr(&ws.skinny_partials, dev),
+            tickets: dptr(&ws.skinny_tickets, dev),
+        });
+        let (y, z) = (dptr(&ws.y, dev), dptr(&ws.z, dev));
         Products { dev, stream, blas, math, skinny, tall, p, c, n, q, a: dptr(a.slice(), dev), y, z }
     }
 

@@ -55,7 +55,6 @@ use super::rsvd_cuda::{CudaMatrixRef, GemmMath, Lane};
 use super::rsvd_cuda_blas::{Precision, Products, dptr, gram_f64, grid, strsm_right_upper, xgemm};
 use super::rsvd_cuda_jacobi::jacobi_core;
 use super::rsvd_cuda_orth::{PassBuffers, PassChecks, fused_pass};
-use super::rsvd_cuda_skinny::SkinnyBuffers;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
@@ -87,13 +86,11 @@ impl DeviceLayer<'_> {
     /// [`super::rsvd_cuda`]'s download expects, S in `s`.
     pub(super) fn enqueue(self, a: CudaMatrixRef<'_>, omega: u64, q: usize, k: usize, niter: usize) -> Result<()> {
         let (dev, ws) = (self.dev, &self.lane.ws);
-        let (y, z) = (dptr(&ws.y, dev), dptr(&ws.z, dev));
-        let skinny = SkinnyBuffers { partials: dptr(&ws.skinny_partials, dev), tickets: dptr(&ws.skinny_tickets, dev) };
-        let products = Products::new(dev, &self.lane.stream, &self.lane.blas, self.math, a, q, y, z, skinny);
+        let products = Products::new(dev, &self.lane.stream, &self.lane.blas, self.math, a, q, ws);
         products.range_finder(omega, niter, |x, rows, last| {
             if last { self.orth2(x, rows, q) } else { self.pass(x, rows, q, false) }
         })?;
-        self.orth2(z, products.short_side(), q)?; // Z = Q₂ R₂ R₁ with R₁ in ws.r, R₂ in ws.r2
+        self.orth2(products.z, products.short_side(), q)?; // Z = Q₂ R₂ R₁ with R₁ in ws.r, R₂ in ws.r2
         self.core(q, k)?;
         let (sv, su) = (dptr(&ws.small_v, dev), dptr(&ws.small_u, dev));
         products.factors(k, sv, su, dptr(&ws.out_p, dev), dptr(&ws.out_c, dev))

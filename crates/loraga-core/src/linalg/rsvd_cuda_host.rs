@@ -20,7 +20,6 @@ use faer::{Mat, MatRef, Side};
 use super::TruncatedSvd;
 use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP, Workspace};
 use super::rsvd_cuda_blas::{Products, dptr, gram_f64, strsm_right_upper};
-use super::rsvd_cuda_skinny::SkinnyBuffers;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
@@ -44,13 +43,11 @@ pub(super) fn factor_with_host_help(
 ) -> Result<TruncatedSvd> {
     let (m, n) = (a.rows, a.cols);
     let blas = dev.cublas()?;
-    let (y, z) = (dptr(&ws.y, dev), dptr(&ws.z, dev));
-    let skinny = SkinnyBuffers { partials: dptr(&ws.skinny_partials, dev), tickets: dptr(&ws.skinny_tickets, dev) };
-    let products = Products::new(dev, dev.stream(), blas, math, a, q, y, z, skinny);
+    let products = Products::new(dev, dev.stream(), blas, math, a, q, ws);
     let (p, c) = (products.long_side(), products.short_side());
     let mut orth = Orth { dev, blas, ws_wide: &mut ws.wide, ws_gram: &mut ws.gram, ws_r: &mut ws.r, q, name };
     products.range_finder(omega, niter, |x, rows, _last| orth.run(x, rows, false).map(drop))?;
-    let r = orth.run(z, c, true)?.expect("asked for R");
+    let r = orth.run(products.z, c, true)?.expect("asked for R");
 
     // Bᵀ = Z = Q₂ R and R = U_R Σ V_Rᵀ give B = V_R Σ (Q₂ U_R)ᵀ.
     let svd = r.thin_svd().map_err(|e| Error::layer(OP, name, format!("SVD of the {q}x{q} core failed: {e:?}")))?;
