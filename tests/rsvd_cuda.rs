@@ -556,8 +556,10 @@ fn skinny_products_match_an_f64_reference() {
         a_buf[offset..offset + m * k].copy_from_slice(&a);
         let v: Vec<f32> = (0..k * q).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let (a_dev, v_dev) = (upload(&dev, &a_buf), upload(&dev, &v));
-        let out = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap();
-        let again = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap();
+        let run = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap();
+        let again = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap().out;
+        assert!(run.tickets.iter().all(|&t| t == 0), "{what}: tickets left {:?}", run.tickets);
+        let out = run.out;
         assert_eq!(out.len(), m * q, "{what}");
         assert!(out.iter().zip(&again).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: reruns differ");
         let elem = |i: usize, l: usize| a[if trans { l * m + i } else { i * k + l }] as f64;

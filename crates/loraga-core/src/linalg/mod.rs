@@ -26,7 +26,7 @@ pub use rsvd::{
 pub use rsvd_cuda::{CudaMatrixRef, CudaRsvd, GemmMath, svd_lowrank_batch_cuda, svd_lowrank_cuda};
 pub use rsvd_cuda_jacobi::{JacobiCore, jacobi_core_cuda, jacobi_core_max_q};
 pub use rsvd_cuda_orth::{CholeskyQrPass, cholesky_qr_fused_max_q, cholesky_qr_pass_cuda};
-pub use rsvd_cuda_skinny::skinny_product_cuda;
+pub use rsvd_cuda_skinny::{SkinnyRun, skinny_product_cuda};
 pub use svd::{TruncatedSvd, svd_exact};
 
 use faer::Mat;

@@ -217,7 +217,8 @@ pub(super) struct Workspace {
     pub(super) rinv: CudaSlice<f64>,
     pub(super) partials: CudaSlice<f64>,
     pub(super) tickets: CudaSlice<u32>,
-    /// The products' split sums ([`super::rsvd_cuda_skinny`]), sized for the long side and q.
+    /// The products' split sums ([`super::rsvd_cuda_skinny`]): partials for the device's SMs,
+    /// a ticket per row tile of the long side.
     pub(super) skinny_partials: CudaSlice<f32>,
     pub(super) skinny_tickets: CudaSlice<u32>,
     /// cuSOLVER's workspace (the larger of potrf's and syevd's for every q reserved) and info.
@@ -483,8 +484,7 @@ impl CudaRsvd {
     fn omega(&mut self, c: usize, q: usize, seed: u64) -> Result<u64> {
         if !self.omegas.contains_key(&(c, q, seed)) {
             let row_major = gaussian_test_matrix(c, q, seed);
-            let host: Vec<f32> =
-                (0..q).flat_map(|j| (0..c).map(move |i| (i, j))).map(|(i, j)| row_major[i * q + j]).collect();
+            let host: Vec<f32> = (0..c * q).map(|e| row_major[(e % c) * q + e / c]).collect();
             let dev = self.dev.stream().clone_htod(&host).map_err(Error::cuda("cuMemcpyHtoD"))?;
             self.omegas.insert((c, q, seed), dev);
         }
@@ -517,7 +517,7 @@ fn allocate(stream: &Arc<CudaStream>, need: Need, fused_max_q: usize, sms: usize
         rinv: f64s(fused_q * fused_q)?,
         partials: f64s(partials_len(fused_q))?,
         tickets: stream.alloc_zeros::<u32>(tickets_len(fused_q).max(1)).map_err(Error::cuda("cuMemAlloc"))?,
-        skinny_partials: f32s(skinny::partials_len(need.q, sms))?,
+        skinny_partials: f32s(skinny::partials_len(sms))?,
         skinny_tickets: stream
             .alloc_zeros::<u32>(skinny::tickets_len(need.p).max(1))
             .map_err(Error::cuda("cuMemAlloc"))?,

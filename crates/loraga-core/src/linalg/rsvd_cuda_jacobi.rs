@@ -70,9 +70,13 @@ pub(super) fn jacobi_core(
     info: u64,
 ) -> Result<()> {
     let bytes = shared_bytes(q);
-    // Rows of a column a lane holds: the kernel is instantiated for 2, 4 and 8.
-    let rows = q.div_ceil(GROUP).next_power_of_two().max(2);
-    let f = dev.function_with_shared_memory(MODULE, &format!("rsvd_jacobi_core_{rows}"), bytes)?;
+    // Rows of a column a lane holds, ceil(q / GROUP): the kernel is instantiated for 2, 4 and 8.
+    let name = match q.div_ceil(GROUP) {
+        0..=2 => "rsvd_jacobi_core_2",
+        3..=4 => "rsvd_jacobi_core_4",
+        _ => "rsvd_jacobi_core_8",
+    };
+    let f = dev.function_with_shared_memory(MODULE, name, bytes)?;
     let threads = (q.div_ceil(2) * GROUP).next_multiple_of(32) as u32;
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: bytes as u32 };
     let q_i = q as i32;

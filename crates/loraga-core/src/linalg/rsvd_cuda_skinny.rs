@@ -80,12 +80,9 @@ fn splits(tiles: usize, k: usize, sms: usize) -> (usize, usize) {
 }
 
 /// f32 elements of the partials buffer for products on `sms` SMs (with more than one split,
-/// splits · tiles ≤ 2·sms by [`splits`]; one split needs none), 0 for q = 0.
-pub(super) fn partials_len(q: usize, sms: usize) -> usize {
-    if q == 0 {
-        return 0;
-    }
-    (2 * sms) * BM * SKINNY_MAX_Q
+/// splits · tiles ≤ 2·sms by [`splits`]; one split needs none).
+pub(super) fn partials_len(sms: usize) -> usize {
+    2 * sms * BM * SKINNY_MAX_Q
 }
 
 /// Ticket counters for products with up to `rows` output rows.
@@ -93,17 +90,14 @@ pub(super) fn tickets_len(rows: usize) -> usize {
     tiles(rows)
 }
 
-/// Queues `p` on `stream`. `buffers` must be sized for at least p.m rows and p.q columns.
+/// Queues `p` on `stream`; p.q ≤ [`skinny_max_q`] (the callers check), `buffers` sized for at
+/// least p.m rows.
 pub(super) fn skinny_product(
     dev: &CudaDevice,
     stream: &Arc<CudaStream>,
     p: SkinnyProduct,
     buffers: SkinnyBuffers,
 ) -> Result<()> {
-    let max_q = skinny_max_q(dev);
-    if p.q == 0 || p.q > max_q {
-        return Err(Error::Shape { op: MODULE, msg: format!("q = {} outside 1..={max_q} on this device", p.q) });
-    }
     if p.m == 0 {
         return Ok(());
     }
@@ -112,9 +106,14 @@ pub(super) fn skinny_product(
         && p.v.is_multiple_of(16)
         && p.k.is_multiple_of(4)
         && (!p.trans || p.m.is_multiple_of(4));
-    let name = format!("rsvd_skinny_{}{}", if p.trans { "t" } else { "n" }, if aligned { "" } else { "_s" });
+    let name = match (p.trans, aligned) {
+        (false, true) => "rsvd_skinny_n",
+        (true, true) => "rsvd_skinny_t",
+        (false, false) => "rsvd_skinny_n_s",
+        (true, false) => "rsvd_skinny_t_s",
+    };
     let smem = shared_bytes(p.trans);
-    let f = dev.function_with_shared_memory(MODULE, &name, smem)?;
+    let f = dev.function_with_shared_memory(MODULE, name, smem)?;
     let tiles = tiles(p.m);
     let (kchunk, splits) = if p.k == 0 { (BK, 1) } else { splits(tiles, p.k, dev.sm_count().max(1)) };
     let threads = 256; // KG = 2 groups of 4 warps
@@ -129,16 +128,25 @@ pub(super) fn skinny_product(
     launch.arg(&buffers.partials).arg(&buffers.tickets);
     // SAFETY: matches rsvd_skinny_*(const float* a, int m, int k, const float* v, int q,
     // float* out, int kchunk, float* partials, unsigned* tickets): a holds m*k f32, v k*q, out
-    // m*q, q ≤ 32; splits*tiles*BM*32 ≤ partials_len(q, sms) f32 of partials when splits > 1
-    // and tiles zeroed tickets (the caller sizes them); 256 threads as the kernel assumes.
+    // m*q, q ≤ 32 (the callers check); splits*tiles*BM*32 ≤ partials_len(sms) f32 of partials
+    // when splits > 1 and tiles zeroed tickets (the caller sizes them); 256 threads as the
+    // kernel assumes.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_skinny)"))?;
     Ok(())
 }
 
+/// What [`skinny_product_cuda`] produced, downloaded: out (column-major [m, q]) and the ticket
+/// counters after the launch (the kernel must leave them zero for the next one).
+#[derive(Debug, Clone)]
+pub struct SkinnyRun {
+    pub out: Vec<f32>,
+    pub tickets: Vec<u32>,
+}
+
 /// out = A V (`trans` false; A row-major [m, k]) or Aᵀ V (true; A row-major [k, m]) for the
-/// column-major V [k, q], on the device's stream, returned column-major [m, q]: what the GPU randomized SVD runs for its
-/// fp32 products, exposed so tests can hold it against an f64 reference. `a_offset` starts A
-/// that many elements into `a` (to test unaligned rows).
+/// column-major V [k, q], on the device's stream: what the GPU randomized SVD runs for its fp32
+/// products at q ≤ [`SKINNY_MAX_Q`], exposed so tests can hold it against an f64 reference.
+/// `a_offset` starts A that many elements into `a` (to test unaligned rows).
 pub fn skinny_product_cuda(
     a: &CudaStorage,
     a_offset: usize,
@@ -147,7 +155,7 @@ pub fn skinny_product_cuda(
     k: usize,
     v: &CudaStorage,
     q: usize,
-) -> Result<Vec<f32>> {
+) -> Result<SkinnyRun> {
     const OP: &str = "skinny_product_cuda";
     let dev = a.device.clone();
     let (CudaSlices::F32(a_s), CudaSlices::F32(v_s)) = (&a.slice, &v.slice) else {
@@ -159,10 +167,14 @@ pub fn skinny_product_cuda(
             format!("A holds {}, V {} elements for m {m}, k {k}, q {q}", a_s.len(), v_s.len()),
         ));
     }
+    let max_q = skinny_max_q(&dev);
+    if q == 0 || q > max_q {
+        return Err(Error::shape(OP, format!("q = {q} outside 1..={max_q} on this device")));
+    }
     let stream = dev.stream();
     let out: CudaSlice<f32> = stream.alloc_zeros((m * q).max(1)).map_err(Error::cuda("cuMemAlloc"))?;
     let partials: CudaSlice<f32> =
-        stream.alloc_zeros(partials_len(q, dev.sm_count()).max(1)).map_err(Error::cuda("cuMemAlloc"))?;
+        stream.alloc_zeros(partials_len(dev.sm_count()).max(1)).map_err(Error::cuda("cuMemAlloc"))?;
     let tickets: CudaSlice<u32> = stream.alloc_zeros(tickets_len(m).max(1)).map_err(Error::cuda("cuMemAlloc"))?;
     let product = SkinnyProduct {
         a: dptr(a_s, &dev) + (a_offset * 4) as u64,
@@ -175,13 +187,10 @@ pub fn skinny_product_cuda(
     };
     let buffers = SkinnyBuffers { partials: dptr(&partials, &dev), tickets: dptr(&tickets, &dev) };
     skinny_product(&dev, stream, product, buffers)?;
-    let host = stream.clone_dtoh(&out).map_err(Error::cuda("cuMemcpyDtoH"))?;
-    // The tickets must be back at zero for the next launch.
-    let t = stream.clone_dtoh(&tickets).map_err(Error::cuda("cuMemcpyDtoH"))?;
-    if t.iter().any(|&x| x != 0) {
-        return Err(Error::Layer { op: OP, name: "tickets".into(), msg: format!("left non-zero: {t:?}") });
-    }
-    Ok(host[..m * q].to_vec())
+    let down = |e| Error::cuda("cuMemcpyDtoH")(e);
+    let mut out = stream.clone_dtoh(&out).map_err(down)?;
+    out.truncate(m * q);
+    Ok(SkinnyRun { out, tickets: stream.clone_dtoh(&tickets).map_err(down)? })
 }
 
 #[cfg(test)]
@@ -198,7 +207,7 @@ mod tests {
                     let what = format!("m {m}, k {k}, {sms} SMs: {s} x {kchunk}");
                     assert_eq!(kchunk % BK, 0, "{what}");
                     assert!(s * kchunk >= k && (s - 1) * kchunk < k, "{what}");
-                    assert!(s == 1 || s * t * BM * SKINNY_MAX_Q <= partials_len(1, sms), "{what}");
+                    assert!(s == 1 || s * t * BM * SKINNY_MAX_Q <= partials_len(sms), "{what}");
                     assert!(s <= k.div_ceil(MIN_SPLIT), "{what}");
                 }
             }
