@@ -30,6 +30,7 @@
 // in flight: while the warps compute on tile kt, cp.async fills tile kt + STAGES - 1.
 #include "common.cuh"
 #include "gemm_common.cuh"
+#include "mma_sm80.cuh"
 
 #define BM 128
 #define BN 128
@@ -53,17 +54,6 @@ struct Tile {
     __device__ static int at(int mn, int k) { return MN ? k * LD + mn : mn * LD + k; }
 };
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
-// Copies 16 bytes, or writes 16 zero bytes when `inside` is false (src is then not read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool inside) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(inside ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
 // Loads the [ROWS x BK] tile of an operand at (mn0, k0) into shared memory. The operand is
 // row-major with rows along K (MN-major: [K, MN]) or along MN (K-major: [MN, K]), leading
 // dimension ld; `mn_size` and `k_size` bound it.
@@ -82,7 +72,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, i64 ld, int mn0,
         int k = MN ? k0 + row : k0 + col;
         bool inside = mn < mn_size && k < k_size;
         const T* g = inside ? src + (MN ? (i64)k * ld + mn : (i64)mn * ld + k) : src;
-        cp_async16(dst + row * Tl::LD + col, g, inside);
+        cp_async16(dst + row * Tl::LD + col, g, inside ? 16 : 0);
     }
 }
 
@@ -129,27 +119,6 @@ __device__ __forceinline__ void ldsm_b(unsigned* r, const bf16* tile, int n, int
     using Tl = Tile<bf16, MN, ROWS>;
     const int i = lane % 8, hi_k = 8 * ((lane / 8) % 2), hi_n = 8 * (lane / 16);
     ldmatrix_x4<MN>(r, tile + (MN ? Tl::at(n + hi_n, kk + hi_k + i) : Tl::at(n + hi_n + i, kk + hi_k)));
-}
-
-// d[16 x 8] += a[16 x K] b[K x 8]: K = 16 for bf16, 8 for TF32. Fragment registers (g = lane / 4,
-// t = lane % 4): a = (row g, k lo), (g + 8, k lo), (g, k hi), (g + 8, k hi); b = (k lo, col g),
-// (k hi, col g), with k lo = 2t (bf16 pair) or t (tf32) and k hi = k lo + K / 2; d = (g, 2t),
-// (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
-template <typename T>
-__device__ __forceinline__ void mma(float* d, const unsigned* a, const unsigned* b) {
-    if constexpr (sizeof(T) == 2) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
 }
 
 // One K source: A and B with their leading dimensions, and its length along K.

@@ -47,6 +47,7 @@
 // columns are zero-filled by the copies (src-size 0), so nothing outside A or V is read and no
 // NaN from outside the range enters a sum.
 #include "common.cuh"
+#include "mma_sm80.cuh"
 
 // Must match crates/loraga-core/src/linalg/rsvd_cuda_skinny.rs (and scripts/bench/skinny_products.py).
 #define BM 128
@@ -54,41 +55,12 @@
 #define STAGES 4
 #define KG 2
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// Copies `bytes` (0 to 16) of src and zero-fills the rest of the 16-byte dst.
-__device__ __forceinline__ void copy16(float* dst, const float* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void copy4(float* dst, const float* src, bool inside) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(inside ? 4 : 0)
-                 : "memory");
-}
-
-__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N> __device__ __forceinline__ void wait_groups() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // x = hi + lo with hi = x truncated to TF32 (its low 13 bits cleared: one logic op, where a
 // rounding conversion runs at a quarter of the FMA rate) and lo = x − hi, exact in f32 with
 // |lo| < 2⁻¹⁰|x|, which the MMA reads as TF32 by dropping its low 13 bits (a loss < 2⁻²⁰|x|).
 __device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
     hi = __float_as_uint(x) & 0xffffe000u;
     lo = __float_as_uint(x - __uint_as_float(hi));
-}
-
-// c += a b for one m16n8k8 TF32 tile (fp32 accumulation), fragments as PTX lays them out.
-__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 template <bool TRANS, bool VEC> struct Skinny {
@@ -107,7 +79,8 @@ template <bool TRANS, bool VEC> struct Skinny {
     // 16-byte chunks a thread copies a stage (VEC): chunk c = t + u*THREADS is row r and
     // column col of the tile as stored in A, at offset `off` from the step's corner of A.
     static constexpr int A_CHUNKS = BM * BK / 4 / THREADS;
-    static constexpr int V_CHUNKS = (BN * BK / 4 + THREADS - 1) / THREADS;
+    static constexpr int V_CHUNKS = BN * BK / 4 / THREADS;
+    static_assert(A_CHUNKS * THREADS * 4 == BM * BK && V_CHUNKS * THREADS * 4 == BN * BK, "whole chunks a thread");
 
     // The tile of A for reduction steps [l0, l0 + BK) (those at or past lend are zeros). A
     // block's tiles are all whole but the last row tile and the last step of a split; those take
@@ -126,11 +99,11 @@ template <bool TRANS, bool VEC> struct Skinny {
                 const i64 off = TRANS ? (i64)r * m + col : (i64)r * k + col;  // m, k up to 2^30
                 float* dst = as + r * AS_LD + col;
                 if (whole) {
-                    copy16(dst, corner + off, 16);
+                    cp_async16(dst, corner + off, 16);
                 } else {
                     const int valid = TRANS ? (l0 + r < lend ? min(max(m - (m0 + col), 0), 4) : 0)
                                             : (m0 + r < m ? min(max(lend - (l0 + col), 0), 4) : 0);
-                    copy16(dst, valid > 0 ? corner + off : a, 4 * valid);
+                    cp_async16(dst, valid > 0 ? corner + off : a, 4 * valid);
                 }
             }
         } else {
@@ -139,7 +112,7 @@ template <bool TRANS, bool VEC> struct Skinny {
                 const int i = TRANS ? e % BM : e / BK, l = TRANS ? e / BM : e % BK;
                 const bool inside = m0 + i < m && l0 + l < lend;
                 const float* src = inside ? (TRANS ? a + (i64)(l0 + l) * m + m0 + i : a + (i64)(m0 + i) * k + l0 + l) : a;
-                copy4(as + (TRANS ? l * AS_LD + i : i * AS_LD + l), src, inside);
+                cp_async4(as + (TRANS ? l * AS_LD + i : i * AS_LD + l), src, inside);
             }
         }
     }
@@ -153,17 +126,16 @@ template <bool TRANS, bool VEC> struct Skinny {
 #pragma unroll
             for (int u = 0; u < V_CHUNKS; ++u) {
                 const int c = t + u * THREADS;
-                if (c >= BN * BK / 4) break;
                 const int j = c / (BK / 4), l = 4 * (c % (BK / 4));
                 const int valid = j < q ? (whole ? 4 : min(max(lend - (l0 + l), 0), 4)) : 0;
-                copy16(vs + j * VS_LD + l, valid > 0 ? v + (i64)j * k + l0 + l : v, 4 * valid);
+                cp_async16(vs + j * VS_LD + l, valid > 0 ? v + (i64)j * k + l0 + l : v, 4 * valid);
             }
         } else {
 #pragma unroll 4
             for (int e = t; e < BK * BN; e += THREADS) {
                 const int j = e / BK, l = e % BK;
                 const bool inside = j < q && l0 + l < lend;
-                copy4(vs + j * VS_LD + l, inside ? v + l0 + l + (i64)j * k : v, inside);
+                cp_async4(vs + j * VS_LD + l, inside ? v + l0 + l + (i64)j * k : v, inside);
             }
         }
     }
@@ -193,9 +165,9 @@ template <bool TRANS, bool VEC> struct Skinny {
                 split_tf32(vs[col * VS_LD + kk + tg + 4], bhi[1], blo[1]);
 #pragma unroll
                 for (int f = 0; f < MF; ++f) {
-                    mma_tf32(acc[f][n], alo[f], bhi);
-                    mma_tf32(acc[f][n], ahi[f], blo);
-                    mma_tf32(acc[f][n], ahi[f], bhi);
+                    mma<float>(acc[f][n], alo[f], bhi);
+                    mma<float>(acc[f][n], ahi[f], blo);
+                    mma<float>(acc[f][n], ahi[f], bhi);
                 }
             }
         }
@@ -240,10 +212,10 @@ template <bool TRANS, bool VEC> struct Skinny {
                 load_a(st, a, m, k, m0, lbeg + s * BK, lend);
                 load_v(st + AS_SIZE, v, k, q, lbeg + s * BK, lend);
             }
-            commit();  // an empty group past the end keeps the wait count uniform
+            cp_async_commit();  // an empty group past the end keeps the wait count uniform
         }
         for (int step = 0; step < steps; ++step) {
-            wait_groups<STAGES - 2>();  // this thread's copies of tile `step` have landed...
+            cp_async_wait<STAGES - 2>();  // this thread's copies of tile `step` have landed...
             __syncthreads();            // ...everyone's, and everyone is done with step - 1's stage
             const int next = step + STAGES - 1;
             if (next < steps) {
@@ -251,11 +223,11 @@ template <bool TRANS, bool VEC> struct Skinny {
                 load_a(st, a, m, k, m0, lbeg + next * BK, lend);
                 load_v(st + AS_SIZE, v, k, q, lbeg + next * BK, lend);
             }
-            commit();
+            cp_async_commit();
             const float* st = smem + (step % STAGES) * STAGE;
             multiply(st, st + AS_SIZE, acc, wrow, wcol, kg);
         }
-        wait_groups<0>();
+        cp_async_wait<0>();
         __syncthreads();  // every warp is done with the stages: they take the groups' sum
         float* flat = &acc[0][0][0];
         // Group 1's accumulators through shared memory into group 0's ([e][thread]: no conflicts).
