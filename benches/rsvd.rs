@@ -5,8 +5,9 @@
 //! (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008; x 32 layers) at r = 8 and 32
 //! (q = 4r, k = 2r), total time per batch, ours and gesvdr layer by layer.
 //!
-//! Timed with CUDA events around each run; a run includes its downloads of U, S and Vᵀ (both
-//! implementations), so these are end-to-end times. Ω is drawn once per (shape, q) by the
+//! Timed with CUDA events around each run. "loraga fp32" and "tf32" leave U and Vᵀ on the device
+//! (`run_device`, as torch.svd_lowrank does); "to host" includes copying them to the host (`run`),
+//! as gesvdr's rows include its downloads. Ω is drawn once per (shape, q) by the
 //! reusable plan, outside the timing; gesvdr's input copy (it destroys A) is inside. Inputs are
 //! Gaussian (timing only; accuracy is tests/rsvd_cuda.rs's job) and rotate over three matrices
 //! per shape (two per shape in the batch: each matrix is over the 60 MB L2 anyway). The summary's
@@ -44,10 +45,19 @@ fn main() {
             let problem = format!("{m}x{n} q={q}");
             let cfg = RsvdConfig::new(q, q, NITER, 7);
             let mut group = group(&mut criterion, &format!("rsvd_{m}x{n}_q{q}"), flops);
-            for (math, label) in [(GemmMath::Fp32, "loraga fp32"), (GemmMath::Tf32, "loraga tf32")] {
+            for (math, on_device, label) in [
+                (GemmMath::Fp32, true, "loraga fp32"),
+                (GemmMath::Fp32, false, "loraga fp32 to host"),
+                (GemmMath::Tf32, true, "loraga tf32"),
+            ] {
                 let mut plan = CudaRsvd::new(&dev, math);
                 let ms = measure(&dev, &mut group, label, |i| {
-                    plan.run("bench", CudaMatrixRef::new(&inputs[i], m, n)?, &cfg).map(drop)
+                    let a = CudaMatrixRef::new(&inputs[i], m, n)?;
+                    if on_device {
+                        plan.run_device("bench", a, &cfg).map(drop)
+                    } else {
+                        plan.run("bench", a, &cfg).map(drop)
+                    }
                 });
                 eprintln!("{problem} {label}: {} host fallbacks", plan.fallbacks());
                 rows.push(Row { problem: problem.clone(), implementation: label.into(), median_ms: ms, flops });
@@ -93,9 +103,17 @@ fn main() {
         let flops: f64 = items.iter().map(|(_, a)| ((2 * NITER + 2) * 2 * a.rows() * a.cols() * q) as f64).sum();
         let problem = format!("Llama-2-7B 224 layers r={r} q={q}");
         let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
-        let ms = median_ms(&dev, 1, 3, || plan.run_batch(&items, &cfg).map(drop)).unwrap();
+        let ms = median_ms(&dev, 1, 3, || plan.run_batch_device(&items, &cfg).map(drop)).unwrap();
         eprintln!("{problem}: loraga {ms:.1} ms, {} host fallbacks", plan.fallbacks());
         rows.push(Row { problem: problem.clone(), implementation: "loraga fp32 batch".into(), median_ms: ms, flops });
+        let ms = median_ms(&dev, 1, 3, || plan.run_batch(&items, &cfg).map(drop)).unwrap();
+        eprintln!("{problem}: loraga to host {ms:.1} ms, {} host fallbacks", plan.fallbacks());
+        rows.push(Row {
+            problem: problem.clone(),
+            implementation: "loraga fp32 batch to host".into(),
+            median_ms: ms,
+            flops,
+        });
         let gesvdr_batch = median_ms(&dev, 1, 3, || {
             for (name, a) in &items {
                 let g = gesvdrs.get_mut(&(a.rows(), a.cols())).expect("one per shape");

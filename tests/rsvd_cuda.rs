@@ -152,6 +152,42 @@ fn batched_equals_one_by_one() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn device_results_are_the_host_results() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    // Tall and wide; q = 16 and 32 (our kernels), 128 (cuSOLVER's passes and syevd); and a zero
+    // matrix, which the device path flags and the host-assisted path redoes and uploads.
+    let shapes = [(300, 200, 16), (200, 300, 32), (400, 260, 128), (64, 48, 8)];
+    let data: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(m, n, _))| if i == 3 { vec![0.0; m * n] } else { randn(&mut rng, m * n) })
+        .collect();
+    let storages: Vec<CudaStorage> = data.iter().map(|d| upload(&dev, d)).collect();
+    for (i, &(m, n, q)) in shapes.iter().enumerate() {
+        let a = CudaMatrixRef::new(&storages[i], m, n).unwrap();
+        let cfg = RsvdConfig::new(q, q / 2, 4, rng.random());
+        let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
+        let host = plan.run("layer", a, &cfg).unwrap();
+        let device = plan.run_device("layer", a, &cfg).unwrap();
+        assert_eq!((device.rows(), device.cols(), device.k()), (m, n, q / 2));
+        assert_eq!((device.u().len(), device.vt().len()), (m * q / 2, q / 2 * n));
+        assert_eq!(device.to_host().unwrap(), host, "{m}x{n} q={q}");
+        assert_eq!(plan.fallbacks(), if i == 3 { 2 } else { 0 }, "{m}x{n} q={q}");
+    }
+    // A batch: every layer in its own buffers, the same as one by one.
+    let cfg = RsvdConfig::lora_ga(4, rng.random());
+    let items: Vec<(&str, CudaMatrixRef)> =
+        shapes.iter().zip(&storages).map(|(&(m, n, _), s)| ("layer", CudaMatrixRef::new(s, m, n).unwrap())).collect();
+    let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
+    let batch = plan.run_batch_device(&items, &cfg).unwrap();
+    for ((name, a), got) in items.iter().zip(&batch) {
+        assert_eq!(got.to_host().unwrap(), svd_lowrank_cuda(name, *a, &cfg).unwrap());
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn bad_inputs_are_errors_that_name_the_layer() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(test_seed());
@@ -179,6 +215,18 @@ fn bad_inputs_are_errors_that_name_the_layer() {
     ];
     let e = svd_lowrank_batch_cuda(&items, &cfg).unwrap_err().to_string();
     assert!(e.contains("first_bad"), "{e}");
+    let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
+    let e = plan.run_batch_device(&items, &cfg).err().unwrap().to_string();
+    assert!(e.contains("first_bad") && e.contains("NaN at [0, 0]"), "{e}");
+    // NaN/Inf are found by the device path's flags, and by a scan only when a later layer fails
+    // a host check: the order still holds either way.
+    let narrow = upload(&dev, &data[..30]);
+    let (nan_layer, narrow_layer) =
+        (CudaMatrixRef::new(&bad, 20, 10).unwrap(), CudaMatrixRef::new(&narrow, 3, 10).unwrap());
+    let e = svd_lowrank_batch_cuda(&[("nan", nan_layer), ("narrow", narrow_layer)], &cfg).unwrap_err().to_string();
+    assert!(e.contains("`nan`") && e.contains("NaN at [0, 0]"), "{e}");
+    let e = svd_lowrank_batch_cuda(&[("narrow", narrow_layer), ("nan", nan_layer)], &cfg).unwrap_err().to_string();
+    assert!(e.contains("`narrow`") && e.contains("q = 4 must be in 1..=3"), "{e}");
 
     // The device's check reads float4s with a scalar tail: the first bad element anywhere in a
     // ragged matrix (1001 x 37: a tail of one), and the least index when several are bad.

@@ -15,6 +15,7 @@ mod rsvd_cuda_blas;
 mod rsvd_cuda_device;
 mod rsvd_cuda_host;
 mod rsvd_cuda_jacobi;
+mod rsvd_cuda_lane;
 mod rsvd_cuda_orth;
 mod rsvd_cuda_skinny;
 pub mod svd;
@@ -23,7 +24,10 @@ pub use gesvdr_cuda::CusolverGesvdr;
 pub use rsvd::{
     RsvdConfig, gaussian_test_matrix, svd_lowrank, svd_lowrank_batch, svd_lowrank_tensor, svd_lowrank_with_omega,
 };
-pub use rsvd_cuda::{CudaMatrixRef, CudaRsvd, GemmMath, svd_lowrank_batch_cuda, svd_lowrank_cuda};
+pub use rsvd_cuda::{
+    CudaMatrixRef, CudaRsvd, CudaTruncatedSvd, GemmMath, svd_lowrank_batch_cuda, svd_lowrank_cuda,
+    svd_lowrank_cuda_device,
+};
 pub use rsvd_cuda_jacobi::{JacobiCore, jacobi_core_cuda, jacobi_core_max_q};
 pub use rsvd_cuda_orth::{CholeskyQrPass, cholesky_qr_fused_max_q, cholesky_qr_pass_cuda};
 pub use rsvd_cuda_skinny::{SkinnyRun, skinny_product_cuda};

@@ -11,7 +11,8 @@ use cudarc::cublas::sys::{self as blas_sys, cublasComputeType_t, cublasGemmAlgo_
 use cudarc::cublas::{CudaBlas, result as blas_result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP, Workspace};
+use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP};
+use super::rsvd_cuda_lane::Workspace;
 use super::rsvd_cuda_skinny::{SkinnyBuffers, SkinnyProduct, skinny_max_q, skinny_product};
 use crate::cuda::{CudaDevice, CudaSlices, CudaStorage};
 use crate::error::{Error, Result};

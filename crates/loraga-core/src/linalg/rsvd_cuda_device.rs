@@ -51,9 +51,10 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::rsvd_cuda::{CudaMatrixRef, GemmMath, Lane};
+use super::rsvd_cuda::{CudaMatrixRef, GemmMath};
 use super::rsvd_cuda_blas::{Precision, Products, dptr, gram_f64, grid, strsm_right_upper, xgemm};
 use super::rsvd_cuda_jacobi::jacobi_core;
+use super::rsvd_cuda_lane::Lane;
 use super::rsvd_cuda_orth::{PassBuffers, PassChecks, fused_pass};
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
@@ -71,19 +72,31 @@ const CORE_ORTHO_TOL: f64 = 1e-7;
 /// The second CholeskyQR pass must start within this Frobenius distance of I.
 pub(super) const SECOND_PASS_TOL: f64 = 0.5;
 
-/// Everything one layer's queueing needs: the lane (stream, handles, workspace) it runs on, and
-/// `flag`, the device address of the layer's u32 flag, zero before the layer runs.
+/// Everything one layer's queueing needs: the lane (stream, handles, workspace) it runs on,
+/// `flag`, the device address of the layer's u32 flag, zero before the layer runs, and where its
+/// results go.
 pub(super) struct DeviceLayer<'a> {
     pub(super) dev: &'a CudaDevice,
     pub(super) lane: &'a Lane,
     pub(super) math: GemmMath,
     pub(super) flag: u64,
+    pub(super) out: LayerOut,
+}
+
+/// Device addresses for a layer's results: `p` [p, k] and `c` [c, k] (the long and short side's
+/// factor, laid out as [`super::rsvd_cuda_blas::Products::factors`] writes them), `s` k f32. The
+/// lane's workspace for results the host downloads, or buffers of the layer's own.
+#[derive(Clone, Copy)]
+pub(super) struct LayerOut {
+    pub(super) p: u64,
+    pub(super) c: u64,
+    pub(super) s: u64,
 }
 
 impl DeviceLayer<'_> {
     /// Queues the whole randomized SVD of `a` (q columns, k kept, `niter` power iterations, Ω at
-    /// `omega`) on the lane's stream: U or Vᵀ land in the lane's `out_p` / `out_c` in the layout
-    /// [`super::rsvd_cuda`]'s download expects, S in `s`.
+    /// `omega`) on the lane's stream: U and Vᵀ land in `out.p` / `out.c` (which is which depends
+    /// on the orientation, see [`super::rsvd_cuda`]), S in `out.s`.
     pub(super) fn enqueue(self, a: CudaMatrixRef<'_>, omega: u64, q: usize, k: usize, niter: usize) -> Result<()> {
         let (dev, ws) = (self.dev, &self.lane.ws);
         let products = Products::new(dev, &self.lane.stream, &self.lane.blas, self.math, a, q, ws);
@@ -93,7 +106,7 @@ impl DeviceLayer<'_> {
         self.orth2(products.z, products.short_side(), q)?; // Z = Q₂ R₂ R₁ with R₁ in ws.r, R₂ in ws.r2
         self.core(q, k)?;
         let (sv, su) = (dptr(&ws.small_v, dev), dptr(&ws.small_u, dev));
-        products.factors(k, sv, su, dptr(&ws.out_p, dev), dptr(&ws.out_c, dev))
+        products.factors(k, sv, su, self.out.p, self.out.c)
     }
 
     /// CholeskyQR2 of the column-major f32 X [rows, q] in place; R₁ in ws.r, R₂ in ws.r2.
@@ -182,7 +195,7 @@ impl DeviceLayer<'_> {
 
         let f = dev.function("rsvd_factor", "rsvd_core_order")?;
         let (ki, bit) = (k as i32, FLAG_CORE);
-        let (su, sv, s) = (dptr(&ws.small_u, dev), dptr(&ws.small_v, dev), dptr(&ws.s, dev));
+        let (su, sv, s) = (dptr(&ws.small_u, dev), dptr(&ws.small_v, dev), self.out.s);
         let mut launch = stream.launch_builder(&f);
         launch.arg(&gram).arg(&w).arg(&rv).arg(&qi).arg(&ki).arg(&info);
         launch.arg(&core_u).arg(&su).arg(&sv).arg(&s).arg(&self.flag).arg(&bit);

@@ -18,8 +18,9 @@ use cudarc::driver::CudaSlice;
 use faer::{Mat, MatRef, Side};
 
 use super::TruncatedSvd;
-use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP, Workspace};
+use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP};
 use super::rsvd_cuda_blas::{Products, dptr, gram_f64, strsm_right_upper};
+use super::rsvd_cuda_lane::Workspace;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
