@@ -41,13 +41,19 @@ rsvd_gram_check(const double* __restrict__ g, int q, double fro_tol, double max_
     __shared__ double sum_sh[THREADS];
     __shared__ double max_sh[THREADS];
     double sum = 0.0, mx = 0.0;
-    const i64 n = (i64)q * q;
-    for (i64 idx = threadIdx.x; idx < n; idx += THREADS) {
-        const int i = (int)(idx % q), j = (int)(idx / q);
-        const double d = g[idx] - (i == j ? 1.0 : 0.0);
-        sum += d * d;  // NaN and inf stay in the sum
-        const double a = fabs(d);
-        mx = (a > mx || a != a) ? a : mx;
+    // A warp per column, its lanes on consecutive rows: no index division (a 64-bit one per
+    // element made this 33 µs at q = 128 on an H200), and a column's loads are independent, so
+    // several are in flight.
+    const int lane = threadIdx.x % 32;
+    for (int j = threadIdx.x / 32; j < q; j += THREADS / 32) {
+        const double* col = g + (i64)j * q;
+#pragma unroll 4
+        for (int i = lane; i < q; i += 32) {
+            const double d = col[i] - (i == j ? 1.0 : 0.0);
+            sum += d * d;  // NaN and inf stay in the sum
+            const double a = fabs(d);
+            mx = (a > mx || a != a) ? a : mx;
+        }
     }
     sum_sh[threadIdx.x] = sum;
     max_sh[threadIdx.x] = mx;

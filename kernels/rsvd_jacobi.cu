@@ -49,7 +49,12 @@
 // Version 3: f64 columns on CUDA cores, the angle in f32 (version 1 computed it in f64 and ran
 // ~0.9 µs a round at q = 32, 2.8 µs at q = 128, slower than syevd), instantiated by the rows a
 // lane holds (version 2 ran the widest's 8 predicated rows at every q: 213 µs at q = 32, now
-// 169 µs); measured cost: rsvd_cuda_jacobi.rs.
+// 169 µs); measured cost: rsvd_cuda_jacobi.rs. Tried and dropped (2026-11-29, sixth session):
+// the columns in registers, exchanged by the odd-even ordering (shuffles inside a warp, shared
+// memory across warps, one barrier every other round): correct at every q to 128, but 177 µs
+// at q = 32 and 3,110 µs at q = 128 (ncu), slower than this one: a round is bound by its chain
+// of reductions and the angle, and at q = 128 by the shuffles and f64 FMAs of 1,024 threads on
+// one SM, not by shared-memory traffic.
 #include "common.cuh"
 
 #define GROUP 16

@@ -30,7 +30,11 @@
 // 4096 x 4096 by 32 and 94-102 us at 11008 x 4096 on the H200 (reading A: 17 and 45 us); this
 // kernel 42-43 and 78-80 us. At 64 and 128 columns it measured 0.83-0.96x of cuBLAS at 4096 x
 // 4096 (1.0-1.16x at 11008): there the three MMAs and the splits bind, so wider products stay
-// on cuBLAS. Earlier versions: f32 FMAs on the CUDA cores, 77-81 us at 4096 x 4096 (issue-bound
+// on cuBLAS. A 128-column tile (16 MMA tiles a warp, one block an SM, 255 registers) measured
+// 90-94 us against cuBLAS's 96-106 at 4096 x 4096 by 128 and 206 against 238-246 at 11008 x
+// 4096 (2026-11-29, sixth session), 1.02-1.20x for 4-6x the rounding error: mma.sync's TF32 rate
+// on Hopper leaves three MMAs a product little over f32 FMAs, so it was not kept. Earlier
+// versions: f32 FMAs on the CUDA cores, 77-81 us at 4096 x 4096 (issue-bound
 // at 8-12 warps an SM); 3xTF32 with rounding conversions, checked copies and 4 warps a block,
 // 55-69 us.
 //

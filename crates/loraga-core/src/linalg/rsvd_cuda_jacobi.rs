@@ -36,7 +36,11 @@ const GROUP: usize = 16;
 /// inside, which stalls the other lane, and a batch of Llama-2-7B's 224 layers at q = 32 took
 /// 286 ms with the kernel against 490 ms with syevd. So q ≤ 64: there syevd takes 906 µs, and
 /// the kernel runs 63 rounds a sweep (31 at q = 32, 127 at 128), each dearer than at q = 32 and
-/// cheaper than at 128; q = 64 itself has not been timed.
+/// cheaper than at 128; q = 64 itself has not been timed. Sixth session (call 2): with the
+/// limit at 128 (a register version of the kernel, since dropped), the 224-layer batch at r = 32
+/// took 893 ms against 1,031 with syevd, but one 4096² layer at q = 128 6.08 ms against 4.48,
+/// where issue 5 measures the single layer; syevd there is ~1.9 ms of GPU time (ncu: sytrd
+/// 0.41 ms, 254 launches of ormtr 1.26 ms, stedc ~0.25 ms).
 pub const JACOBI_MAX_Q: usize = 64;
 /// The kernel's own limit: (q/2)·GROUP threads ≤ 1024, Rᵀ in shared memory.
 const KERNEL_MAX_Q: usize = 128;
