@@ -10,38 +10,15 @@ Usage (on the GPU machine): python3 scripts/bench/pass_factor.py
 """
 import ctypes
 import os
-import statistics
 import sys
 
 import cupy as cp
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from core_eigen import LIB, check, ptr  # noqa: E402
+from core_eigen import LIB, check, core_matrix, ptr, time_call  # noqa: E402
 
 UPPER = 1
-
-
-def gram(q, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4 * q, q, generator=g, dtype=torch.float64) * torch.logspace(0, -3, q, dtype=torch.float64)
-    return (x.T @ x).cuda()
-
-
-def time_call(setup, call, warmup=5, reps=50):
-    for _ in range(warmup):
-        setup()
-        call()
-    times = []
-    for _ in range(reps):
-        setup()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        call()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
 
 
 def main():
@@ -56,18 +33,18 @@ def main():
     chol = mod.get_function("rsvd_orth_chol_inv")
     rows = []
     for q in [32, 64, 128]:
-        g0 = gram(q, q)
+        g0 = core_matrix(q, q).cuda()  # RᵀR: the Gram a pass factors, as the core's R gives it
         a = g0.clone()
         info = torch.zeros(1, dtype=torch.int32, device="cuda")
         lwork = ctypes.c_int()
         check(LIB.cusolverDnDpotrf_bufferSize(handle, UPPER, q, ptr(a), q, ctypes.byref(lwork)), "potrf_bs")
         work = torch.empty(max(lwork.value, 1), dtype=torch.float64, device="cuda")
         setup = lambda: a.copy_(g0)
-        rows.append((q, "cusolverDnDpotrf", time_call(setup, lambda: check(
+        rows.append((q, "cusolverDnDpotrf", time_call(stream, setup, lambda: check(
             LIB.cusolverDnDpotrf(handle, UPPER, q, ptr(a), q, ptr(work), lwork, ptr(info)), "potrf"))))
         aptr = torch.tensor([a.data_ptr()], dtype=torch.int64, device="cuda")
         infos = torch.zeros(1, dtype=torch.int32, device="cuda")
-        rows.append((q, "cusolverDnDpotrfBatched (1)", time_call(setup, lambda: check(
+        rows.append((q, "cusolverDnDpotrfBatched (1)", time_call(stream, setup, lambda: check(
             LIB.cusolverDnDpotrfBatched(handle, UPPER, q, ptr(aptr), q, ptr(infos), 1), "potrfBatched"))))
         params = ctypes.c_void_p()
         check(LIB.cusolverDnCreateParams(ctypes.byref(params)), "params")
@@ -77,7 +54,7 @@ def main():
                                               ctypes.byref(dbytes), ctypes.byref(hbytes)), "xpotrf_bs")
         dwork = torch.empty(max(dbytes.value, 8), dtype=torch.uint8, device="cuda")
         hwork = ctypes.create_string_buffer(max(hbytes.value, 8))
-        rows.append((q, "cusolverDnXpotrf", time_call(setup, lambda: check(
+        rows.append((q, "cusolverDnXpotrf", time_call(stream, setup, lambda: check(
             LIB.cusolverDnXpotrf(handle, params, UPPER, ctypes.c_int64(q), R64F, ptr(a), ctypes.c_int64(q), R64F,
                                  ptr(dwork), ctypes.c_size_t(dbytes.value), hwork, ctypes.c_size_t(hbytes.value), ptr(info)), "xpotrf"))))
         smem = (q * (q + 1) + 3 * q) * 8
@@ -88,16 +65,16 @@ def main():
         rinv = cp.zeros(q * q, dtype=cp.float64)
         flag = cp.zeros(1, dtype=cp.uint32)
         args = (gw, cp.int32(q), r32, rinv, flag, cp.uint32(2), cp.uint32(0), cp.float64(0.5))
-        rows.append((q, "loraga rsvd_orth_chol_inv (R and R⁻¹)", time_call(
+        rows.append((q, "loraga rsvd_orth_chol_inv (R and R⁻¹)", time_call(stream,
             lambda: gw.__setitem__(slice(None), ga), lambda: chol((1,), (512,), args, shared_mem=smem))))
         for m in [4096, 11008]:
             x0 = torch.randn(m, q, device="cuda").T.contiguous().T  # column-major [m, q]
             r = torch.linalg.cholesky(g0, upper=True).float()
             y = torch.empty_like(x0)
-            rows.append((q, f"X R⁻¹, X [{m}, {q}]: torch.linalg.solve_triangular (STRSM)", time_call(
+            rows.append((q, f"X R⁻¹, X [{m}, {q}]: torch.linalg.solve_triangular (STRSM)", time_call(stream,
                 lambda: None, lambda: torch.linalg.solve_triangular(r, x0, upper=True, left=False, out=y))))
             w = torch.linalg.inv(r.double()).float()
-            rows.append((q, f"X R⁻¹, X [{m}, {q}]: SGEMM with R⁻¹", time_call(lambda: None, lambda: torch.mm(x0, w, out=y))))
+            rows.append((q, f"X R⁻¹, X [{m}, {q}]: SGEMM with R⁻¹", time_call(stream, lambda: None, lambda: torch.mm(x0, w, out=y))))
     print("| q | step | median us |\n|---:|---|---:|")
     for q, name, us in rows:
         print(f"| {q} | {name} | {us:.1f} |")
