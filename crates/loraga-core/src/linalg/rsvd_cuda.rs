@@ -43,8 +43,9 @@
 //! - [`CudaRsvd::run_batch`] returns them on the host: before queueing layer i it copies layer
 //!   i − 2's U, S, Vᵀ and flag out of that lane's workspace, which waits for that lane only.
 //! - [`CudaRsvd::run_batch_device`] leaves U and Vᵀ on the device ([`CudaTruncatedSvd`]): each
-//!   layer writes buffers of its own, nothing waits between layers, and the host reads the flags
-//!   and singular values once at the end.
+//!   layer writes buffers of its own, nothing waits between layers, each lane is queued from a
+//!   host thread of its own (cuSOLVER's syevd waits on the host inside), and the host reads the
+//!   flags and singular values once at the end.
 //!
 //! Flagged layers are redone after the batch by the host path on the device's own stream (one
 //! sync per CholeskyQR pass each). NaN/Inf in an input need no pass of their own: a non-finite
