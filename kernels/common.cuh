@@ -18,3 +18,21 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
 
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Split reductions with a fixed summation order: each of `count` blocks publishes its partial
+// result, then calls this with every thread; it returns true in the last block to arrive at
+// `ticket`, which then sees every other block's writes and can sum them in a fixed order (so the
+// result does not depend on which block finished when). That block resets the ticket to zero for
+// the next launch on the same buffer. A __syncthreads at entry and exit, like any barrier.
+__device__ __forceinline__ bool last_to_arrive(unsigned int* ticket, unsigned int count) {
+    __shared__ bool last;
+    __threadfence();  // this block's partial is visible before its ticket
+    __syncthreads();
+    if (threadIdx.x + threadIdx.y + threadIdx.z == 0) {
+        last = atomicAdd(ticket, 1u) == count - 1;
+        if (last) *ticket = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();  // and the others' partials before this block reads them
+    return last;
+}

@@ -78,7 +78,6 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
     // (one column per lane) on distinct banks.
     __shared__ double xa[GRAM_TILE][GRAM_ROWS + 1];
     __shared__ double xb[GRAM_TILE][GRAM_ROWS + 1];
-    __shared__ bool last;
     const int nt = ceil_div(q, GRAM_TILE);
     const int pair = blockIdx.x, chunk = blockIdx.y, pairs = gridDim.x;
     int ti, tj;
@@ -130,16 +129,9 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
     // (a second ticket per pair) sums the group partials in group order into G. Two levels of at
     // most SUM_GROUP loads an entry, all in flight at once: a single level over all chunks waited
     // on L2 latency once per SUM_GROUP chunks.
-    __threadfence();
-    __syncthreads();
     const int groups = ceil_div(chunks, SUM_GROUP), group = chunk / SUM_GROUP;
     const int first = group * SUM_GROUP, count = min(SUM_GROUP, chunks - first);
-    unsigned int* group_ticket = tickets + pair * MAX_GROUPS + group;
-    if (t == 0) last = atomicAdd(group_ticket, 1u) == (unsigned int)(count - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    if (t == 0) *group_ticket = 0;  // ready for the next launch on this workspace
+    if (!last_to_arrive(tickets + pair * MAX_GROUPS + group, count)) return;
     // Sum of `n` (≤ SUM_GROUP) runs of this thread's four entries, `stride` doubles apart, in order.
     auto sum_runs = [&](const double* base, int n, i64 stride, double (&out)[4]) {
         double v[SUM_GROUP][4];
@@ -162,14 +154,7 @@ rsvd_orth_gram(const float* __restrict__ x, int rows, int q, int chunk_rows, int
         double* group_partials = partials + (i64)MAX_CHUNKS * pairs * tile;
 #pragma unroll
         for (int k = 0; k < 4; ++k) group_partials[((i64)group * pairs + pair) * tile + entry + GRAM_TILE * 8 * k] = s[k];
-        __threadfence();
-        __syncthreads();
-        unsigned int* pair_ticket = tickets + pairs * MAX_GROUPS + pair;
-        if (t == 0) last = atomicAdd(pair_ticket, 1u) == (unsigned int)(groups - 1);
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
-        if (t == 0) *pair_ticket = 0;
+        if (!last_to_arrive(tickets + pairs * MAX_GROUPS + pair, groups)) return;
         sum_runs(group_partials + (i64)pair * tile + entry, groups, (i64)pairs * tile, s);
     }
 #pragma unroll

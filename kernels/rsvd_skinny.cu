@@ -192,7 +192,6 @@ template <bool TRANS, bool VEC> struct Skinny {
                                unsigned* __restrict__ tickets) {
         extern __shared__ float4 smem4[];
         float* smem = reinterpret_cast<float*>(smem4);
-        __shared__ bool last;
         const int t = threadIdx.x, warp = t / 32;
         const int kg = t / TT, tw = warp % (TT / 32);
         const int wrow = (tw % 4) * 32, wcol = (tw / 4) * 8 * NT;
@@ -258,15 +257,7 @@ template <bool TRANS, bool VEC> struct Skinny {
             for (int e = 0; e < ACC; e += 4)
                 __stcg(reinterpret_cast<float4*>(mine + e), make_float4(flat[e], flat[e + 1], flat[e + 2], flat[e + 3]));
         }
-        __threadfence();
-        __syncthreads();
-        if (t == 0) {
-            last = atomicAdd(tickets + tile, 1u) == (unsigned)(splits - 1);
-            if (last) tickets[tile] = 0;  // ready for the next launch
-        }
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
+        if (!last_to_arrive(tickets + tile, splits)) return;
         // The last block sums the splits in order, every thread a half of one tile thread's run,
         // two splits' loads in flight at a time.
         constexpr int HALF = ACC / KG;
