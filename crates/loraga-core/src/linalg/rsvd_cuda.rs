@@ -450,9 +450,9 @@ impl CudaRsvd {
     /// Queues every layer on its lane, each lane from a host thread of its own: cuSOLVER's syevd
     /// (the core above q = 64) waits on the host inside, and from one thread that wait also held
     /// back the other lane's queueing, so the lanes seldom overlapped. A lane's launches, and so
-    /// its results, are the same whichever thread queues them.
-    /// One layer is queued from this thread: starting threads costs ~0.1 ms, a tenth of a small
-    /// layer (measured on the H200: 4096², q = 32 in 1.110 ms with them, 0.990 without).
+    /// its results, are the same whichever thread queues them. One layer is queued from this
+    /// thread: starting threads costs ~0.1 ms, a tenth of a small layer (measured on the H200:
+    /// 4096², q = 32 in 1.110 ms with them, 0.990 without).
     fn queue_from_lane_threads(&self, layers: &[Queued<'_>], niter: usize) -> Result<()> {
         if layers.len() < 2 {
             return layers.iter().enumerate().try_for_each(|(i, layer)| self.queue(i, layer, niter));
@@ -470,16 +470,15 @@ impl CudaRsvd {
                     })
                 })
                 .collect();
-            let mut first = Ok(());
-            for t in threads {
-                let done = t
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::InvalidArgument(format!("{OP}: a lane's host thread panicked"))));
-                if first.is_ok() {
-                    first = done;
-                }
-            }
-            first
+            // Join every thread, then report the first lane's error.
+            let done: Vec<Result<()>> = threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(Error::InvalidArgument(format!("{OP}: a lane's host thread panicked"))))
+                })
+                .collect();
+            done.into_iter().collect()
         })
     }
 
