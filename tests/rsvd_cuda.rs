@@ -1,7 +1,7 @@
 //! GPU randomized SVD (`loraga_core::linalg::rsvd_cuda`) against the exact SVD and the CPU path
 //! with the same Ω, on matrices with a known, decaying spectrum; its two paths (all on the device,
 //! and the host-assisted fallback for flagged layers) each shown to be the one that ran; one
-//! CholeskyQR pass of the fused kernels (q up to the shared-memory limit; cuSOLVER and cuBLAS
+//! CholeskyQR pass of the fused kernels (q up to 128; cuSOLVER and cuBLAS
 //! above it, both covered by the spectra) against an f64 CPU CholeskyQR; and cuSOLVER's gesvdr
 //! wrapper that the bench compares against. Every test needs a CUDA GPU and
 //! fails without one (run with `--include-ignored`). Inputs are fresh each run: the seed comes
@@ -55,10 +55,10 @@ fn decaying_spectra_match_the_exact_svd_and_the_cpu_path() {
         Case { m: 1024, n: 4096, q: 32, decay: inverse_square },
         Case { m: 700, n: 600, q: 256, decay: harmonic },
     ];
-    // q ≤ the fused limit runs CholeskyQR's passes in loraga's kernels, q = 128 and 256 in cuSOLVER's
+    // q ≤ the fused limit runs CholeskyQR's passes in loraga's kernels, q = 256 in cuSOLVER's
     // and cuBLAS's: both implementations must be covered here.
     let limit = cholesky_qr_fused_max_q(&dev);
-    assert!((32..128).contains(&limit), "fused CholeskyQR limit {limit}: the cases no longer cover both paths");
+    assert!((128..256).contains(&limit), "fused CholeskyQR limit {limit}: the cases no longer cover both paths");
     // These spectra are well conditioned for CholeskyQR2 (cond ≤ ~1e4): the device path must
     // handle every one of them without the host fallback.
     let mut plan = CudaRsvd::new(&dev, GemmMath::Fp32);
@@ -437,10 +437,11 @@ fn fused_cholesky_qr_pass_matches_an_f64_reference() {
     let mut rng = StdRng::seed_from_u64(test_seed());
     let limit = cholesky_qr_fused_max_q(&dev);
     // Ragged rows (not multiples of the kernels' 32-row chunks) and q inside one Gram tile, one
-    // full tile (the bench's 4096, q = 32), over two tiles with a ragged last one, and at the
-    // limit 64 (wider panels take cuSOLVER's and cuBLAS's pass: the spectra test covers both,
-    // the end of this one the refusal).
-    for (rows, q) in [(1000, 24), (4096, 32), (517, 45), (3001, 64)] {
+    // full tile (the bench's 4096, q = 32), over two tiles with a ragged last one, at the full
+    // width of each Cholesky instance (32, 64, 128), and below the widest one's (100: padded
+    // with I). Wider panels take cuSOLVER's and cuBLAS's pass: the spectra test covers both, the
+    // end of this one the refusal.
+    for (rows, q) in [(1000, 24), (4096, 32), (517, 45), (3001, 64), (777, 100), (4096, 128)] {
         let what = format!("{rows}x{q}");
         let x = panel_with_condition(&mut rng, rows, q, 1e4);
         let mut dx = upload(&dev, &x);
@@ -496,7 +497,7 @@ fn fused_cholesky_qr_pass_matches_an_f64_reference() {
     // Failures raise their bit and leave the panel as it was, inside one Gram tile and over two.
     // A first-pass panel is far from orthonormal, so the Gram check flags it (bit 1) while the
     // Cholesky succeeds.
-    for q in [20, 40] {
+    for q in [20, 40, 100] {
         let rows = 300;
         let x = panel_with_condition(&mut rng, rows, q, 1e3);
         let mut dx = upload(&dev, &x);

@@ -13,17 +13,14 @@
 //!   NaN carries through the products to the final basis's checked pass. At niter = 4 that is
 //!   12 passes a layer instead of 20, with the same results to the tests' tolerances.
 //! A pass has two implementations, picked by q alone (one rule for every pass of every layer):
-//! - q ≤ the lane's `fused_max_q` (64 on an A100 or H200): three kernels of our own
+//! - q ≤ the lane's `fused_max_q` (128 on an A100 or H200): three kernels of our own
 //!   ([`super::rsvd_cuda_orth`]): the f64 Gram straight from the f32 X, Cholesky and the f64
-//!   inverse R⁻¹ in one block's shared memory (with this pass's checks), and X ← X R⁻¹ with f64
-//!   accumulation. On the H200 at q = 32 (ncu, 2026-11-29) a pass of cuSOLVER's and cuBLAS's
-//!   small kernels took ~45 µs, these three 40.6 µs, of which the one-block Cholesky is 19
-//!   (ncu: 16 warps issuing ~4,000 instructions each, mostly loop and barrier overhead). The
-//!   same elimination in one warp, a lane per column, measured 62.7 µs, and a row a lane with
-//!   everything in registers 33.5 µs, so neither was kept.
-//! - larger q (one block's Cholesky would be slower than potrf, see there): exact widening + DGEMM for G,
-//!   cuSOLVER potrf, R rounded to f32 with zeros below the diagonal, cuBLAS STRSM, and the
-//!   Gram check as a kernel of its own. There the products with A dominate anyway.
+//!   inverse R⁻¹ in one block (with this pass's checks), and X ← X R⁻¹ with f64 accumulation.
+//!   On the H200 a pass of these takes 35 / 38 / 102 µs at q = 32 / 64 / 128 on 4096 rows,
+//!   cuSOLVER's and cuBLAS's small kernels 84 / 82 / 163 (scripts/bench/orth_pass.py).
+//! - larger q: exact widening + DGEMM for G, cuSOLVER potrf, R rounded to f32 with zeros below
+//!   the diagonal, cuBLAS STRSM, and the Gram check as a kernel of its own. There the products
+//!   with A dominate anyway.
 //!
 //! The f64 Gram lets Cholesky succeed up to cond(X) ≈ 1e7; the first pass leaves X with
 //! orthogonality error ≈ u₃₂·cond(X) at worst (the STRSM; the fused pass's f64 R⁻¹ does

@@ -1,5 +1,5 @@
 //! One CholeskyQR pass of the GPU randomized SVD's device path ([`super::rsvd_cuda_device`]) in
-//! three kernels of our own (`kernels/rsvd_orth.cu`), for q ≤ [`cholesky_qr_fused_max_q`]: 64
+//! three kernels of our own (`kernels/rsvd_orth.cu`), for q ≤ [`cholesky_qr_fused_max_q`]: 128
 //! ([`FUSED_MAX_Q`]), or less where one block's shared memory cannot hold an f64 q × q matrix.
 //!
 //! With X the column-major f32 panel [rows, q]:
@@ -24,17 +24,23 @@
 //! price in, and anything beyond them raises the flag: the host-assisted fallback redoes the
 //! layer.
 //!
-//! Why by q: the fused pass needs the whole q × q factor in one block's shared memory, and its
-//! one-block Cholesky does ~q³/3 f64 updates on one SM, bound by that SM's shared-memory
-//! bandwidth. Measured on an H200 (4096 × 4096, niter = 4, ncu): at q = 32 the three kernels
-//! took ~49 µs a pass before tuning and 40.6 µs after (Cholesky 20.1, Gram 14.9, apply 5.6; the
-//! Gram 9.9 since its sums take two levels), at
-//! q = 128 the Cholesky alone 242 µs a launch (apply 57 µs,
-//! gram 27 µs), far slower than cuSOLVER's blocked potrf and cuBLAS's STRSM (~45 µs a pass,
-//! mostly launch latency). So [`cholesky_qr_fused_max_q`] is min([`FUSED_MAX_Q`], what the
-//! shared memory holds); above it the pass keeps cuSOLVER and cuBLAS, whose launch latencies
-//! matter less there because the products with A grow with q. One rule, decided per pass by q
-//! alone (the plan computes the limit once per device), so a layer takes the same path on every run.
+//! Why by q: the fused pass needs the whole q × q factor in one block (registers for the
+//! elimination, shared memory to stage it and R⁻¹), so it stops at [`FUSED_MAX_Q`] = 128 and at
+//! what the device's shared memory holds; above that the pass keeps cuSOLVER's potrf and
+//! cuBLAS's STRSM. The Cholesky and the apply come in instances for widths 32, 64 and 128 (q
+//! padded with I up to the next), picked by q alone, so a layer takes the same path on every
+//! run. Measured on an H200 (`python3 scripts/bench/orth_pass.py`, a pass at 4096 rows, µs):
+//!
+//! | q | Cholesky + R⁻¹ | X R⁻¹ | the library pass (DGEMM Gram, potrf, STRSM) |
+//! |---:|---:|---:|---:|
+//! | 32 | 13 (version 1: 13-19) | 10 | 84 |
+//! | 64 | 19 (version 1: 54) | 7 | 82 |
+//! | 128 | 67 (version 1: 232) | 16 (version 1: 18) | 163 |
+//!
+//! Version 1 kept the elimination in shared memory with a barrier a step; version 2 keeps it in
+//! registers and runs it by panels of four rows (kernels/rsvd_orth.cu). At q = 128 the panel
+//! owner's chain of pivots and the other warps' f64 FMAs still leave it far from the ~10 µs that
+//! its arithmetic needs.
 
 use std::sync::Arc;
 
@@ -46,12 +52,15 @@ use crate::cuda::{CudaDevice, CudaSlices, CudaStorage};
 use crate::error::{Error, Result};
 
 const MODULE: &str = "rsvd_orth";
-/// Must match the kernels' GRAM_TILE, CHOL_THREADS and APPLY_ROWS/APPLY_THREADS.
+/// Must match the kernels' GRAM_TILE, CHOL_ROWS(Q) and APPLY_ROWS/APPLY_THREADS.
 const GRAM_TILE: usize = 32;
+/// Rows rsvd_orth_gram stages a step (its GRAM_ROWS): chunks are multiples of it.
+const GRAM_ROWS: usize = 32;
 const GRAM_THREADS: u32 = 256;
-const CHOL_THREADS: usize = 512;
-const APPLY_ROWS: usize = 32;
-const APPLY_THREADS: u32 = 256;
+/// The widths rsvd_orth_chol_inv and rsvd_orth_apply are instantiated for (`…_<w>`).
+const CHOL_WIDTHS: [usize; 3] = [32, 64, 128];
+const APPLY_ROWS: usize = 64;
+const APPLY_THREADS: u32 = 512;
 /// At most this many row chunks per Gram tile (the kernel's MAX_CHUNKS = SUM_GROUP ·
 /// MAX_GROUPS; the partials and tickets are sized for it), each at least about GRAM_MIN_ROWS
 /// rows: a block waits on memory once per 32-row step, and the two levels of sums (groups of
@@ -61,10 +70,20 @@ const MAX_CHUNKS: usize = 64;
 const MAX_GROUPS: usize = 8;
 const GRAM_MIN_ROWS: usize = 64;
 
-/// Dynamic shared memory of rsvd_orth_chol_inv for q: G/R/E with leading dimension q + 1, R's
-/// diagonal, its reciprocals and the pivots' reciprocals.
-fn chol_shared_bytes(q: usize) -> usize {
-    (q * (q + 1) + 3 * q) * std::mem::size_of::<f64>()
+/// The kernels' instance for q: the smallest width that holds it (None above 128).
+fn chol_width(q: usize) -> Option<usize> {
+    CHOL_WIDTHS.into_iter().find(|&w| q <= w)
+}
+
+/// Rows of rsvd_orth_chol_inv_<w>'s working matrix a warp owns (the kernel's CHOL_ROWS(Q)).
+fn chol_rows(_w: usize) -> usize {
+    4
+}
+
+/// Dynamic shared memory of rsvd_orth_chol_inv_<w>: G/R/E with leading dimension w + 1 (the
+/// published panels while it is free), R's diagonal, its reciprocals, the pivots' reciprocals.
+fn chol_shared_bytes(w: usize) -> usize {
+    (w * (w + 1) + 3 * w) * std::mem::size_of::<f64>()
 }
 
 /// Dynamic shared memory of rsvd_orth_apply for q: R⁻¹ in f64, then a chunk of X in f32.
@@ -72,9 +91,9 @@ fn apply_shared_bytes(q: usize) -> usize {
     q * q * std::mem::size_of::<f64>() + APPLY_ROWS * q * std::mem::size_of::<f32>()
 }
 
-/// The largest q the fused pass takes on any device: beyond it the one-block Cholesky costs more
-/// than cuSOLVER's blocked potrf (see the module docs).
-pub const FUSED_MAX_Q: usize = 64;
+/// The largest q the fused pass takes on any device: the widest rsvd_orth_chol_inv instance
+/// (beyond it the working matrix no longer fits one block's registers).
+pub const FUSED_MAX_Q: usize = 128;
 
 /// The largest q the fused pass takes on `dev`: [`FUSED_MAX_Q`], or less where the factor (or
 /// the apply's R⁻¹ and chunk of X) does not fit one block's opt-in shared memory (less 1 KiB for
@@ -89,7 +108,8 @@ fn fused_max_q(optin: usize) -> usize {
 
 fn max_q_for_shared_memory(optin: usize) -> usize {
     let budget = optin.saturating_sub(1024);
-    let fits = |q: usize| chol_shared_bytes(q) <= budget && apply_shared_bytes(q) <= budget;
+    let fits =
+        |q: usize| chol_width(q).is_some_and(|w| chol_shared_bytes(w) <= budget) && apply_shared_bytes(q) <= budget;
     (1..).take_while(|&q| fits(q)).last().unwrap_or(0)
 }
 
@@ -98,7 +118,7 @@ fn max_q_for_shared_memory(optin: usize) -> usize {
 /// at most MAX_CHUNKS (the partials buffer's size), chunk_rows a multiple of the staged rows.
 fn gram_chunks(rows: usize, q: usize, sms: usize) -> (usize, usize) {
     let want = (2 * sms).div_ceil(pairs(q)).min(rows.div_ceil(GRAM_MIN_ROWS));
-    let chunk_rows = rows.div_ceil(want.clamp(1, MAX_CHUNKS)).next_multiple_of(GRAM_TILE);
+    let chunk_rows = rows.div_ceil(want.clamp(1, MAX_CHUNKS)).next_multiple_of(GRAM_ROWS);
     (chunk_rows, rows.div_ceil(chunk_rows))
 }
 
@@ -171,32 +191,36 @@ pub(super) fn fused_pass(
     // kernel expects.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_gram)"))?;
 
-    let bytes = chol_shared_bytes(q);
-    let f = dev.function_with_shared_memory(MODULE, "rsvd_orth_chol_inv", bytes)?;
-    let cfg =
-        LaunchConfig { grid_dim: (1, 1, 1), block_dim: (CHOL_THREADS as u32, 1, 1), shared_mem_bytes: bytes as u32 };
+    let w =
+        chol_width(q).ok_or_else(|| Error::shape("rsvd_orth_chol_inv", format!("q = {q} is over {FUSED_MAX_Q}")))?;
+    let bytes = chol_shared_bytes(w);
+    let f = dev.function_with_shared_memory(MODULE, &format!("rsvd_orth_chol_inv_{w}"), bytes)?;
+    let threads = (32 * w / chol_rows(w)) as u32;
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: bytes as u32 };
     let mut launch = stream.launch_builder(&f);
     launch.arg(&b.gram).arg(&q_i).arg(&b.r32).arg(&b.rinv).arg(&b.flag);
     launch.arg(&checks.chol_bit).arg(&checks.gram_bit).arg(&checks.gram_tol);
-    // SAFETY: rsvd_orth_chol_inv(double*, int, float*, double*, unsigned*, unsigned, unsigned,
-    // double): gram and rinv q*q f64, r32 q*q f32, flag one u32; one block of CHOL_THREADS
-    // with the dynamic shared memory chol_shared_bytes(q), which cholesky_qr_fused_max_q
-    // keeps in range.
+    // SAFETY: rsvd_orth_chol_inv_<w>(double*, int, float*, double*, unsigned*, unsigned, unsigned,
+    // double) with q <= w: gram and rinv q*q f64, r32 q*q f32, flag one u32; one block of
+    // 32*w/chol_rows(w) threads (its launch bounds) with the dynamic shared memory
+    // chol_shared_bytes(w), which cholesky_qr_fused_max_q keeps in range.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_chol_inv)"))?;
 
     // R⁻¹ in f64, then a chunk of X in f32; each block stages R⁻¹ once, so no more blocks than
-    // twice the SMs (more rows each on tall panels).
+    // fit on the SMs at once (more rows each on tall panels).
     let bytes = apply_shared_bytes(q);
-    let f = dev.function_with_shared_memory(MODULE, "rsvd_orth_apply", bytes)?;
+    let f = dev.function_with_shared_memory(MODULE, &format!("rsvd_orth_apply_{w}"), bytes)?;
+    let per_sm = (dev.shared_memory_per_block_optin() / bytes.max(1)).clamp(1, 4);
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(APPLY_ROWS).min(2 * dev.sm_count()) as u32, 1, 1),
+        grid_dim: (rows.div_ceil(APPLY_ROWS).min(per_sm * dev.sm_count()) as u32, 1, 1),
         block_dim: (APPLY_THREADS, 1, 1),
         shared_mem_bytes: bytes as u32,
     };
     let mut launch = stream.launch_builder(&f);
     launch.arg(&x).arg(&rows_i).arg(&q_i).arg(&b.rinv);
-    // SAFETY: rsvd_orth_apply(float*, int, int, const double*): x rows*q f32, rinv q*q f64,
-    // q*q f64 + APPLY_ROWS*q f32 of dynamic shared memory (grid-stride over the row chunks).
+    // SAFETY: rsvd_orth_apply_<w>(float*, int, int, const double*) with q <= w: x rows*q f32,
+    // rinv q*q f64, q*q f64 + APPLY_ROWS*q f32 of dynamic shared memory (grid-stride over the
+    // row chunks), APPLY_THREADS threads (its launch bounds).
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_apply)"))?;
     Ok(())
 }
@@ -261,18 +285,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_fused_limit_is_64_or_what_the_opt_in_shared_memory_holds() {
-        // H200 / H100 (227 KiB) and A100 (163 KiB) opt-in limits per block hold more than 64;
-        // the default 48 KiB holds 64 too; 32 KiB does not.
-        for (optin, fits) in [(232_448, 162), (166_912, 136), (49_152, 69), (32_768, 55)] {
+    fn the_fused_limit_is_128_or_what_the_opt_in_shared_memory_holds() {
+        // H200 / H100 (227 KiB) and A100 (163 KiB) opt-in limits per block hold the 128-wide
+        // Cholesky (132 KiB) and the apply's R⁻¹ with a chunk of X (160 KiB); the default 48 KiB
+        // holds the 64-wide Cholesky (34 KiB) but the apply only up to q = 63; 32 KiB only the
+        // 32-wide Cholesky.
+        for (optin, fits) in [(232_448, 128), (166_912, 128), (49_152, 63), (32_768, 32)] {
             let q = max_q_for_shared_memory(optin);
             assert_eq!(q, fits, "opt-in {optin}");
-            let need = |q: usize| chol_shared_bytes(q).max(apply_shared_bytes(q)) + 1024;
-            assert!(need(q) <= optin && need(q + 1) > optin, "opt-in {optin}");
-            assert_eq!(fused_max_q(optin), fits.min(FUSED_MAX_Q), "opt-in {optin}");
+            let need = |q: usize| chol_width(q).map(|w| chol_shared_bytes(w).max(apply_shared_bytes(q)) + 1024);
+            assert!(need(q).unwrap() <= optin && need(q + 1).is_none_or(|n| n > optin), "opt-in {optin}");
+            assert_eq!(fused_max_q(optin), fits, "opt-in {optin}");
         }
-        assert_eq!(FUSED_MAX_Q, 64);
+        assert_eq!(FUSED_MAX_Q, 128);
         assert_eq!(fused_max_q(0), 0);
+        assert_eq!(
+            [1, 32, 33, 64, 65, 128, 129].map(chol_width),
+            [Some(32), Some(32), Some(64), Some(64), Some(128), Some(128), None]
+        );
     }
 
     #[test]
@@ -284,7 +314,7 @@ mod tests {
                     let (chunk_rows, chunks) = gram_chunks(rows, q, sms);
                     let what = format!("rows {rows}, q {q}, {sms} SMs: {chunks} x {chunk_rows}");
                     assert!((1..=MAX_CHUNKS).contains(&chunks), "{what}");
-                    assert_eq!(chunk_rows % GRAM_TILE, 0, "{what}");
+                    assert_eq!(chunk_rows % GRAM_ROWS, 0, "{what}");
                     assert!(chunks * chunk_rows >= rows && (chunks - 1) * chunk_rows < rows, "{what}");
                     assert!(chunks * pairs(q) * GRAM_TILE * GRAM_TILE <= partials_len(q), "{what}");
                     assert!(chunks <= rows.div_ceil(GRAM_MIN_ROWS), "{what}");
