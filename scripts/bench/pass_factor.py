@@ -2,7 +2,7 @@
 """The q x q step of one CholeskyQR pass at q = 32, 64, 128, timed alone (CUDA events, median of
 50 after 5 warm-ups, a fresh copy of the Gram each run outside the timing): cuSOLVER's Dpotrf,
 DpotrfBatched (a batch of one) and Xpotrf (64-bit API), and loraga's one-block
-rsvd_orth_chol_inv (kernels/rsvd_orth.cu: Cholesky and R⁻¹ in f64); then X R⁻¹ for X f32
+rsvd_orth_chol_inv_<q> (kernels/rsvd_orth.cu: Cholesky and R⁻¹ in f64); then X R⁻¹ for X f32
 [rows, q] by cuBLAS STRSM (what the pass runs above q = 64) against an SGEMM with R⁻¹ rounded to
 f32. Event times of calls this small include the launch and Python's overhead (~25 us: the
 SGEMM rows are mostly that); ncu gives the kernels' own times. Prints a markdown table.
@@ -30,7 +30,6 @@ def main():
     kernels = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "kernels")
     src = open(os.path.join(kernels, "rsvd_orth.cu")).read()
     mod = cp.RawModule(code=src, options=("-I", kernels, "--std=c++17"))
-    chol = mod.get_function("rsvd_orth_chol_inv")
     rows = []
     for q in [32, 64, 128]:
         g0 = core_matrix(q, q).cuda()  # RᵀR: the Gram a pass factors, as the core's R gives it
@@ -57,7 +56,9 @@ def main():
         rows.append((q, "cusolverDnXpotrf", time_call(stream, setup, lambda: check(
             LIB.cusolverDnXpotrf(handle, params, UPPER, ctypes.c_int64(q), R64F, ptr(a), ctypes.c_int64(q), R64F,
                                  ptr(dwork), ctypes.c_size_t(dbytes.value), hwork, ctypes.c_size_t(hbytes.value), ptr(info)), "xpotrf"))))
-        smem = (q * (q + 1) + 3 * q) * 8
+        # rsvd_cuda_orth.rs's launch: the instance for q's width, 32*w/4 threads (CHOL_ROWS = 4).
+        chol = mod.get_function(f"rsvd_orth_chol_inv_{q}")
+        smem, threads = (q * (q + 1) + 3 * q) * 8, 32 * q // 4
         chol.max_dynamic_shared_size_bytes = smem
         ga = cp.asarray(g0)
         gw = ga.copy()
@@ -65,8 +66,8 @@ def main():
         rinv = cp.zeros(q * q, dtype=cp.float64)
         flag = cp.zeros(1, dtype=cp.uint32)
         args = (gw, cp.int32(q), r32, rinv, flag, cp.uint32(2), cp.uint32(0), cp.float64(0.5))
-        rows.append((q, "loraga rsvd_orth_chol_inv (R and R⁻¹)", time_call(stream,
-            lambda: gw.__setitem__(slice(None), ga), lambda: chol((1,), (512,), args, shared_mem=smem))))
+        rows.append((q, f"loraga rsvd_orth_chol_inv_{q} (R and R⁻¹)", time_call(stream,
+            lambda: gw.__setitem__(slice(None), ga), lambda: chol((1,), (threads,), args, shared_mem=smem))))
         for m in [4096, 11008]:
             x0 = torch.randn(m, q, device="cuda").T.contiguous().T  # column-major [m, q]
             r = torch.linalg.cholesky(g0, upper=True).float()
