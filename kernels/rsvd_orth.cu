@@ -27,17 +27,17 @@
 //       then R = R⁻¹ = I are written instead, so the following apply leaves X as it was (a
 //       NaN's row aside): finite stays finite, and the flagged layer is redone by the
 //       host-assisted fallback anyway.
-//   rsvd_orth_apply(x, rows, q, rinv):
+//   rsvd_orth_apply_<Q>(x, rows, q, rinv), Q = 32, 64, 128, for q <= Q:
 //       X ← X R⁻¹ in place, f64 accumulation over the f32 X and f64 R⁻¹, rounded to f32 once.
-//       Each block stages R⁻¹ (f64 q x q) in shared memory once, then owns 32-row chunks
+//       Each block stages R⁻¹ (f64 q x q) in shared memory once, then owns APPLY_ROWS-row chunks
 //       (grid-stride): it stages its chunk of X (all q columns) in shared memory before writing
 //       any of it.
 //
 // Launch: gram with GRAM_THREADS threads and no dynamic shared memory; chol_inv_<Q> as one block
-// of 32*Q/CHOL_ROWS(Q) threads with (Q*(Q + 1) + 3*Q) doubles of dynamic shared memory (the host
+// of 32*Q/CHOL_ROWS threads with (Q*(Q + 1) + 3*Q) doubles of dynamic shared memory (the host
 // takes the smallest Q >= q and checks that it fits the device); apply with APPLY_THREADS
-// threads and q*q doubles then APPLY_ROWS*q floats of dynamic shared memory (40 KiB at q = 64,
-// 144 KiB at 128).
+// threads and q*q doubles then APPLY_ROWS*q floats of dynamic shared memory (48 KiB at q = 64,
+// 160 KiB at 128).
 //
 // Failure is reported, not acted on (as in rsvd_factor.cu): bits ORed into the layer's u32 flag,
 // tests written so that NaN raises them.
@@ -57,11 +57,11 @@
 #define SUM_GROUP 8
 #define MAX_GROUPS 8
 #define MAX_CHUNKS (SUM_GROUP * MAX_GROUPS)
-// Rows of the Cholesky's working matrix a warp owns (its register tile is CHOL_ROWS(Q) x Q/32
-// per lane), which is also a panel. Four measured faster than eight at every Q (ncu on an H200:
+// Rows of the Cholesky's working matrix a warp owns (its register tile is CHOL_ROWS x Q/32 per
+// lane), which is also a panel. Four measured faster than eight at every Q (ncu on an H200:
 // 11.3 / 23.5 / 73.2 us against 14.2 / 25.5 / 76.9 at Q = 32 / 64 / 128), and sixteen at 128
 // took 140; at 128 the 1024 threads' 64 registers spill a few values (ptxas: 84 bytes).
-#define CHOL_ROWS(Q) 4
+#define CHOL_ROWS 4
 #define APPLY_ROWS 64
 #define APPLY_THREADS 512
 
@@ -196,16 +196,16 @@ struct Pivots {
     }
 };
 
-// Panel steps k = row0 .. row0 + ROWS − 1 on the warp's own rows (the panel), then the rows
+// Panel steps k = row0 .. row0 + CHOL_ROWS − 1 on the warp's own rows (the panel), then the rows
 // published into `panel`. V is the tile column holding the panel's columns, a template
 // parameter so that the tile is indexed by constants only (an index known at run time moves the
 // whole tile to local memory) and only the diagonal's column is touched, not selected over.
-template <int Q, int ROWS, int V>
-__device__ __forceinline__ void own_panel(double (&a)[ROWS][Q / 32], double* panel, int row0, int lane,
+template <int Q, int V>
+__device__ __forceinline__ void own_panel(double (&a)[CHOL_ROWS][Q / 32], double* panel, int row0, int lane,
                                           const Pivots& pv) {
     constexpr int COLS = Q / 32;
 #pragma unroll
-    for (int kl = 0; kl < ROWS; ++kl) {
+    for (int kl = 0; kl < CHOL_ROWS; ++kl) {
         const int k = row0 + kl;
         const double x = a[kl][V];  // this lane's entry of row k among the panel's columns
         const double d = __shfl_sync(0xffffffffu, x, k % 32);
@@ -215,7 +215,7 @@ __device__ __forceinline__ void own_panel(double (&a)[ROWS][Q / 32], double* pan
         // the update there (the pivot row's entry at column k counts as 0).
         const bool diagonal = lane == k % 32;
 #pragma unroll
-        for (int u = kl + 1; u < ROWS; ++u) {
+        for (int u = kl + 1; u < CHOL_ROWS; ++u) {
             const double m = __shfl_sync(0xffffffffu, x, (row0 + u) % 32) * inv_d;
 #pragma unroll
             for (int v = 0; v < COLS; ++v)
@@ -223,65 +223,65 @@ __device__ __forceinline__ void own_panel(double (&a)[ROWS][Q / 32], double* pan
         }
     }
 #pragma unroll
-    for (int kl = 0; kl < ROWS; ++kl)
+    for (int kl = 0; kl < CHOL_ROWS; ++kl)
 #pragma unroll
         for (int v = 0; v < COLS; ++v)
             panel[kl * Q + lane + 32 * v] = v == V && lane == (row0 + kl) % 32 ? 0.0 : a[kl][v];
 }
 
 // Panel p's steps (published in `panel`) on a later warp's rows; V as above.
-template <int Q, int ROWS, int V>
-__device__ __forceinline__ void apply_panel(double (&a)[ROWS][Q / 32], const double* panel, int p, int row0,
+template <int Q, int V>
+__device__ __forceinline__ void apply_panel(double (&a)[CHOL_ROWS][Q / 32], const double* panel, int p, int row0,
                                             int lane, const double* pivot_inv) {
     constexpr int COLS = Q / 32;
 #pragma unroll 1  // unrolled, the loads for later steps would compete for the tile's registers
-    for (int kl = 0; kl < ROWS; ++kl) {
-        const int k = ROWS * p + kl;
+    for (int kl = 0; kl < CHOL_ROWS; ++kl) {
+        const int k = CHOL_ROWS * p + kl;
         const double* c = panel + kl * Q;
         const double inv_d = pivot_inv[k];
-        double m[ROWS], cj[COLS];
+        double m[CHOL_ROWS], cj[COLS];
 #pragma unroll
-        for (int u = 0; u < ROWS; ++u) m[u] = c[row0 + u] * inv_d;
+        for (int u = 0; u < CHOL_ROWS; ++u) m[u] = c[row0 + u] * inv_d;
 #pragma unroll
         for (int v = 0; v < COLS; ++v) cj[v] = c[lane + 32 * v];
 #pragma unroll
-        for (int u = 0; u < ROWS; ++u)
+        for (int u = 0; u < CHOL_ROWS; ++u)
 #pragma unroll
             for (int v = 0; v < COLS; ++v) a[u][v] = fma(-m[u], cj[v], a[u][v]);
         if (lane == k % 32)
 #pragma unroll
-            for (int u = 0; u < ROWS; ++u) a[u][V] = -m[u];
+            for (int u = 0; u < CHOL_ROWS; ++u) a[u][V] = -m[u];
     }
 }
 
 // Dispatch on the run-time tile column v (< Q/32) to the instance for it.
-template <int Q, int ROWS, int V = 0>
-__device__ __forceinline__ void own_panel_at(int v, double (&a)[ROWS][Q / 32], double* panel, int row0, int lane,
+template <int Q, int V = 0>
+__device__ __forceinline__ void own_panel_at(int v, double (&a)[CHOL_ROWS][Q / 32], double* panel, int row0, int lane,
                                              const Pivots& pv) {
     if constexpr (V < Q / 32) {
-        if (v == V) own_panel<Q, ROWS, V>(a, panel, row0, lane, pv);
-        else own_panel_at<Q, ROWS, V + 1>(v, a, panel, row0, lane, pv);
+        if (v == V) own_panel<Q, V>(a, panel, row0, lane, pv);
+        else own_panel_at<Q, V + 1>(v, a, panel, row0, lane, pv);
     }
 }
-template <int Q, int ROWS, int V = 0>
-__device__ __forceinline__ void apply_panel_at(int v, double (&a)[ROWS][Q / 32], const double* panel, int p,
+template <int Q, int V = 0>
+__device__ __forceinline__ void apply_panel_at(int v, double (&a)[CHOL_ROWS][Q / 32], const double* panel, int p,
                                                int row0, int lane, const double* pivot_inv) {
     if constexpr (V < Q / 32) {
-        if (v == V) apply_panel<Q, ROWS, V>(a, panel, p, row0, lane, pivot_inv);
-        else apply_panel_at<Q, ROWS, V + 1>(v, a, panel, p, row0, lane, pivot_inv);
+        if (v == V) apply_panel<Q, V>(a, panel, p, row0, lane, pivot_inv);
+        else apply_panel_at<Q, V + 1>(v, a, panel, p, row0, lane, pivot_inv);
     }
 }
 
 // The elimination of rsvd_orth_chol_inv_<Q> on a register tile: warp w owns rows
-// [ROWS*w, ROWS*(w + 1)) of the Q x Q working matrix and lane l its columns l + 32v
-// (v < Q/32), so a step costs each thread ROWS * Q/32 FMAs on registers and a few
+// [CHOL_ROWS*w, CHOL_ROWS*(w + 1)) of the Q x Q working matrix and lane l its columns l + 32v
+// (v < Q/32), so a step costs each thread CHOL_ROWS * Q/32 FMAs on registers and a few
 // broadcast reads of a published pivot row.
-template <int Q, int ROWS>
+template <int Q>
 __device__ __forceinline__ void chol_inv(double* g, int q, float* __restrict__ r32, double* __restrict__ rinv,
                                          unsigned int* flag, unsigned int chol_bit, unsigned int gram_bit,
                                          double gram_tol) {
-    constexpr int COLS = Q / 32, WARPS = Q / ROWS, LD = Q + 1;
-    static_assert(Q % 32 == 0 && Q % ROWS == 0 && 32 % ROWS == 0, "tile");
+    constexpr int COLS = Q / 32, WARPS = Q / CHOL_ROWS, LD = Q + 1;
+    static_assert(Q % 32 == 0 && Q % CHOL_ROWS == 0 && 32 % CHOL_ROWS == 0, "tile");
     // s stages G in and R / E out ((i, j) at s[i + j*LD]: the odd leading dimension keeps a
     // row's strided reads, one element per lane, off each other's banks).
     extern __shared__ double sh[];
@@ -289,10 +289,10 @@ __device__ __forceinline__ void chol_inv(double* g, int q, float* __restrict__ r
     double* rdiag = s + Q * LD;          // Q: R's diagonal
     double* rdiag_inv = rdiag + Q;       // Q: its reciprocals
     double* pivot_inv = rdiag_inv + Q;   // Q: 1 / the pivots
-    double* published = s;               // 2 x ROWS x Q: a panel's rows, by panel parity, while s is free
+    double* published = s;               // 2 x CHOL_ROWS x Q: a panel's rows, by panel parity, while s is free
     __shared__ double warp_sum[WARPS];
     __shared__ int failed;
-    const int t = threadIdx.x, lane = t % 32, warp = t / 32, row0 = ROWS * warp;
+    const int t = threadIdx.x, lane = t % 32, warp = t / 32, row0 = CHOL_ROWS * warp;
     if (t == 0) failed = 0;
 
     // G padded to Q x Q with I: a padded pivot is 1 and its row and column are zero, so the
@@ -329,36 +329,36 @@ __device__ __forceinline__ void chol_inv(double* g, int q, float* __restrict__ r
     //   lower, j = k < i:    E_ik = −m_i             (set after the update: E's column k starts here)
     //   lower, k < j < i:    no meaning yet; column j's step sets it before anything reads it
     // so no entry needs a test of which triangle it is in.
-    // The steps go by panels of ROWS rows, warp p's: warp p runs the panel's steps on its
+    // The steps go by panels of CHOL_ROWS rows, warp p's: warp p runs the panel's steps on its
     // own rows by itself (the pivot row and multipliers come by shuffles, no barrier; its rows
     // have taken every earlier panel by then) and publishes the rows; after the barrier every
     // warp below applies the panel's steps to its rows from the published ones. Each entry sees
     // the same operations in the same order as step by step, with one barrier a panel instead
     // of one a step (a step's barrier and pivot chain cost ~900 cycles on an H200, against ~100
     // of FMAs).
-    double a[ROWS][COLS];
+    double a[CHOL_ROWS][COLS];
 #pragma unroll
-    for (int u = 0; u < ROWS; ++u)
+    for (int u = 0; u < CHOL_ROWS; ++u)
 #pragma unroll
         for (int v = 0; v < COLS; ++v) {
             const int i = row0 + u, j = lane + 32 * v;
             a[u][v] = i <= j ? s[i + j * LD] : 0.0;
         }
     __syncthreads();  // s is read: the panels may take it
-    // A panel's ROWS columns lie in one tile column, ROWS*p / 32.
+    // A panel's CHOL_ROWS columns lie in one tile column, CHOL_ROWS*p / 32.
     const Pivots pv{rdiag, rdiag_inv, pivot_inv, &failed};
-    for (int p = 0; p < ceil_div(q, ROWS); ++p) {
-        double* panel = published + (p & 1) * ROWS * Q;  // row kl at panel[kl*Q ..]
-        if (warp == p) own_panel_at<Q, ROWS>(row0 / 32, a, panel, row0, lane, pv);
+    for (int p = 0; p < ceil_div(q, CHOL_ROWS); ++p) {
+        double* panel = published + (p & 1) * CHOL_ROWS * Q;  // row kl at panel[kl*Q ..]
+        if (warp == p) own_panel_at<Q>(row0 / 32, a, panel, row0, lane, pv);
         __syncthreads();
-        if (warp > p) apply_panel_at<Q, ROWS>(ROWS * p / 32, a, panel, p, row0, lane, pivot_inv);
+        if (warp > p) apply_panel_at<Q>(CHOL_ROWS * p / 32, a, panel, p, row0, lane, pivot_inv);
     }
 
     // R's rows are U's scaled by 1 / r_i; E stays. Into s (once the last panel is read) for the
     // checks and the coalesced writes below.
     __syncthreads();
 #pragma unroll
-    for (int u = 0; u < ROWS; ++u)
+    for (int u = 0; u < CHOL_ROWS; ++u)
 #pragma unroll
         for (int v = 0; v < COLS; ++v) {
             const int i = row0 + u, j = lane + 32 * v;
@@ -399,10 +399,10 @@ __device__ __forceinline__ void chol_inv(double* g, int q, float* __restrict__ r
 }
 
 #define CHOL_INV(Q)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(32 * (Q) / CHOL_ROWS(Q))                                     \
+    extern "C" __global__ void __launch_bounds__(32 * (Q) / CHOL_ROWS)                                     \
     rsvd_orth_chol_inv_##Q(double* g, int q, float* __restrict__ r32, double* __restrict__ rinv,               \
                            unsigned int* flag, unsigned int chol_bit, unsigned int gram_bit, double gram_tol) { \
-        chol_inv<Q, CHOL_ROWS(Q)>(g, q, r32, rinv, flag, chol_bit, gram_bit, gram_tol);                       \
+        chol_inv<Q>(g, q, r32, rinv, flag, chol_bit, gram_bit, gram_tol);                       \
     }
 CHOL_INV(32)
 CHOL_INV(64)

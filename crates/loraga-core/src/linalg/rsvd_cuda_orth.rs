@@ -52,13 +52,13 @@ use crate::cuda::{CudaDevice, CudaSlices, CudaStorage};
 use crate::error::{Error, Result};
 
 const MODULE: &str = "rsvd_orth";
-/// Must match the kernels' GRAM_TILE, CHOL_ROWS(Q) and APPLY_ROWS/APPLY_THREADS.
+/// Must match the kernels' GRAM_TILE, GRAM_ROWS, CHOL_ROWS and APPLY_ROWS/APPLY_THREADS.
 const GRAM_TILE: usize = 32;
 /// Rows rsvd_orth_gram stages a step (its GRAM_ROWS): chunks are multiples of it.
 const GRAM_ROWS: usize = 32;
 const GRAM_THREADS: u32 = 256;
-/// The widths rsvd_orth_chol_inv and rsvd_orth_apply are instantiated for (`…_<w>`).
-const CHOL_WIDTHS: [usize; 3] = [32, 64, 128];
+/// Rows of the Cholesky's working matrix a warp owns: its threads are 32·width/CHOL_ROWS.
+const CHOL_ROWS: usize = 4;
 const APPLY_ROWS: usize = 64;
 const APPLY_THREADS: u32 = 512;
 /// At most this many row chunks per Gram tile (the kernel's MAX_CHUNKS = SUM_GROUP ·
@@ -70,14 +70,24 @@ const MAX_CHUNKS: usize = 64;
 const MAX_GROUPS: usize = 8;
 const GRAM_MIN_ROWS: usize = 64;
 
-/// The kernels' instance for q: the smallest width that holds it (None above 128).
-fn chol_width(q: usize) -> Option<usize> {
-    CHOL_WIDTHS.into_iter().find(|&w| q <= w)
+/// One width the Cholesky and the apply are instantiated for (q ≤ width, padded), with the
+/// kernels' names.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Instance {
+    width: usize,
+    chol: &'static str,
+    apply: &'static str,
 }
 
-/// Rows of rsvd_orth_chol_inv_<w>'s working matrix a warp owns (the kernel's CHOL_ROWS(Q)).
-fn chol_rows(_w: usize) -> usize {
-    4
+const INSTANCES: [Instance; 3] = [
+    Instance { width: 32, chol: "rsvd_orth_chol_inv_32", apply: "rsvd_orth_apply_32" },
+    Instance { width: 64, chol: "rsvd_orth_chol_inv_64", apply: "rsvd_orth_apply_64" },
+    Instance { width: 128, chol: "rsvd_orth_chol_inv_128", apply: "rsvd_orth_apply_128" },
+];
+
+/// The instance for q: the narrowest that holds it (None above 128).
+fn instance(q: usize) -> Option<Instance> {
+    INSTANCES.into_iter().find(|i| q <= i.width)
 }
 
 /// Dynamic shared memory of rsvd_orth_chol_inv_<w>: G/R/E with leading dimension w + 1 (the
@@ -109,7 +119,7 @@ fn fused_max_q(optin: usize) -> usize {
 fn max_q_for_shared_memory(optin: usize) -> usize {
     let budget = optin.saturating_sub(1024);
     let fits =
-        |q: usize| chol_width(q).is_some_and(|w| chol_shared_bytes(w) <= budget) && apply_shared_bytes(q) <= budget;
+        |q: usize| instance(q).is_some_and(|i| chol_shared_bytes(i.width) <= budget) && apply_shared_bytes(q) <= budget;
     (1..).take_while(|&q| fits(q)).last().unwrap_or(0)
 }
 
@@ -191,25 +201,25 @@ pub(super) fn fused_pass(
     // kernel expects.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_gram)"))?;
 
-    let w =
-        chol_width(q).ok_or_else(|| Error::shape("rsvd_orth_chol_inv", format!("q = {q} is over {FUSED_MAX_Q}")))?;
-    let bytes = chol_shared_bytes(w);
-    let f = dev.function_with_shared_memory(MODULE, &format!("rsvd_orth_chol_inv_{w}"), bytes)?;
-    let threads = (32 * w / chol_rows(w)) as u32;
+    let inst =
+        instance(q).ok_or_else(|| Error::shape("rsvd_orth_chol_inv", format!("q = {q} is over {FUSED_MAX_Q}")))?;
+    let bytes = chol_shared_bytes(inst.width);
+    let f = dev.function_with_shared_memory(MODULE, inst.chol, bytes)?;
+    let threads = (32 * inst.width / CHOL_ROWS) as u32;
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: bytes as u32 };
     let mut launch = stream.launch_builder(&f);
     launch.arg(&b.gram).arg(&q_i).arg(&b.r32).arg(&b.rinv).arg(&b.flag);
     launch.arg(&checks.chol_bit).arg(&checks.gram_bit).arg(&checks.gram_tol);
     // SAFETY: rsvd_orth_chol_inv_<w>(double*, int, float*, double*, unsigned*, unsigned, unsigned,
     // double) with q <= w: gram and rinv q*q f64, r32 q*q f32, flag one u32; one block of
-    // 32*w/chol_rows(w) threads (its launch bounds) with the dynamic shared memory
+    // 32*w/CHOL_ROWS threads (its launch bounds) with the dynamic shared memory
     // chol_shared_bytes(w), which cholesky_qr_fused_max_q keeps in range.
     unsafe { launch.launch(cfg) }.map_err(Error::cuda("cuLaunchKernel(rsvd_orth_chol_inv)"))?;
 
     // R⁻¹ in f64, then a chunk of X in f32; each block stages R⁻¹ once, so no more blocks than
     // fit on the SMs at once (more rows each on tall panels).
     let bytes = apply_shared_bytes(q);
-    let f = dev.function_with_shared_memory(MODULE, &format!("rsvd_orth_apply_{w}"), bytes)?;
+    let f = dev.function_with_shared_memory(MODULE, inst.apply, bytes)?;
     let per_sm = (dev.shared_memory_per_block_optin() / bytes.max(1)).clamp(1, 4);
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(APPLY_ROWS).min(per_sm * dev.sm_count()) as u32, 1, 1),
@@ -293,14 +303,14 @@ mod tests {
         for (optin, fits) in [(232_448, 128), (166_912, 128), (49_152, 63), (32_768, 32)] {
             let q = max_q_for_shared_memory(optin);
             assert_eq!(q, fits, "opt-in {optin}");
-            let need = |q: usize| chol_width(q).map(|w| chol_shared_bytes(w).max(apply_shared_bytes(q)) + 1024);
+            let need = |q: usize| instance(q).map(|i| chol_shared_bytes(i.width).max(apply_shared_bytes(q)) + 1024);
             assert!(need(q).unwrap() <= optin && need(q + 1).is_none_or(|n| n > optin), "opt-in {optin}");
             assert_eq!(fused_max_q(optin), fits, "opt-in {optin}");
         }
         assert_eq!(FUSED_MAX_Q, 128);
         assert_eq!(fused_max_q(0), 0);
         assert_eq!(
-            [1, 32, 33, 64, 65, 128, 129].map(chol_width),
+            [1, 32, 33, 64, 65, 128, 129].map(|q| instance(q).map(|i| i.width)),
             [Some(32), Some(32), Some(64), Some(64), Some(128), Some(128), None]
         );
     }
