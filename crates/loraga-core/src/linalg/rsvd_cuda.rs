@@ -74,6 +74,7 @@ use super::rsvd_cuda_host::factor_with_host_help;
 use super::rsvd_cuda_jacobi::jacobi_core_max_q;
 use super::rsvd_cuda_lane::{Lane, Need, allocate};
 use super::rsvd_cuda_orth::cholesky_qr_fused_max_q;
+use super::svd::TruncatedSvdOf;
 use super::{RsvdConfig, TruncatedSvd, gaussian_test_matrix};
 use crate::cpu::CpuStorage;
 use crate::cuda::{CudaDevice, CudaSlices, CudaStorage, libs};
@@ -154,51 +155,13 @@ pub fn svd_lowrank_cuda_device(name: &str, a: CudaMatrixRef<'_>, cfg: &RsvdConfi
 /// f32 [k, n] there, S (k values, descending) on the host. What a trainer on the GPU uses (the
 /// adapters are made where the model lives), and what torch.svd_lowrank returns: the factors
 /// are not copied to the host, which at 11008 x 4096, q = k = 128 would move 7.7 MB.
-pub struct CudaTruncatedSvd {
-    u: CudaStorage,
-    s: Vec<f32>,
-    vt: CudaStorage,
-    m: usize,
-    n: usize,
-}
+pub type CudaTruncatedSvd = TruncatedSvdOf<CudaStorage>;
 
 impl CudaTruncatedSvd {
-    /// U, row-major f32 [m, k].
-    pub fn u(&self) -> &CudaStorage {
-        &self.u
-    }
-
-    /// The singular values, descending.
-    pub fn s(&self) -> &[f32] {
-        &self.s
-    }
-
-    /// Vᵀ, row-major f32 [k, n].
-    pub fn vt(&self) -> &CudaStorage {
-        &self.vt
-    }
-
-    pub fn rows(&self) -> usize {
-        self.m
-    }
-
-    pub fn cols(&self) -> usize {
-        self.n
-    }
-
-    pub fn k(&self) -> usize {
-        self.s.len()
-    }
-
     /// The same factors on the host.
     pub fn to_host(&self) -> Result<TruncatedSvd> {
-        let f32s = |x: &CudaStorage| -> Result<Vec<f32>> {
-            match x.to_cpu()? {
-                CpuStorage::F32(v) => Ok(v),
-                other => unreachable!("the factors are f32, got {}", other.dtype()),
-            }
-        };
-        TruncatedSvd::from_parts(f32s(&self.u)?, self.s.clone(), f32s(&self.vt)?, self.m, self.n)
+        let (u, vt) = (self.u().to_cpu()?.to_f32_vec(), self.vt().to_cpu()?.to_f32_vec());
+        TruncatedSvd::from_parts(u, self.s().to_vec(), vt, self.rows(), self.cols())
     }
 }
 
@@ -399,7 +362,7 @@ impl CudaRsvd {
             } else {
                 s_all[s_at[i]..s_at[i] + job.k].to_vec()
             };
-            out.push(CudaTruncatedSvd { u, s, vt, m: a.rows, n: a.cols });
+            out.push(CudaTruncatedSvd::from_shaped(u, s, vt, a.rows, a.cols));
         }
         Ok(out)
     }

@@ -8,15 +8,54 @@ use super::MatrixRef;
 use crate::error::{Error, Result};
 
 /// A rank-k factorisation A ≈ U diag(S) Vᵀ of an [m, n] matrix, in f32 and row-major:
-/// U is [m, k] with orthonormal columns, S has k values in descending order, Vᵀ is [k, n]
-/// with orthonormal rows.
+/// U is [m, k] with orthonormal columns, S has k values in descending order (on the host), Vᵀ
+/// is [k, n] with orthonormal rows. U and Vᵀ are held in `M`: host vectors ([`TruncatedSvd`]) or
+/// device buffers ([`super::CudaTruncatedSvd`]).
 #[derive(Clone, Debug, PartialEq)]
-pub struct TruncatedSvd {
-    u: Vec<f32>,
+pub struct TruncatedSvdOf<M> {
+    u: M,
     s: Vec<f32>,
-    vt: Vec<f32>,
+    vt: M,
     m: usize,
     n: usize,
+}
+
+/// A truncated SVD on the host.
+pub type TruncatedSvd = TruncatedSvdOf<Vec<f32>>;
+
+impl<M> TruncatedSvdOf<M> {
+    /// From factors whose shapes the caller guarantees: U [m, k], Vᵀ [k, n] with k = s.len(),
+    /// S descending.
+    pub(super) fn from_shaped(u: M, s: Vec<f32>, vt: M, m: usize, n: usize) -> Self {
+        TruncatedSvdOf { u, s, vt, m, n }
+    }
+
+    /// U, row-major [m, k].
+    pub fn u(&self) -> &M {
+        &self.u
+    }
+
+    /// The singular values, descending.
+    pub fn s(&self) -> &[f32] {
+        &self.s
+    }
+
+    /// Vᵀ, row-major [k, n].
+    pub fn vt(&self) -> &M {
+        &self.vt
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.s.len()
+    }
 }
 
 impl TruncatedSvd {
@@ -59,33 +98,6 @@ impl TruncatedSvd {
             return Err(Error::InvalidArgument(format!("TruncatedSvd::from_parts: S is not descending: {s:?}")));
         }
         Ok(TruncatedSvd { u, s, vt, m, n })
-    }
-
-    /// U, row-major [m, k].
-    pub fn u(&self) -> &[f32] {
-        &self.u
-    }
-
-    /// The singular values, descending.
-    pub fn s(&self) -> &[f32] {
-        &self.s
-    }
-
-    /// Vᵀ, row-major [k, n].
-    pub fn vt(&self) -> &[f32] {
-        &self.vt
-    }
-
-    pub fn rows(&self) -> usize {
-        self.m
-    }
-
-    pub fn cols(&self) -> usize {
-        self.n
-    }
-
-    pub fn k(&self) -> usize {
-        self.s.len()
     }
 
     /// The leading `k` components (all of them if `k` is larger).
