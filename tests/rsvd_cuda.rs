@@ -155,7 +155,7 @@ fn batched_equals_one_by_one() {
 fn device_results_are_the_host_results() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(test_seed());
-    // Tall and wide; q = 16 and 32 (our kernels), 128 (cuSOLVER's passes and syevd); and a zero
+    // Tall and wide; q = 16 and 32 (the Jacobi core), 128 (the widest fused pass, syevd); and a zero
     // matrix, which the device path flags and the host-assisted path redoes and uploads.
     let shapes = [(300, 200, 16), (200, 300, 32), (400, 260, 128), (64, 48, 8)];
     let data: Vec<Vec<f32>> = shapes

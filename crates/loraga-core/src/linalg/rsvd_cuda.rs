@@ -421,7 +421,7 @@ impl CudaRsvd {
             return layers.iter().enumerate().try_for_each(|(i, layer)| self.queue(i, layer, niter));
         }
         std::thread::scope(|scope| {
-            let threads: Vec<_> = (0..self.lanes.len())
+            let threads: Vec<_> = (0..LANES)
                 .map(|l| {
                     scope.spawn(move || -> Result<()> {
                         // cuBLAS and cuSOLVER calls run in the calling thread's current context.
