@@ -44,13 +44,10 @@
 //   aligned) straight from registers to global memory, a pair of columns per store.
 #include "common.cuh"
 #include "gemm_common.cuh"
-
-// wgmma, setmaxnreg and TMA exist only on sm_90a. Other targets compile the entry points with a
-// trapping body, so every kernel file builds for every arch; the host never launches these there
-// (gemm_sm90.rs checks Arch::has_wgmma first).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LORAGA_SM90A 1
-#endif
+// wgmma, setmaxnreg and TMA exist only on sm_90a: this header defines LORAGA_SM90A there. Other
+// targets compile the entry points with a trapping body, so every kernel file builds for every
+// arch; the host never launches these there (gemm_sm90.rs checks Arch::has_wgmma first).
+#include "wgmma_sm90.cuh"
 
 #define BM 128
 #define BN 256
@@ -59,11 +56,6 @@
 #define CONSUMERS 2
 #define THREADS (128 * (CONSUMERS + 1))
 #define GROUP_M 16
-
-// A CUtensorMap as the driver encodes it: 128 opaque bytes, passed by value.
-struct __align__(64) TmaDesc {
-    unsigned long long opaque[16];
-};
 
 #ifdef LORAGA_SM90A
 
@@ -83,47 +75,6 @@ struct Smem {
 #define EPI_DIRECT 0     // from registers, any beta, any N
 #define EPI_TMA_STORE 1  // through shared memory and TMA; beta == 0; 16-byte rows
 #define EPI_TMA_ADD 2    // f32 only: TMA's in-place add, C += alpha * A B; beta == 1
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-}
-
-__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
-// Waits until the barrier's phase with this parity has completed.
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-    unsigned done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n"
-            ".reg .pred p;\n"
-            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n"
-            "}\n"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-    }
-}
-
-// TMA: copies the box at (c0 = column, c1 = row) of the tensor map into shared memory and
-// signals `bar` with the number of bytes when done.
-__device__ __forceinline__ void tma_load(void* dst, const TmaDesc* map, unsigned long long* bar, int c0, int c1) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
-        ::"r"(smem_addr(dst)), "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
-        : "memory");
-}
 
 // TMA store of a shared-memory box to (c0 = column, c1 = row) of the tensor map; rows and
 // columns outside the matrix are not written. Completion is tracked per thread in bulk groups.
@@ -146,24 +97,9 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 // Barrier over one consumer warpgroup (ids 1.. ; 0 is __syncthreads).
 __device__ __forceinline__ void warpgroup_sync(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
 
-// wgmma shared-memory descriptors, 128-byte swizzle. Bits: start address >> 4, leading byte
-// offset >> 4 at 16, stride byte offset >> 4 at 32, swizzle mode at 62.
-__device__ __forceinline__ unsigned long long smem_desc(const bf16* p, unsigned lbo, unsigned sbo) {
-    unsigned long long addr = smem_addr(p);
-    return ((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32) |
-           (1ull << 62);
-}
-// K-major tile (rows of 64 K elements = 128 bytes): 8-row groups are 1024 bytes apart; the
-// leading offset is unused (1 unit).
-__device__ __forceinline__ unsigned long long desc_k_major(const bf16* p) { return smem_desc(p, 16, 1024); }
 // MN-major tile stored as 128-byte stripes of 64 MN elements x BK rows of K: the next stripe
 // along MN is BK * 128 bytes on (leading offset), the next 8 K rows 1024 bytes (stride offset).
 __device__ __forceinline__ unsigned long long desc_mn_major(const bf16* p) { return smem_desc(p, BK * 128, 1024); }
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 
 // Keeps the compiler from moving accumulator reads or writes across the asynchronous MMAs.
 __device__ __forceinline__ void fence_accumulators(float* d) {
@@ -254,7 +190,7 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
             mbar_init(&s.empty[i], CONSUMERS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        fence_proxy_async_shared();
     }
     __syncthreads();
 
@@ -357,7 +293,7 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
                     *reinterpret_cast<__nv_bfloat162*>(slab + row * 64 + chunk * 8 + 2 * (lane % 4)) = v;
                 }
             }
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // make the writes visible to TMA
+            fence_proxy_async_shared();  // make the writes visible to TMA
             warpgroup_sync(1 + c);
             if (threadIdx.x % 128 == 0) {
 #pragma unroll
@@ -387,7 +323,7 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
                             make_float2(alpha * d[4 * g + 2 * hh], alpha * d[4 * g + 2 * hh + 1]);
                     }
                 }
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                fence_proxy_async_shared();
                 warpgroup_sync(1 + c);
                 if (threadIdx.x % 128 == 0) {
 #pragma unroll

@@ -43,3 +43,12 @@ __device__ __forceinline__ void mma(float* d, const unsigned* a, const unsigned*
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
     }
 }
+
+// The 3xTF32 split (rsvd_skinny.cu, rsvd_skinny_wg.cu): x = hi + lo with hi = x truncated to TF32
+// (its low 13 bits cleared: one logic op, where a rounding conversion runs at a quarter of the FMA
+// rate) and lo = x − hi, exact in f32 with |lo| < 2⁻¹⁰|x|, which the MMA reads as TF32 by dropping
+// its low 13 bits (a loss < 2⁻²⁰|x|).
+__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
+    hi = __float_as_uint(x) & 0xffffe000u;
+    lo = __float_as_uint(x - __uint_as_float(hi));
+}

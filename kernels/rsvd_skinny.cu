@@ -26,11 +26,12 @@
 // accuracy in every sense the randomized SVD needs (tests/rsvd_cuda.rs bounds the products and
 // the whole SVD), a few times SGEMM's rounding.
 //
-// Why our own kernel, and why only q <= 32: cuBLAS's SGEMM takes 45-50 us for these products at
+// Why our own kernel, and why only q <= 32 (wider products take rsvd_skinny_wg.cu on Hopper,
+// cuBLAS elsewhere): cuBLAS's SGEMM takes 45-50 us for these products at
 // 4096 x 4096 by 32 and 94-102 us at 11008 x 4096 on the H200 (reading A: 17 and 45 us); this
 // kernel 42-43 and 78-80 us. At 64 and 128 columns it measured 0.83-0.96x of cuBLAS at 4096 x
 // 4096 (1.0-1.16x at 11008): there the three MMAs and the splits bind, so wider products stay
-// on cuBLAS. A 128-column tile (16 MMA tiles a warp, one block an SM, 255 registers) measured
+// off this design. A 128-column tile (16 MMA tiles a warp, one block an SM, 255 registers) measured
 // 90-94 us against cuBLAS's 96-106 at 4096 x 4096 by 128 and 206 against 238-246 at 11008 x
 // 4096 (2026-11-29, sixth session), 1.02-1.20x for 4-6x the rounding error: mma.sync's TF32 rate
 // on Hopper leaves three MMAs a product little over f32 FMAs, so it was not kept. Earlier
@@ -58,14 +59,6 @@
 #define BK 32
 #define STAGES 4
 #define KG 2
-
-// x = hi + lo with hi = x truncated to TF32 (its low 13 bits cleared: one logic op, where a
-// rounding conversion runs at a quarter of the FMA rate) and lo = x − hi, exact in f32 with
-// |lo| < 2⁻¹⁰|x|, which the MMA reads as TF32 by dropping its low 13 bits (a loss < 2⁻²⁰|x|).
-__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
-    hi = __float_as_uint(x) & 0xffffe000u;
-    lo = __float_as_uint(x - __uint_as_float(hi));
-}
 
 template <bool TRANS, bool VEC> struct Skinny {
     static constexpr int NT = 4;             // 8-column MMA tiles a warp

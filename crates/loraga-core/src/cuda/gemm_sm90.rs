@@ -9,14 +9,11 @@
 //! scratch buffer with rows padded to 16 bytes (`gemm_pack_k_major_f32`, one extra read and write
 //! of that operand), and every f32 problem runs the kernel's nt entry point.
 
-use cudarc::driver::sys::{
-    self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
-    CUtensorMapSwizzle,
-};
-use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::gemm::{check_sources, layout_name, misaligned, nothing_to_do};
 use super::storage::{CudaSlices, CudaStorage};
+use super::tma::{Elem, TmaDesc, tensor_map};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gemm::Gemm;
@@ -32,14 +29,6 @@ const STAGES: usize = 3;
 const THREADS: u32 = 384;
 /// The operand ring, the bf16 output staging tile, the barriers, and 1024 bytes of alignment slack.
 const SMEM_BYTES: usize = STAGES * (BM + BN) * BK_BYTES + BM * BN * 2 + 2 * STAGES * 8 + 1024;
-
-/// A CUtensorMap: 128 opaque bytes the driver fills, handed to the kernel by value.
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct TmaDesc([u64; 16]);
-
-// SAFETY: plain bytes with the layout and alignment of the kernel's `TmaDesc` parameter.
-unsafe impl DeviceRepr for TmaDesc {}
 
 /// Why the engine cannot take a problem, or None if it can. Callers use this to choose a path.
 pub fn unsupported(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &CudaStorage) -> Option<String> {
@@ -215,43 +204,3 @@ fn k_major_f32<'a>(
 const EPI_DIRECT: i32 = 0;
 const EPI_TMA_STORE: i32 = 1;
 const EPI_TMA_ADD: i32 = 2;
-
-#[derive(Clone, Copy)]
-enum Elem {
-    Bf16,
-    F32,
-}
-
-/// The tensor map of a row-major [rows, cols] matrix with `ld` elements between rows, moved in
-/// boxes of `box_rows` rows x 128 bytes (64 bf16 or 32 f32) with 128-byte swizzle; out-of-bounds
-/// parts of a box read as zeros and are not written.
-fn tensor_map(ptr: u64, rows: usize, cols: usize, ld: usize, box_rows: usize, elem: Elem) -> Result<TmaDesc> {
-    let (size, dtype) = match elem {
-        Elem::Bf16 => (2, CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16),
-        Elem::F32 => (4, CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32),
-    };
-    let mut map = TmaDesc([0; 16]);
-    let dims = [cols as u64, rows as u64];
-    let strides = [(ld * size) as u64]; // bytes between rows; the innermost stride is implied
-    let boxes = [(128 / size) as u32, box_rows as u32];
-    let elem_strides = [1u32, 1];
-    // SAFETY: every pointer refers to a local array of the rank the call is told (2).
-    let r = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            (&mut map as *mut TmaDesc).cast(),
-            dtype,
-            2,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            elem_strides.as_ptr(),
-            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    r.result().map_err(Error::cuda("cuTensorMapEncodeTiled"))?;
-    Ok(map)
-}

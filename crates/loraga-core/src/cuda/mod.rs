@@ -16,6 +16,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod storage;
 pub mod timing;
+pub(crate) mod tma;
 pub mod typed;
 
 pub use arch::Arch;
