@@ -581,9 +581,12 @@ fn jacobi_core_matches_an_f64_svd() {
 fn skinny_products_match_an_f64_reference() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(test_seed());
-    // (trans, m, k, q, offset of A in its buffer): both layouts, q = 32 (the limit) and below,
-    // one split and many, ragged m and k (the 4-byte-copy variant for k or m not a multiple of 4
-    // and for a misaligned A), and a single element.
+    // (trans, m, k, q, offset of A in its buffer). The mma.sync kernel (q ≤ 32): both layouts,
+    // q = 32 (its limit) and below, one split and many, ragged m and k (the 4-byte-copy variant
+    // for k or m not a multiple of 4 and for a misaligned A), and a single element. The wgmma
+    // kernel (q > 32 on Hopper): both layouts, both column tiles (64, 128) and several of them
+    // (q = 200: a ragged second), ragged row tiles, splits, k not a multiple of the 32-step stage,
+    // and m = 4 (one ragged row tile, a split reduction).
     let cases = [
         (false, 2048, 4096, 32, 0),
         (true, 4096, 2048, 32, 0),
@@ -596,9 +599,22 @@ fn skinny_products_match_an_f64_reference() {
         (false, 129, 64, 7, 3),
         (false, 1, 1, 1, 0),
         (true, 1, 1, 1, 0),
+        (false, 2048, 4096, 128, 0),
+        (true, 4096, 2048, 128, 0),
+        (false, 516, 1028, 33, 0),
+        (true, 1000, 3004, 64, 0),
+        (false, 700, 780, 100, 0),
+        (true, 300, 132, 200, 0),
+        (false, 4, 2048, 65, 0),
+        (true, 260, 4, 128, 0),
     ];
+    let wgmma = dev.arch().has_wgmma();
     for (trans, m, k, q, offset) in cases {
         let what = format!("trans {trans}, m {m}, k {k}, q {q}, offset {offset}");
+        if q > 32 && !wgmma {
+            eprintln!("{what}: skipped, no wgmma on this GPU (cuBLAS runs these)");
+            continue;
+        }
         // A sits between NaNs: a read outside it would poison the sums.
         let mut a_buf = vec![f32::NAN; offset + m * k + 64];
         let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
@@ -607,6 +623,7 @@ fn skinny_products_match_an_f64_reference() {
         let (a_dev, v_dev) = (upload(&dev, &a_buf), upload(&dev, &v));
         let run = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap();
         let again = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap().out;
+        assert_eq!(run.kernel, if q > 32 { "wgmma" } else { "mma" }, "{what}");
         assert!(run.tickets.iter().all(|&t| t == 0), "{what}: tickets left {:?}", run.tickets);
         let out = run.out;
         assert_eq!(out.len(), m * q, "{what}");
@@ -626,11 +643,18 @@ fn skinny_products_match_an_f64_reference() {
                 worst = worst.max((got - exact).abs() / scale.max(f64::MIN_POSITIVE));
             }
         }
+        eprintln!("{what}: {} kernel, error {worst:e} of Σ|a||v|", if q > 32 { "wgmma" } else { "mma" });
         // 3xTF32 with f32 sums of k terms: measured ≤ 7e-7 of Σ|a||v| at k = 11008 (SGEMM:
         // ≤ 1.4e-7); an indexing error is O(1), a dropped lo term ~1e-3.
         assert!(worst <= 1e-5, "{what}: error {worst:e} of Σ|a||v|");
     }
-    let (a, v) = (upload(&dev, &[1.0; 4]), upload(&dev, &[1.0; 2 * 33]));
-    let e = skinny_product_cuda(&a, 0, false, 2, 2, &v, 33).unwrap_err().to_string();
-    assert!(e.contains("outside 1..=32"), "{e}");
+    // q = 0 is no product; at q > 32 an A whose rows are not 16-byte aligned is left to cuBLAS.
+    let (a, v) = (upload(&dev, &[1.0; 4]), upload(&dev, &[1.0; 2]));
+    let e = skinny_product_cuda(&a, 0, false, 2, 2, &v, 0).unwrap_err().to_string();
+    assert!(e.contains("no kernel of ours takes q = 0"), "{e}");
+    if wgmma {
+        let (a, v) = (upload(&dev, &[1.0; 4 * 8 + 1]), upload(&dev, &[1.0; 8 * 33]));
+        let e = skinny_product_cuda(&a, 1, false, 4, 8, &v, 33).unwrap_err().to_string();
+        assert!(e.contains("16-byte aligned rows only"), "{e}");
+    }
 }

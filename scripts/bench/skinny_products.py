@@ -3,7 +3,8 @@
 NVRTC, launched with the grid and splits that crates/loraga-core/src/linalg/rsvd_cuda_skinny.rs
 computes) against cuBLAS's fp32 SGEMM for the same product (torch.matmul with TF32 off), both
 orientations, at the bench's shapes: A 4096x4096 and 11008x4096 (row-major), q = 8 and 32 (the
-kernel's limit; wider products stay on cuBLAS).
+kernel's limit; wider products take kernels/rsvd_skinny_wg.cu on Hopper, which CuPy's default
+sm_90 build cannot compile: benches/rsvd.rs times both kernels against cuBLAS).
 CUDA events around each launch on one stream, median of 50 after 10 warm-ups, the L2 flushed
 before each (A itself is larger than L2). Checks each result against an f64 product so a fast
 wrong answer shows. Prints a markdown table with the read-A bound (bytes of A / 4 TB/s would be

@@ -28,9 +28,11 @@
 //!   [`CudaRsvd::fallbacks`] counts its uses, so a test or bench sees when the fast path gave up.
 //!
 //! Precision: the products with A are f32-accurate, matching torch's default `allow_tf32 =
-//! False`: at q ≤ 32 our own kernel ([`super::rsvd_cuda_skinny`]: 3xTF32 on the tensor cores,
-//! within a few 1e-7 of |A||V|, 4-6x SGEMM's rounding error, 1.06-1.33x faster than SGEMM on an
-//! H200), above that cuBLAS SGEMM with CUBLAS_COMPUTE_32F (set no NVIDIA_TF32_OVERRIDE).
+//! False`: our own kernels ([`super::rsvd_cuda_skinny`]: 3xTF32 on the tensor cores, within a
+//! few 1e-7 of |A||V|, 4-6x SGEMM's rounding error; mma.sync at q ≤ 32, 1.06-1.33x faster than
+//! SGEMM on an H200; wgmma above on Hopper, PERF.md has its ratio), cuBLAS SGEMM with
+//! CUBLAS_COMPUTE_32F where neither runs (q > 32 without wgmma, operands not 16-byte aligned;
+//! set no NVIDIA_TF32_OVERRIDE).
 //! [`GemmMath::Tf32`] opts into cuBLAS's CUBLAS_COMPUTE_32F_FAST_TF32 (one TF32 product, ~1e-3
 //! relative) for those ten products only (Grams, solves and the small products stay full
 //! precision).
@@ -85,8 +87,8 @@ pub(super) const OP: &str = "svd_lowrank";
 /// How the ten products with A are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmMath {
-    /// f32-accurate products, as torch with allow_tf32 = False: our 3xTF32 kernel at q ≤ 32,
-    /// cuBLAS SGEMM (CUBLAS_COMPUTE_32F) above (see the module docs).
+    /// f32-accurate products, as torch with allow_tf32 = False: our 3xTF32 kernels, cuBLAS SGEMM
+    /// (CUBLAS_COMPUTE_32F) where they do not run (see the module docs).
     #[default]
     Fp32,
     /// CUBLAS_COMPUTE_32F_FAST_TF32: tensor cores with 10-bit mantissas for the products with A.
@@ -562,12 +564,12 @@ impl CudaRsvd {
                 let stream = self.dev.stream().fork().map_err(Error::cuda("cuStreamCreate"))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(Error::cublas("cublasCreate"))?;
                 let solver = Solver::new(&stream)?;
-                let ws = allocate(&stream, need, fused_max_q, self.dev.sm_count())?;
+                let ws = allocate(&self.dev, &stream, need, fused_max_q)?;
                 self.lanes.push(Lane { stream, blas, solver, ws, fused_max_q, jacobi_max_q });
             }
         } else if need != self.need {
             for lane in &mut self.lanes {
-                lane.ws = allocate(&lane.stream, need, lane.fused_max_q, self.dev.sm_count())?;
+                lane.ws = allocate(&self.dev, &lane.stream, need, lane.fused_max_q)?;
             }
         }
         self.need = need;

@@ -1,6 +1,6 @@
 //! The dense products of the GPU randomized SVD ([`super::rsvd_cuda`]): the ten products with A
-//! in its tall orientation ([`Products`]: our skinny kernel for fp32 at q ≤ 32,
-//! [`super::rsvd_cuda_skinny`], cuBLAS otherwise), f32/f64 GEMMs on cuBLAS in its
+//! in its tall orientation ([`Products`]: our skinny kernels for fp32 where they take the
+//! product, [`super::rsvd_cuda_skinny`], cuBLAS otherwise), f32/f64 GEMMs on cuBLAS in its
 //! column-major convention, the triangular solve, the exact f64 Gram of an f32 panel, and the
 //! widening of a bf16 input. Shared by the device path, the host-assisted fallback and the
 //! gesvdr baseline.
@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelA
 
 use super::rsvd_cuda::{CudaMatrixRef, GemmMath, OP};
 use super::rsvd_cuda_lane::Workspace;
-use super::rsvd_cuda_skinny::{SkinnyBuffers, SkinnyProduct, skinny_max_q, skinny_product};
+use super::rsvd_cuda_skinny::{SkinnyBuffers, SkinnyProduct, kernel_for, skinny_product};
 use crate::cuda::{CudaDevice, CudaSlices, CudaStorage};
 use crate::error::{Error, Result};
 
@@ -24,8 +24,8 @@ pub(super) struct Products<'a> {
     stream: &'a Arc<CudaStream>,
     blas: &'a CudaBlas,
     math: GemmMath,
-    /// Our kernel's split buffers when it runs the products (fp32 at q ≤ SKINNY_MAX_Q), else
-    /// None: cuBLAS.
+    /// Our kernels' scratch when one takes fp32 products of q columns on this device, else None:
+    /// cuBLAS.
     skinny: Option<SkinnyBuffers>,
     tall: bool,
     p: usize,
@@ -52,9 +52,10 @@ impl<'a> Products<'a> {
         let (m, n) = (a.rows, a.cols);
         let tall = m >= n;
         let (p, c) = if tall { (m, n) } else { (n, m) };
-        let skinny = (math == GemmMath::Fp32 && q <= skinny_max_q(dev)).then(|| SkinnyBuffers {
+        let skinny = (math == GemmMath::Fp32 && kernel_for(dev, q).is_some()).then(|| SkinnyBuffers {
             partials: dptr(&ws.skinny_partials, dev),
             tickets: dptr(&ws.skinny_tickets, dev),
+            split: dptr(&ws.skinny_split, dev),
         });
         let (y, z) = (dptr(&ws.y, dev), dptr(&ws.z, dev));
         Products { dev, stream, blas, math, skinny, tall, p, c, n, q, a: dptr(a.slice(), dev), y, z }
@@ -75,7 +76,9 @@ impl<'a> Products<'a> {
         if let Some(buffers) = self.skinny {
             // Tall: Y = A W (A row-major [p, c]); wide: Y = Aᵀ W (A row-major [c, p]).
             let product = SkinnyProduct { a: self.a, trans: !self.tall, m: p, k: c, v: w, q, out: self.y };
-            return skinny_product(self.dev, self.stream, product, buffers);
+            if skinny_product(self.dev, self.stream, product, buffers)? {
+                return Ok(());
+            }
         }
         xgemm(self.blas, Precision::F32(self.math), self.tall, false, p, q, c, self.a, self.n, w, c, self.y, p)
     }
@@ -85,7 +88,9 @@ impl<'a> Products<'a> {
         let (p, c, q) = (self.p, self.c, self.q);
         if let Some(buffers) = self.skinny {
             let product = SkinnyProduct { a: self.a, trans: self.tall, m: c, k: p, v: self.y, q, out: self.z };
-            return skinny_product(self.dev, self.stream, product, buffers);
+            if skinny_product(self.dev, self.stream, product, buffers)? {
+                return Ok(());
+            }
         }
         xgemm(self.blas, Precision::F32(self.math), !self.tall, false, c, q, p, self.a, self.n, self.y, p, self.z, c)
     }

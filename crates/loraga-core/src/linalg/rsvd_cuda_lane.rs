@@ -10,6 +10,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use super::cusolver::Solver;
 use super::rsvd_cuda_orth::{partials_len, tickets_len};
 use super::rsvd_cuda_skinny as skinny;
+use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
 /// A stream with its own cuBLAS and cuSOLVER handles and workspace. Layer i of a batch runs on
@@ -51,9 +52,10 @@ pub(super) struct Workspace {
     pub(super) partials: CudaSlice<f64>,
     pub(super) tickets: CudaSlice<u32>,
     /// The products' split sums ([`super::rsvd_cuda_skinny`]): partials for the device's SMs,
-    /// a ticket per row tile of the long side.
+    /// a ticket per output tile of the long side; and the wgmma kernel's split V.
     pub(super) skinny_partials: CudaSlice<f32>,
     pub(super) skinny_tickets: CudaSlice<u32>,
+    pub(super) skinny_split: CudaSlice<f32>,
     /// cuSOLVER's workspace (the larger of potrf's and syevd's for every q reserved) and info.
     pub(super) work: CudaSlice<f64>,
     pub(super) info: CudaSlice<i32>,
@@ -95,9 +97,14 @@ impl Need {
     }
 }
 
-/// A lane's workspace for `need`, on its stream; the fused pass's buffers for q up to
+/// A lane's workspace for `need` on `dev`, on its stream; the fused pass's buffers for q up to
 /// `fused_max_q`.
-pub(super) fn allocate(stream: &Arc<CudaStream>, need: Need, fused_max_q: usize, sms: usize) -> Result<Workspace> {
+pub(super) fn allocate(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    need: Need,
+    fused_max_q: usize,
+) -> Result<Workspace> {
     let fused_q = need.q.min(fused_max_q);
     let f32s = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
     let f64s = |n: usize| stream.alloc_zeros::<f64>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
@@ -120,10 +127,11 @@ pub(super) fn allocate(stream: &Arc<CudaStream>, need: Need, fused_max_q: usize,
         rinv: f64s(fused_q * fused_q)?,
         partials: f64s(partials_len(fused_q))?,
         tickets: stream.alloc_zeros::<u32>(tickets_len(fused_q).max(1)).map_err(Error::cuda("cuMemAlloc"))?,
-        skinny_partials: f32s(skinny::partials_len(sms))?,
+        skinny_partials: f32s(skinny::partials_len(dev.sm_count(), need.q))?,
         skinny_tickets: stream
-            .alloc_zeros::<u32>(skinny::tickets_len(need.p).max(1))
+            .alloc_zeros::<u32>(skinny::tickets_len(need.p, need.q).max(1))
             .map_err(Error::cuda("cuMemAlloc"))?,
+        skinny_split: f32s(skinny::split_len(dev, need.p, need.q))?,
         work: f64s(1)?, // sized by reserve, per q
         info: stream.alloc_zeros::<i32>(1).map_err(Error::cuda("cuMemAlloc"))?,
     })
