@@ -14,6 +14,10 @@
 //! last column is time / gesvdr's time for the same problem. A line per configuration reports how
 //! many layers fell back to the host-assisted path (expected: 0 on these inputs).
 //! Compare with `python3 scripts/bench/torch_svd_lowrank.py` run on the same machine.
+//!
+//! First, the ten products' kernels alone: out = A V and Aᵀ V for those two A and q = 32, 128,
+//! 512, our 3xTF32 kernel (mma.sync at q ≤ 32, wgmma above on Hopper) against cuBLAS's SGEMM
+//! (CUBLAS_COMPUTE_32F, f32 accurate like ours) on the same operands.
 
 mod common;
 
@@ -24,21 +28,23 @@ use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cuda::timing::median_ms;
 use loraga_core::cuda::{CudaDevice, CudaStorage};
-use loraga_core::linalg::{CudaMatrixRef, CudaRsvd, CusolverGesvdr, GemmMath, RsvdConfig};
+use loraga_core::linalg::{CudaMatrixRef, CudaRsvd, CusolverGesvdr, GemmMath, RsvdConfig, SkinnyProducts};
 use loraga_core::testing::randn;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 const NITER: usize = 4;
 const GESVDR: &str = "cusolver gesvdr";
+const CUBLAS: &str = "cublas sgemm";
 
 fn main() {
     let (dev, mut criterion) = setup("rsvd");
     let mut rng = StdRng::seed_from_u64(1);
-    let mut rows = Vec::new();
+    let (mut rows, mut product_rows) = (Vec::new(), Vec::new());
 
     for (m, n) in [(4096, 4096), (11008, 4096)] {
         let inputs: Vec<CudaStorage> = (0..3).map(|_| gaussian(&dev, &mut rng, m, n)).collect();
+        products(&dev, &mut criterion, &mut rng, &inputs, m, n, &mut product_rows);
         let mut gesvdr = CusolverGesvdr::new(&dev).expect("cuSOLVER");
         for q in [32, 128, 512] {
             let flops = ((2 * NITER + 2) * 2 * m * n * q) as f64;
@@ -131,12 +137,48 @@ fn main() {
     }
 
     summary::emit(
+        "rsvd_products",
+        "the randomized SVD's products with A, f32 accurate (CUDA events, median per run; last column: time / cuBLAS SGEMM's)",
+        &product_rows,
+        CUBLAS,
+    );
+    summary::emit(
         "rsvd",
         "randomized SVD, niter = 4, f32 (CUDA events, median per run; last column: time / cusolver gesvdr's; \
          torch.svd_lowrank: scripts/bench/torch_svd_lowrank.py)",
         &rows,
         GESVDR,
     );
+}
+
+/// The products with the row-major A [m, n] (`inputs`, rotated): A V [m, q] (n) and Aᵀ V [n, q]
+/// (t), ours against cuBLAS SGEMM.
+fn products(
+    dev: &CudaDevice,
+    criterion: &mut criterion::Criterion,
+    rng: &mut StdRng,
+    inputs: &[CudaStorage],
+    m: usize,
+    n: usize,
+    rows: &mut Vec<Row>,
+) {
+    for q in [32, 128, 512] {
+        for trans in [false, true] {
+            let (out_rows, k) = if trans { (n, m) } else { (m, n) };
+            let v = gaussian(dev, rng, k, q);
+            let flops = (2 * m * n * q) as f64;
+            let problem = format!("product {m}x{n} {} q={q}", if trans { "AᵀV" } else { "AV" });
+            let mut group =
+                group(criterion, &format!("rsvd_product_{m}x{n}_{}_q{q}", if trans { "t" } else { "n" }), flops);
+            let mut plan = SkinnyProducts::new(dev, trans, out_rows, k, q).expect("product buffers");
+            let ours = format!("loraga 3xTF32 ({})", plan.kernel().unwrap_or("none"));
+            let ms = measure(dev, &mut group, &ours, |i| plan.ours(&inputs[i], 0, &v));
+            rows.push(Row { problem: problem.clone(), implementation: ours, median_ms: ms, flops });
+            let ms = measure(dev, &mut group, CUBLAS, |i| plan.cublas(&inputs[i], 0, &v));
+            rows.push(Row { problem, implementation: CUBLAS.into(), median_ms: ms, flops });
+            group.finish();
+        }
+    }
 }
 
 fn gaussian(dev: &CudaDevice, rng: &mut StdRng, m: usize, n: usize) -> CudaStorage {
