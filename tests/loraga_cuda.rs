@@ -88,11 +88,17 @@ fn estimation_on_the_gpu_matches_the_cpu() {
     }
 }
 
+/// The bound of a bf16-activation estimate against the f32 CPU one: see [`estimation_in_mixed_precision`].
+const BF16_TOL: f64 = 3e-1;
+
 /// Mixed precision (bf16 activations over f32 master weights on the GPU): the estimate is f32,
 /// within bf16 rounding of the CPU's f32 one. Weight gradients are sums over tokens of products of
 /// bf16-rounded activations and upstream gradients, as the LoRA gradients of the bf16 Llama parity
-/// test (measured 4-6e-2 there); here q_proj of layer 0 measured 4.1e-2 on the H200
-/// (2026-11-29). Bound 1e-1: a wrong gradient is off by O(1).
+/// test (measured 4-6e-2 there). Here, the worst layer over 25 seeds (LORAGA_TEST_SEED=1..=24 and
+/// one from the clock, H200, 2026-11-29): median 4.1e-2, then 6.3e-2, 8.6e-2, 1.04e-1 (seed 12) and
+/// 1.63e-1 (seed 1795977461716919807), mostly q_proj of layer 0, whose gradient goes through the
+/// softmax's cancellations. Bound 3e-1, twice the worst seen (it was 1e-1, set from one seed, and
+/// failed those two): a wrong gradient is off by O(1).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn estimation_in_mixed_precision() {
@@ -101,7 +107,7 @@ fn estimation_in_mixed_precision() {
     c.model.dtype = loraga_core::DType::BF16;
     let mut g = on(&c.cpu, &dev);
     let got = estimate_gradients(&c.model, &mut g, c.targets.clone(), &c.batches, &EstimateOptions::default()).unwrap();
-    check_estimate("bf16 activations", &got, &c, 1e-1);
+    check_estimate("bf16 activations", &got, &c, BF16_TOL);
 }
 
 /// The plain tape's gradients on the CPU, summed over the batches and divided by their count:
@@ -127,7 +133,7 @@ fn tape_mean(c: &Case) -> Vec<Vec<f64>> {
 /// no dW tensor); host accumulators take each materialised dW through the hook. Over 3 batches,
 /// with f32 and with bf16 activations: the sink estimate equals the hook path's up to fp32
 /// summation order (same dY and X: 1e-5), the plain CPU tape's mean at that dtype's bound (f32
-/// 1e-4, bf16 1e-1 as above), and a second sink run bit for bit. A sink buffer off the weight's
+/// 1e-4, bf16 BF16_TOL as above), and a second sink run bit for bit. A sink buffer off the weight's
 /// device is an error naming the weight.
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -135,7 +141,7 @@ fn estimation_through_sinks_matches_the_hook_path_and_the_cpu_tape() {
     let dev = gpu();
     let mut c = case();
     let reference = tape_mean(&c);
-    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 1e-1)] {
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, BF16_TOL)] {
         c.model.dtype = dtype;
         let run = |placement| {
             let mut g = on(&c.cpu, &dev);
