@@ -38,7 +38,9 @@
 // spent ~3x the MMAs' time a stage (ncu, 2048 x 4096 by 128: 71 us). Now one producer thread
 // issues a stage's copies (three or six TMA boxes) into a STAGES-deep ring guarded by a "full"
 // and an "empty" mbarrier a stage, and each consumer warpgroup keeps one stage's MMAs in flight
-// while it loads the next stage's fragments, releasing a stage once its MMAs are done.
+// while it loads the next stage's fragments, releasing a stage once its MMAs are done: 47 us for
+// that product. What bounds it now is mostly traffic, not the MMAs: every 128 rows reload V's two
+// tiles, twice A's bytes (PERF.md, eighth session).
 //
 // A block: two consumer warpgroups, each owning 64 rows of the tile (a warp 16: the m64nNQk8
 // fragment, rows g and g + 8 at reduction steps tg and tg + 4, g = lane / 4, tg = lane % 4), and
