@@ -101,11 +101,6 @@ __device__ __forceinline__ void warpgroup_sync(int id) { asm volatile("bar.sync 
 // along MN is BK * 128 bytes on (leading offset), the next 8 K rows 1024 bytes (stride offset).
 __device__ __forceinline__ unsigned long long desc_mn_major(const bf16* p) { return smem_desc(p, BK * 128, 1024); }
 
-// Keeps the compiler from moving accumulator reads or writes across the asynchronous MMAs.
-__device__ __forceinline__ void fence_accumulators(float* d) {
-#pragma unroll
-    for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
 
 // The 128 accumulator registers of an m64n256 warpgroup MMA, as asm operands %0..%127.
 #define WGMMA_D_REGS                                                                                               \
@@ -243,7 +238,7 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
         for (int kt = kt_begin; kt < kt_end; ++kt, ++it) {
             int st = it % STAGES;
             mbar_wait(&s.full[st], (it / STAGES) & 1);
-            fence_accumulators(d);
+            fence_registers<128>(d);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk) {
@@ -257,12 +252,12 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
             wgmma_commit();
             // Keep this k-tile's MMAs in flight; the previous ones are done, so release their stage.
             wgmma_wait<1>();
-            fence_accumulators(d);
+            fence_registers<128>(d);
             if (prev >= 0 && threadIdx.x % 128 == 0) mbar_arrive(&s.empty[prev]);
             prev = st;
         }
         wgmma_wait<0>();
-        fence_accumulators(d);
+        fence_registers<128>(d);
         if (prev >= 0 && threadIdx.x % 128 == 0) mbar_arrive(&s.empty[prev]);
 
         // Accumulator fragment of m64nNk16: register 4g + j holds row (16 warp + lane/4 + 8 (j/2)),

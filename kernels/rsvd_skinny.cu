@@ -244,49 +244,15 @@ template <bool TRANS, bool VEC> struct Skinny {
             return;
         }
         // This tile thread's run of the tile's partials for this split, then the ticket.
-        if (kg == 0) {
-            float* mine = partials + ((i64)(tile * splits + split) * TT + t) * ACC;
-#pragma unroll
-            for (int e = 0; e < ACC; e += 4)
-                __stcg(reinterpret_cast<float4*>(mine + e), make_float4(flat[e], flat[e + 1], flat[e + 2], flat[e + 3]));
-        }
+        if (kg == 0) store_run<ACC>(reinterpret_cast<float4*>(partials + ((i64)(tile * splits + split) * TT + t) * ACC), flat);
         if (!last_to_arrive(tickets + tile, splits)) return;
-        // The last block sums the splits in order, every thread a half of one tile thread's run,
-        // two splits' loads in flight at a time.
+        // The last block sums the splits in order, every thread a half of one tile thread's run.
         constexpr int HALF = ACC / KG;
         const int pt = t % TT, h = t / TT;
         float sum[HALF];
-#pragma unroll
-        for (int e = 0; e < HALF; ++e) sum[e] = 0.0f;
-        auto run_of = [&](int s) {
+        sum_runs(sum, splits, [&](int s) {
             return reinterpret_cast<const float4*>(partials + ((i64)(tile * splits + s) * TT + pt) * ACC + h * HALF);
-        };
-        int s = 0;
-        for (; s + 1 < splits; s += 2) {
-            float4 p0[HALF / 4], p1[HALF / 4];
-#pragma unroll
-            for (int e = 0; e < HALF / 4; ++e) {
-                p0[e] = __ldcg(run_of(s) + e);
-                p1[e] = __ldcg(run_of(s + 1) + e);
-            }
-#pragma unroll
-            for (int e = 0; e < HALF / 4; ++e) {
-                sum[4 * e] = (sum[4 * e] + p0[e].x) + p1[e].x;
-                sum[4 * e + 1] = (sum[4 * e + 1] + p0[e].y) + p1[e].y;
-                sum[4 * e + 2] = (sum[4 * e + 2] + p0[e].z) + p1[e].z;
-                sum[4 * e + 3] = (sum[4 * e + 3] + p0[e].w) + p1[e].w;
-            }
-        }
-        if (s < splits) {
-#pragma unroll
-            for (int e = 0; e < HALF / 4; ++e) {
-                const float4 p = __ldcg(run_of(s) + e);
-                sum[4 * e] += p.x;
-                sum[4 * e + 1] += p.y;
-                sum[4 * e + 2] += p.z;
-                sum[4 * e + 3] += p.w;
-            }
-        }
+        });
 #pragma unroll
         for (int e = 0; e < HALF; ++e) store(out, m, q, m0, pt, h * HALF + e, sum[e]);
     }

@@ -117,19 +117,6 @@ __device__ __forceinline__ void wgmma_tf32<128>(float* d, const unsigned* a, uns
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
-// Keeps the compiler from moving accumulator reads or writes across the asynchronous MMAs.
-template <int N>
-__device__ __forceinline__ void fence_registers(float* d) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-// And keeps fragment registers an MMA in flight reads from being reused before it is done.
-template <int N>
-__device__ __forceinline__ void fence_registers(unsigned* r) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
-}
-
 template <bool TRANS, int NQ> struct SkinnyWg {
     static constexpr int BM = WG_BM, BK = WG_BK, STAGES = WG_STAGES;
     static constexpr int ACC = NQ / 2;          // accumulators a thread
@@ -273,25 +260,10 @@ template <bool TRANS, int NQ> struct SkinnyWg {
         auto run_of = [&](int s) {
             return reinterpret_cast<float4*>(partials + ((i64)(unit * splits + s) * (WG_CONSUMERS * 128) + t) * ACC);
         };
-        if (consumer) {
-#pragma unroll
-            for (int e = 0; e < ACC; e += 4)
-                __stcg(run_of(split) + e / 4, make_float4(acc[e], acc[e + 1], acc[e + 2], acc[e + 3]));
-        }
+        if (consumer) store_run<ACC>(run_of(split), acc);
         if (!last_to_arrive(tickets + unit, splits) || !consumer) return;
         // The last block sums the splits in order, every consumer thread its own run.
-#pragma unroll
-        for (int e = 0; e < ACC; ++e) acc[e] = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-#pragma unroll
-            for (int e = 0; e < ACC; e += 4) {
-                const float4 p = __ldcg(run_of(s) + e / 4);
-                acc[e] += p.x;
-                acc[e + 1] += p.y;
-                acc[e + 2] += p.z;
-                acc[e + 3] += p.w;
-            }
-        }
+        sum_runs(acc, splits, run_of);
 #pragma unroll
         for (int e = 0; e < ACC; ++e) store(out, m, q, m0, j0, t, e, acc[e]);
     }
