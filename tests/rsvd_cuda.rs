@@ -621,10 +621,14 @@ fn skinny_products_match_an_f64_reference() {
         a_buf[offset..offset + m * k].copy_from_slice(&a);
         let v: Vec<f32> = (0..k * q).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let (a_dev, v_dev) = (upload(&dev, &a_buf), upload(&dev, &v));
-        let run = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap();
-        let again = skinny_product_cuda(&a_dev, offset, trans, m, k, &v_dev, q).unwrap().out;
-        assert_eq!(run.kernel, if q > 32 { "wgmma" } else { "mma" }, "{what}");
+        let mut plan = SkinnyProducts::new(&dev, trans, m, k, q).unwrap();
+        assert_eq!(plan.kernel(), Some(if q > 32 { "wgmma" } else { "mma" }), "{what}");
+        plan.ours(&a_dev, offset, &v_dev).unwrap();
+        let run = plan.download().unwrap();
         assert!(run.tickets.iter().all(|&t| t == 0), "{what}: tickets left {:?}", run.tickets);
+        // Again on the same buffers, which the first launch must have left ready.
+        plan.ours(&a_dev, offset, &v_dev).unwrap();
+        let again = plan.download().unwrap().out;
         let out = run.out;
         assert_eq!(out.len(), m * q, "{what}");
         assert!(out.iter().zip(&again).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: reruns differ");
@@ -650,11 +654,11 @@ fn skinny_products_match_an_f64_reference() {
     }
     // q = 0 is no product; at q > 32 an A whose rows are not 16-byte aligned is left to cuBLAS.
     let (a, v) = (upload(&dev, &[1.0; 4]), upload(&dev, &[1.0; 2]));
-    let e = skinny_product_cuda(&a, 0, false, 2, 2, &v, 0).unwrap_err().to_string();
+    let e = SkinnyProducts::new(&dev, false, 2, 2, 0).unwrap().ours(&a, 0, &v).unwrap_err().to_string();
     assert!(e.contains("no kernel of ours takes q = 0"), "{e}");
     if wgmma {
         let (a, v) = (upload(&dev, &[1.0; 4 * 8 + 1]), upload(&dev, &[1.0; 8 * 33]));
-        let e = skinny_product_cuda(&a, 1, false, 4, 8, &v, 33).unwrap_err().to_string();
+        let e = SkinnyProducts::new(&dev, false, 4, 8, 33).unwrap().ours(&a, 1, &v).unwrap_err().to_string();
         assert!(e.contains("16-byte aligned rows only"), "{e}");
     }
 }

@@ -30,7 +30,7 @@ pub use rsvd_cuda::{
 };
 pub use rsvd_cuda_jacobi::{JacobiCore, jacobi_core_cuda, jacobi_core_max_q};
 pub use rsvd_cuda_orth::{CholeskyQrPass, cholesky_qr_fused_max_q, cholesky_qr_pass_cuda};
-pub use rsvd_cuda_skinny::{SkinnyProducts, SkinnyRun, skinny_product_cuda};
+pub use rsvd_cuda_skinny::{SkinnyProducts, SkinnyRun};
 pub use svd::{TruncatedSvd, TruncatedSvdOf, svd_exact};
 
 use faer::Mat;

@@ -52,11 +52,7 @@ impl<'a> Products<'a> {
         let (m, n) = (a.rows, a.cols);
         let tall = m >= n;
         let (p, c) = if tall { (m, n) } else { (n, m) };
-        let skinny = (math == GemmMath::Fp32 && kernel_for(dev, q).is_some()).then(|| SkinnyBuffers {
-            partials: dptr(&ws.skinny_partials, dev),
-            tickets: dptr(&ws.skinny_tickets, dev),
-            split: dptr(&ws.skinny_split, dev),
-        });
+        let skinny = (math == GemmMath::Fp32 && kernel_for(dev, q).is_some()).then(|| ws.skinny.buffers(dev));
         let (y, z) = (dptr(&ws.y, dev), dptr(&ws.z, dev));
         Products { dev, stream, blas, math, skinny, tall, p, c, n, q, a: dptr(a.slice(), dev), y, z }
     }

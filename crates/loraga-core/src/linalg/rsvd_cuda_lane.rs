@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 
 use super::cusolver::Solver;
 use super::rsvd_cuda_orth::{partials_len, tickets_len};
-use super::rsvd_cuda_skinny as skinny;
+use super::rsvd_cuda_skinny::SkinnyScratch;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
@@ -51,11 +51,9 @@ pub(super) struct Workspace {
     pub(super) rinv: CudaSlice<f64>,
     pub(super) partials: CudaSlice<f64>,
     pub(super) tickets: CudaSlice<u32>,
-    /// The products' split sums ([`super::rsvd_cuda_skinny`]): partials for the device's SMs,
-    /// a ticket per output tile of the long side; and the wgmma kernel's split V.
-    pub(super) skinny_partials: CudaSlice<f32>,
-    pub(super) skinny_tickets: CudaSlice<u32>,
-    pub(super) skinny_split: CudaSlice<f32>,
+    /// The products' kernels' scratch ([`super::rsvd_cuda_skinny`]), for outputs and reductions up
+    /// to the long side.
+    pub(super) skinny: SkinnyScratch,
     /// cuSOLVER's workspace (the larger of potrf's and syevd's for every q reserved) and info.
     pub(super) work: CudaSlice<f64>,
     pub(super) info: CudaSlice<i32>,
@@ -127,11 +125,7 @@ pub(super) fn allocate(
         rinv: f64s(fused_q * fused_q)?,
         partials: f64s(partials_len(fused_q))?,
         tickets: stream.alloc_zeros::<u32>(tickets_len(fused_q).max(1)).map_err(Error::cuda("cuMemAlloc"))?,
-        skinny_partials: f32s(skinny::partials_len(dev.sm_count(), need.q))?,
-        skinny_tickets: stream
-            .alloc_zeros::<u32>(skinny::tickets_len(need.p, need.q).max(1))
-            .map_err(Error::cuda("cuMemAlloc"))?,
-        skinny_split: f32s(skinny::split_len(dev, need.p, need.q))?,
+        skinny: SkinnyScratch::new(dev, stream, need.p, need.p, need.q)?,
         work: f64s(1)?, // sized by reserve, per q
         info: stream.alloc_zeros::<i32>(1).map_err(Error::cuda("cuMemAlloc"))?,
     })

@@ -25,17 +25,16 @@ const WG_MODULE: &str = "rsvd_skinny_wg";
 /// where there is one: at 64 and 128 columns the mma.sync design measured 0.83-0.96x of cuBLAS's
 /// speed at 4096 x 4096 (its header).
 pub(super) const SKINNY_MAX_Q: usize = 32;
-// Must match kernels/rsvd_skinny.cu.
+// Must match kernels/rsvd_skinny.cu and rsvd_skinny_wg.cu (WG_BM, WG_BK): both kernels' blocks
+// take 128 rows of out and stage 32 reduction steps at a time.
 const BM: usize = 128;
 const BK: usize = 32;
 const STAGES: usize = 4;
 /// No split shorter than this many reduction steps: its pipeline would barely fill.
 const MIN_SPLIT: usize = 4 * BK;
-// Must match kernels/rsvd_skinny_wg.cu: rows, reduction steps and stages of a block's ring, its
-// threads (two consumer warpgroups and a producer warp), and the widest column tile (a narrower
-// q takes the 64-column one).
-const WG_BM: usize = 128;
-const WG_BK: usize = 32;
+// Must match kernels/rsvd_skinny_wg.cu: the stages of a block's ring, its threads (two consumer
+// warpgroups and a producer warp), and the widest column tile (a narrower q takes the 64-column
+// one).
 const WG_STAGES: usize = 4;
 const WG_THREADS: u32 = 2 * 128 + 32;
 const WG_NQ: usize = 128;
@@ -79,14 +78,41 @@ pub(super) struct SkinnyProduct {
     pub(super) out: u64,
 }
 
-/// The kernels' scratch: `partials` f32 of [`partials_len`], `tickets` u32 of [`tickets_len`],
-/// zeroed at allocation (the kernels leave them zero), and `split` f32 of [`split_len`] for the
+/// The kernels' scratch as addresses, for a launch: `partials` f32 of [`partials_len`], `tickets`
+/// u32 of [`tickets_len`] (zero: the kernels leave them so), `split` f32 of [`split_len`] for the
 /// wgmma kernel's split V.
 #[derive(Clone, Copy)]
 pub(super) struct SkinnyBuffers {
-    pub(super) partials: u64,
-    pub(super) tickets: u64,
-    pub(super) split: u64,
+    partials: u64,
+    tickets: u64,
+    split: u64,
+}
+
+/// The kernels' scratch on the device, for products of up to `rows` output rows, a reduction of
+/// up to `k` steps and q columns: what a lane's workspace and [`SkinnyProducts`] each hold.
+pub(super) struct SkinnyScratch {
+    partials: CudaSlice<f32>,
+    tickets: CudaSlice<u32>,
+    split: CudaSlice<f32>,
+}
+
+impl SkinnyScratch {
+    pub(super) fn new(dev: &CudaDevice, stream: &Arc<CudaStream>, rows: usize, k: usize, q: usize) -> Result<Self> {
+        let f32s = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
+        Ok(SkinnyScratch {
+            partials: f32s(partials_len(dev.sm_count(), q))?,
+            tickets: stream.alloc_zeros(tickets_len(rows, q).max(1)).map_err(Error::cuda("cuMemAlloc"))?,
+            split: f32s(split_len(dev, k, q))?,
+        })
+    }
+
+    pub(super) fn buffers(&self, dev: &CudaDevice) -> SkinnyBuffers {
+        SkinnyBuffers {
+            partials: dptr(&self.partials, dev),
+            tickets: dptr(&self.tickets, dev),
+            split: dptr(&self.split, dev),
+        }
+    }
 }
 
 /// Dynamic shared memory of the kernel: STAGES tiles of A (the layout's) and of V, in f32.
@@ -96,10 +122,10 @@ fn shared_bytes(trans: bool) -> usize {
 }
 
 /// Dynamic shared memory of the wgmma kernel with column tile `nq`: STAGES stages of V's hi and
-/// lo tiles (nq rows of 128 bytes each) and A's tile (WG_BM rows of 128 bytes), the ring's two
+/// lo tiles (nq rows of 128 bytes each) and A's tile (BM rows of 128 bytes), the ring's two
 /// mbarriers a stage, and 1 KiB to align the first stage (the swizzle needs it).
 fn wg_shared_bytes(nq: usize) -> usize {
-    WG_STAGES * (2 * nq + WG_BM) * WG_BK * 4 + 2 * WG_STAGES * 8 + 1024
+    WG_STAGES * (2 * nq + BM) * BK * 4 + 2 * WG_STAGES * 8 + 1024
 }
 
 /// The wgmma kernel's column tile for q columns: 64 when q fits, else 128.
@@ -107,9 +133,8 @@ fn wg_nq(q: usize) -> usize {
     if q <= 64 { 64 } else { WG_NQ }
 }
 
-/// Row tiles of out for m rows (both kernels' tiles are 128 rows).
+/// Row tiles of out for m rows (both kernels' tiles are BM rows).
 fn tiles(m: usize) -> usize {
-    const { assert!(BM == WG_BM) };
     m.div_ceil(BM)
 }
 
@@ -139,9 +164,8 @@ fn wg_splits(units: usize, k: usize, sms: usize) -> (usize, usize) {
     chunked(k, want)
 }
 
-/// (kchunk, splits) for `want` splits of k: kchunk a multiple of BK (= WG_BK).
+/// (kchunk, splits) for `want` splits of k: kchunk a multiple of BK.
 fn chunked(k: usize, want: usize) -> (usize, usize) {
-    const { assert!(BK == WG_BK) };
     let kchunk = k.div_ceil(want).next_multiple_of(BK).max(BK);
     (kchunk, k.div_ceil(kchunk).max(1))
 }
@@ -149,18 +173,18 @@ fn chunked(k: usize, want: usize) -> (usize, usize) {
 /// f32 elements of the partials buffer for products of up to q columns on `sms` SMs (with more
 /// than one split, blocks ≤ 2·sms by [`splits`] and [`wg_splits`], each a tile of up to
 /// 128 x 128; one split needs none).
-pub(super) fn partials_len(sms: usize, q: usize) -> usize {
+fn partials_len(sms: usize, q: usize) -> usize {
     2 * sms * BM * if q <= SKINNY_MAX_Q { SKINNY_MAX_Q } else { WG_NQ }
 }
 
 /// Ticket counters for products with up to `rows` output rows and q columns.
-pub(super) fn tickets_len(rows: usize, q: usize) -> usize {
+fn tickets_len(rows: usize, q: usize) -> usize {
     tiles(rows) * column_tiles(q)
 }
 
 /// f32 elements of the wgmma kernel's split V for products with a reduction of up to k and q
 /// columns on `dev` (none where that kernel does not run).
-pub(super) fn split_len(dev: &CudaDevice, k: usize, q: usize) -> usize {
+fn split_len(dev: &CudaDevice, k: usize, q: usize) -> usize {
     if kernel_for(dev, q) == Some(Kernel::Wgmma) { 2 * k * q } else { 0 }
 }
 
@@ -245,12 +269,12 @@ fn wg_product(dev: &CudaDevice, stream: &Arc<CudaStream>, p: SkinnyProduct, buff
     let (kchunk, splits) = wg_splits(tiles * ctiles, p.k, dev.sm_count().max(1));
     let smem = wg_shared_bytes(nq);
     let f = dev.function_with_shared_memory(WG_MODULE, name, smem)?;
-    // A's map: n reads [m, k] in boxes of WG_BM rows; t reads [k, m] in boxes of 32 rows of k (x 32
+    // A's map: n reads [m, k] in boxes of BM rows; t reads [k, m] in boxes of 32 rows of k (x 32
     // of m: four a tile). V's split as [2q rows, k] in boxes of nq rows.
     let ta = if p.trans {
         tensor_map(p.a, p.k, p.m, p.m, 32, Elem::F32)?
     } else {
-        tensor_map(p.a, p.m, p.k, p.k, WG_BM, Elem::F32)?
+        tensor_map(p.a, p.m, p.k, p.k, BM, Elem::F32)?
     };
     let tv = tensor_map(buffers.split, 2 * p.q, p.k, p.k, nq, Elem::F32)?;
     let cfg = LaunchConfig {
@@ -265,7 +289,7 @@ fn wg_product(dev: &CudaDevice, stream: &Arc<CudaStream>, p: SkinnyProduct, buff
     // SAFETY: matches rsvd_skinny_wg_<n|t>_<nq>(TmaDesc ta, TmaDesc tv, int m, int k, int q,
     // float* out, int kchunk, float* partials, unsigned* tickets): the maps describe A (m*k f32,
     // 16-byte aligned with 16-byte rows: skinny_product checks) and V's split (2*k*q f32, just
-    // written), out holds m*q; kchunk a multiple of WG_BK (chunked); with splits > 1, blocks ·
+    // written), out holds m*q; kchunk a multiple of BK (chunked); with splits > 1, blocks ·
     // 128 · nq ≤ partials_len f32 of partials and tiles · column tiles zeroed tickets (the caller
     // sizes them from the same functions); WG_THREADS threads as the kernel assumes, with
     // wg_shared_bytes(nq) of dynamic shared memory, which kernel_for checked fits.
@@ -276,8 +300,9 @@ fn wg_product(dev: &CudaDevice, stream: &Arc<CudaStream>, p: SkinnyProduct, buff
 /// One product shape with its buffers allocated once, to run our kernel and cuBLAS's SGEMM
 /// (CUBLAS_COMPUTE_32F, what the SVD takes where no kernel of ours does) on the same operands:
 /// out [m, q] = A V (`trans` false; A row-major [m, k]) or Aᵀ V (true; A row-major [k, m]) for
-/// the column-major V [k, q], on the device's stream. For the tests (against an f64 reference)
-/// and the benches (against cuBLAS).
+/// the column-major V [k, q], on the device's stream. For the tests (against an f64 reference;
+/// `a_offset` starts A that many elements into its buffer, to test unaligned rows) and the
+/// benches (against cuBLAS).
 pub struct SkinnyProducts {
     dev: CudaDevice,
     blas: CudaBlas,
@@ -286,29 +311,17 @@ pub struct SkinnyProducts {
     k: usize,
     q: usize,
     out: CudaSlice<f32>,
-    partials: CudaSlice<f32>,
-    tickets: CudaSlice<u32>,
-    split: CudaSlice<f32>,
+    scratch: SkinnyScratch,
 }
 
 impl SkinnyProducts {
     pub fn new(dev: &CudaDevice, trans: bool, m: usize, k: usize, q: usize) -> Result<Self> {
         libs::ensure_cublas()?;
         let stream = dev.stream();
-        let f32s = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(Error::cuda("cuMemAlloc"));
         let blas = CudaBlas::new(stream.clone()).map_err(Error::cublas("cublasCreate"))?;
-        Ok(SkinnyProducts {
-            dev: dev.clone(),
-            blas,
-            trans,
-            m,
-            k,
-            q,
-            out: f32s(m * q)?,
-            partials: f32s(partials_len(dev.sm_count(), q))?,
-            tickets: stream.alloc_zeros(tickets_len(m, q).max(1)).map_err(Error::cuda("cuMemAlloc"))?,
-            split: f32s(split_len(dev, k, q))?,
-        })
+        let out = stream.alloc_zeros::<f32>((m * q).max(1)).map_err(Error::cuda("cuMemAlloc"))?;
+        let scratch = SkinnyScratch::new(dev, stream, m, k, q)?;
+        Ok(SkinnyProducts { dev: dev.clone(), blas, trans, m, k, q, out, scratch })
     }
 
     /// Which of our kernels takes this product ("mma" or "wgmma"), or None (cuBLAS).
@@ -342,12 +355,7 @@ impl SkinnyProducts {
         let (a, v) = self.operands(OP, a, a_offset, v)?;
         let dev = &self.dev;
         let product = SkinnyProduct { a, trans: self.trans, m: self.m, k: self.k, v, q, out: dptr(&self.out, dev) };
-        let buffers = SkinnyBuffers {
-            partials: dptr(&self.partials, dev),
-            tickets: dptr(&self.tickets, dev),
-            split: dptr(&self.split, dev),
-        };
-        if !skinny_product(dev, dev.stream(), product, buffers)? {
+        if !skinny_product(dev, dev.stream(), product, self.scratch.buffers(dev))? {
             let (m, k) = (self.m, self.k);
             let msg =
                 format!("the wgmma kernel (q = {q}) takes 16-byte aligned rows only: offset {a_offset}, m {m}, k {k}");
@@ -372,36 +380,17 @@ impl SkinnyProducts {
         let down = |e| Error::cuda("cuMemcpyDtoH")(e);
         let mut out = stream.clone_dtoh(&self.out).map_err(down)?;
         out.truncate(self.m * self.q);
-        let tickets = stream.clone_dtoh(&self.tickets).map_err(down)?;
-        Ok(SkinnyRun { out, tickets, kernel: self.kernel().unwrap_or("cublas") })
+        let tickets = stream.clone_dtoh(&self.scratch.tickets).map_err(down)?;
+        Ok(SkinnyRun { out, tickets })
     }
 }
 
-/// A product downloaded ([`SkinnyProducts::download`]): out (column-major [m, q]), the ticket
-/// counters after the launch (the kernel must leave them zero for the next one), and which of
-/// our kernels [`SkinnyProducts::ours`] runs ("mma", "wgmma"; "cublas" where none does).
+/// A product downloaded ([`SkinnyProducts::download`]): out (column-major [m, q]) and the ticket
+/// counters after the launch (the kernel must leave them zero for the next one).
 #[derive(Debug, Clone)]
 pub struct SkinnyRun {
     pub out: Vec<f32>,
     pub tickets: Vec<u32>,
-    pub kernel: &'static str,
-}
-
-/// One product on our kernel ([`SkinnyProducts::ours`]), downloaded: what the GPU randomized SVD
-/// runs for its fp32 products where one of our kernels takes them. `a_offset` starts A that many
-/// elements into `a` (to test unaligned rows).
-pub fn skinny_product_cuda(
-    a: &CudaStorage,
-    a_offset: usize,
-    trans: bool,
-    m: usize,
-    k: usize,
-    v: &CudaStorage,
-    q: usize,
-) -> Result<SkinnyRun> {
-    let mut plan = SkinnyProducts::new(&a.device, trans, m, k, q)?;
-    plan.ours(a, a_offset, v)?;
-    plan.download()
 }
 
 #[cfg(test)]
@@ -419,7 +408,7 @@ mod tests {
                         let what = format!("m {m}, k {k}, q {q}, {sms} SMs: {s} x {kchunk}");
                         assert_eq!(kchunk % BK, 0, "{what}");
                         assert!(s * kchunk >= k && (s - 1) * kchunk < k, "{what}");
-                        let tile = if q <= SKINNY_MAX_Q { BM * SKINNY_MAX_Q } else { WG_BM * wg_nq(q) };
+                        let tile = BM * if q <= SKINNY_MAX_Q { SKINNY_MAX_Q } else { wg_nq(q) };
                         assert!(s == 1 || s * t * ct * tile <= partials_len(sms, q), "{what}");
                         assert!(s <= k.div_ceil(MIN_SPLIT), "{what}");
                         assert!(ct * wg_nq(q) >= q || q <= SKINNY_MAX_Q, "{what}");
