@@ -7,8 +7,10 @@
 //! Two parts, chosen by `LORA_BENCH` (`criterion`, `grid`, or unset for both):
 //! - Criterion groups at M = 8192, K = N = 4096, r in {16, 64}, ending with the markdown summary.
 //! - The grid of issue 4 (M in {4096, 8192, 16384}; (K, N) in {(4096, 4096), (4096, 11008),
-//!   (11008, 4096)}; r in {8, 16, 64, 128}) timed directly (median of `LORA_REPS`, default 10,
-//!   CUDA-event runs after 3 warm-ups), one table row per shape. `LORA_FILTER` keeps the shapes
+//!   (11008, 4096)}; r in {8, 16, 64, 128}) timed directly: a shape's alternatives run in rounds
+//!   (one run of each, `LORA_REPS` rounds, default 20, after 3 warm-up rounds; CUDA events per
+//!   run), so that they share the clocks of the moment, and each gets the median of its runs. One
+//!   table row per shape. `LORA_FILTER` keeps the shapes
 //!   whose label ("M=8192 K=4096 N=11008 r=16") contains every comma-separated term, e.g.
 //!   `LORA_FILTER=M=8192,r=16`. The whole grid runs in about two minutes on an H200.
 //!
@@ -21,7 +23,7 @@ mod common;
 use common::{group, measure, setup};
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
-use loraga_core::cuda::timing::median_ms;
+use loraga_core::cuda::timing::interleaved_median_ms;
 use loraga_core::cuda::{CudaDevice, GemmPath};
 use loraga_core::gemm::{Gemm, gemm_cuda};
 use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
@@ -148,6 +150,30 @@ impl Layer {
     }
 }
 
+/// One timed piece of work of the grid.
+#[derive(Clone, Copy)]
+enum Work {
+    BaseFwd,
+    BaseFwdBwd,
+    Fwd(LoraPath),
+    FwdBwd(LoraPath),
+    Accumulate(LoraPath),
+    Skinny(GemmPath),
+}
+
+impl Layer {
+    fn run(&mut self, work: Work, i: usize) -> Result<()> {
+        match work {
+            Work::BaseFwd => self.base_fwd(i),
+            Work::BaseFwdBwd => self.base_fwd_bwd(i),
+            Work::Fwd(path) => self.fwd(path, i),
+            Work::FwdBwd(path) => self.fwd_bwd(path, i),
+            Work::Accumulate(path) => self.accumulate(path, i),
+            Work::Skinny(path) => self.skinny(path, i),
+        }
+    }
+}
+
 fn criterion_groups(dev: &CudaDevice, c: &mut criterion::Criterion, inp: &mut Inputs) {
     let (m, k, n) = (8192usize, 4096usize, 4096usize);
     let mut layer = Layer::new(inp, m, k, n);
@@ -209,7 +235,7 @@ fn criterion_groups(dev: &CudaDevice, c: &mut criterion::Criterion, inp: &mut In
 /// `$LORAGA_BENCH_OUT/lora_linear_grid.md` when that is set.
 fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
     let filter = std::env::var("LORA_FILTER").unwrap_or_default();
-    let reps: usize = std::env::var("LORA_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let reps: usize = std::env::var("LORA_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let keep = |label: &str| filter.split(',').filter(|t| !t.is_empty()).all(|t| label.contains(t));
     let mut table = String::from(
         "### LoRA layer grid (issue 4), bf16, s = 2, CUDA-event medians (ms)\n\n\
@@ -233,28 +259,36 @@ fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
                 continue;
             }
             let mut layer = Layer::new(inp, m, k, n);
-            let time = |f: &mut dyn FnMut(usize) -> Result<()>| -> Result<f64> {
-                let mut turn = 0usize;
-                median_ms(dev, 3, reps, || {
+            let mut turn = 0usize;
+            let mut time = |layer: &mut Layer, work: &[Work]| -> Result<Vec<f64>> {
+                interleaved_median_ms(dev, 3, reps, work.len(), |j| {
                     turn = (turn + 1) % 3;
-                    f(turn)
+                    layer.run(work[j], turn)
                 })
             };
-            let cublas_acc = time(&mut |i| layer.accumulate(LoraPath::CublasFolded, i))?;
-            let fused_acc = time(&mut |i| layer.accumulate(LoraPath::Fused, i))?;
+            let acc = time(&mut layer, &[Work::Accumulate(LoraPath::CublasFolded), Work::Accumulate(LoraPath::Fused)])?;
+            let (cublas_acc, fused_acc) = (acc[0], acc[1]);
             g_table +=
                 &format!("| {m} | {k} | {n} | {cublas_acc:.4} | {fused_acc:.4} | {:.3} |\n", fused_acc / cublas_acc);
             for (r, label) in labels {
                 layer.rank(inp, r);
-                let base = time(&mut |i| layer.base_fwd(i))?;
-                let fused = time(&mut |i| layer.fwd(LoraPath::Fused, i))?;
-                let peft = time(&mut |i| layer.fwd(LoraPath::Cublas, i))?;
-                let base_fb = time(&mut |i| layer.base_fwd_bwd(i))?;
-                let fused_fb = time(&mut |i| layer.fwd_bwd(LoraPath::Fused, i))?;
-                let peft_fb = time(&mut |i| layer.fwd_bwd(LoraPath::Cublas, i))?;
-                let folded_fb = time(&mut |i| layer.fwd_bwd(LoraPath::CublasFolded, i))?;
-                let u_engine = time(&mut |i| layer.skinny(GemmPath::Engine, i))?;
-                let u_cublas = time(&mut |i| layer.skinny(GemmPath::Cublas, i))?;
+                let t = time(
+                    &mut layer,
+                    &[
+                        Work::BaseFwd,
+                        Work::Fwd(LoraPath::Fused),
+                        Work::Fwd(LoraPath::Cublas),
+                        Work::BaseFwdBwd,
+                        Work::FwdBwd(LoraPath::Fused),
+                        Work::FwdBwd(LoraPath::Cublas),
+                        Work::FwdBwd(LoraPath::CublasFolded),
+                        Work::Skinny(GemmPath::Engine),
+                        Work::Skinny(GemmPath::Cublas),
+                    ],
+                )?;
+                let [base, fused, peft, base_fb, fused_fb, peft_fb, folded_fb, u_engine, u_cublas] = t[..] else {
+                    unreachable!("nine alternatives")
+                };
                 eprintln!("{label}: fused f+b {fused_fb:.4} ms");
                 table += &format!(
                     "| {m} | {k} | {n} | {r} | {base:.4} | {fused:.4} | {:.3} | {:.3} | {base_fb:.4} | {fused_fb:.4} \

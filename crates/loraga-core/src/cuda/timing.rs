@@ -34,6 +34,32 @@ pub fn median_ms(device: &CudaDevice, warmup: usize, reps: usize, mut f: impl Fn
     Ok(median(&mut times))
 }
 
+/// Median milliseconds of `reps` single timed runs of each of `n` alternatives, taken in rounds
+/// (one run of 0, of 1, ..., of n - 1, then the next round) after `warmup` untimed rounds;
+/// `f(j)` enqueues alternative j. Rounds put every alternative under the same clocks and power
+/// state, which drift over a benchmark's seconds: the ratios between the medians are what to
+/// compare, and they hold better than those of alternatives timed one after the other.
+pub fn interleaved_median_ms(
+    device: &CudaDevice,
+    warmup: usize,
+    reps: usize,
+    n: usize,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        for j in 0..n {
+            f(j)?;
+        }
+    }
+    let mut times = vec![Vec::with_capacity(reps); n];
+    for _ in 0..reps {
+        for (j, t) in times.iter_mut().enumerate() {
+            t.push(time_iters(device, 1, || f(j))?.as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times.iter_mut().map(|t| median(t)).collect())
+}
+
 /// The median of a non-empty sample (mean of the middle two for even sizes).
 pub fn median(xs: &mut [f64]) -> f64 {
     assert!(!xs.is_empty(), "median of an empty sample");
