@@ -24,7 +24,7 @@ use common::{group, measure, setup};
 use loraga::summary::{self, Row};
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cuda::timing::interleaved_median_ms;
-use loraga_core::cuda::{CudaDevice, GemmPath};
+use loraga_core::cuda::{CudaDevice, GemmPath, lora_dy};
 use loraga_core::gemm::{Gemm, gemm_cuda};
 use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
 use loraga_core::testing::randn;
@@ -33,6 +33,7 @@ use rand::SeedableRng;
 
 const NT: Gemm = Gemm { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0, deterministic: false };
 const NN: Gemm = Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
+const TN: Gemm = Gemm { trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
 /// The composed and fused paths timed (the naive one is orders of magnitude slower).
 const PATHS: [LoraPath; 3] = [LoraPath::Cublas, LoraPath::CublasFolded, LoraPath::Fused];
 
@@ -144,6 +145,20 @@ impl Layer {
         lora::accumulate_weight_grad(path, &mut self.g, &self.dys[i], &self.xs[i], 1.0)
     }
 
+    /// The backward's V' and dB alone: one pass over dY, or cuBLAS's two GEMMs (what the fused
+    /// path ran before the one-pass kernel).
+    fn dy_products(&mut self, one_pass: bool, i: usize) -> Result<()> {
+        let (m, n, r) = (self.dys[i].dims()[0], self.dys[i].dims()[1], self.b.dims()[1]);
+        if one_pass {
+            let dy = self.dys[i].cuda_storage("bench", "dY")?;
+            let (b, u) = (self.b.cuda_storage("bench", "B")?, self.fwd.u.cuda_storage("bench", "U'")?);
+            let (v, db) = (self.v.cuda_storage_mut("bench", "V'")?, self.grads.db.cuda_storage_mut("bench", "dB")?);
+            return lora_dy::run(dy, b, u, (m, n, r), 2.0, v, db);
+        }
+        gemm_cuda(GemmPath::Cublas, &Gemm { alpha: 2.0, ..NN }, &self.dys[i], &self.b, &mut self.v)?;
+        gemm_cuda(GemmPath::Cublas, &TN, &self.dys[i], &self.fwd.u, &mut self.grads.db)
+    }
+
     /// The forward's skinny product U' = s X Aᵀ alone, by one GEMM path.
     fn skinny(&mut self, path: GemmPath, i: usize) -> Result<()> {
         gemm_cuda(path, &Gemm { alpha: 2.0, ..NT }, &self.xs[i], &self.a, &mut self.fwd.u)
@@ -159,6 +174,8 @@ enum Work {
     FwdBwd(LoraPath),
     Accumulate(LoraPath),
     Skinny(GemmPath),
+    /// V' = s dY B and dB = dYᵀ U': one pass over dY (true) or cuBLAS's two GEMMs.
+    DyProducts(bool),
 }
 
 impl Layer {
@@ -170,6 +187,7 @@ impl Layer {
             Work::FwdBwd(path) => self.fwd_bwd(path, i),
             Work::Accumulate(path) => self.accumulate(path, i),
             Work::Skinny(path) => self.skinny(path, i),
+            Work::DyProducts(one_pass) => self.dy_products(one_pass, i),
         }
     }
 }
@@ -240,8 +258,9 @@ fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
     let mut table = String::from(
         "### LoRA layer grid (issue 4), bf16, s = 2, CUDA-event medians (ms)\n\n\
          | M | K | N | r | base fwd | fused fwd | fused / base fwd | PEFT fwd / fused | base f+b | fused f+b \
-         | fused / base f+b | PEFT f+b | PEFT / fused f+b | folded / fused f+b | U' engine | U' cuBLAS |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | fused / base f+b | PEFT f+b | PEFT / fused f+b | folded / fused f+b | U' engine | U' cuBLAS \
+         | V' + dB cuBLAS | V' + dB one pass |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut g_table = String::from(
         "\n### G += dYᵀ X in place (f32 G [N, K]), ms\n\n\
@@ -289,10 +308,14 @@ fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
                 let [base, fused, peft, base_fb, fused_fb, peft_fb, folded_fb, u_engine, u_cublas] = t[..] else {
                     unreachable!("nine alternatives")
                 };
+                let one_pass = lora_dy::takes(dev, DType::BF16, m, n, r);
+                let dy = time(&mut layer, &[Work::DyProducts(false), Work::DyProducts(true)][..1 + one_pass as usize])?;
+                let dy_cublas = dy[0];
+                let dy_once = dy.get(1).map_or("–".to_string(), |t| format!("{t:.4}"));
                 eprintln!("{label}: fused f+b {fused_fb:.4} ms");
                 table += &format!(
                     "| {m} | {k} | {n} | {r} | {base:.4} | {fused:.4} | {:.3} | {:.3} | {base_fb:.4} | {fused_fb:.4} \
-                     | {:.3} | {peft_fb:.4} | {:.3} | {:.3} | {u_engine:.4} | {u_cublas:.4} |\n",
+                     | {:.3} | {peft_fb:.4} | {:.3} | {:.3} | {u_engine:.4} | {u_cublas:.4} | {dy_cublas:.4} | {dy_once} |\n",
                     fused / base,
                     peft / fused,
                     fused_fb / base_fb,

@@ -85,23 +85,6 @@ __device__ __forceinline__ unsigned frag_tf32(const float* t, int mn, int k) {
     return r;
 }
 
-// Four 8 x 8 bf16 matrices from shared memory in one instruction: lanes 8i..8i+7 give the
-// addresses of matrix i's 8 rows (16 bytes each); lane l receives, in register i, matrix i's
-// elements (row l / 4, columns 2 (l % 4) and + 1), or with TRANS (rows 2 (l % 4) and + 1, column
-// l / 4). TRANS turns an MN-major tile into the K-pairs an MMA fragment holds.
-template <bool TRANS>
-__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const bf16* row) {
-    if constexpr (TRANS) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(smem_u32(row)));
-    } else {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(smem_u32(row)));
-    }
-}
-
 // The bf16 fragments of one K step (kk) through ldmatrix: A for the 16 rows from m (registers as
 // in `mma`), and B for the 16 columns from n (r[0..1] = the first 8 columns' b, r[2..3] the
 // next 8's). Which row of which 8 x 8 matrix lane l addresses follows from the fragment layout:

@@ -1,5 +1,5 @@
 // Ampere-style building blocks shared by the kernels that stage tiles with cp.async and multiply
-// them with mma.sync (gemm_sm80.cu, rsvd_skinny.cu): sm_80 and later.
+// them with mma.sync (gemm_sm80.cu, rsvd_skinny.cu, lora_dy.cu): sm_80 and later.
 #pragma once
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
@@ -22,6 +22,23 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // Waits until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Four 8 x 8 bf16 matrices from shared memory in one instruction: lanes 8i..8i+7 give the
+// addresses of matrix i's 8 rows (16 bytes each); lane l receives, in register i, matrix i's
+// elements (row l / 4, columns 2 (l % 4) and + 1), or with TRANS (rows 2 (l % 4) and + 1, column
+// l / 4). TRANS turns an MN-major tile into the K-pairs an MMA fragment holds.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const bf16* row) {
+    if constexpr (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(row)));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(row)));
+    }
+}
 
 // d[16 x 8] += a[16 x K] b[K x 8]: K = 16 for bf16, 8 for TF32. Fragment registers (g = lane / 4,
 // t = lane % 4): a = (row g, k lo), (g + 8, k lo), (g, k hi), (g + 8, k hi); b = (k lo, col g),

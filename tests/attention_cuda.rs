@@ -31,7 +31,7 @@ use loraga_core::cuda::attention::{self as attn, AttentionGrads, KeyMask};
 use loraga_core::cuda::cross_entropy as ce;
 use loraga_core::cuda::{CudaDevice, CudaStorage};
 use loraga_core::testing::{randn, rel_error};
-use loraga_core::{DType, Device, Storage, Tensor};
+use loraga_core::{DType, Device, Tensor};
 
 fn gpu() -> CudaDevice {
     CudaDevice::new(0).expect("this test needs a CUDA GPU")
@@ -56,17 +56,11 @@ fn tensor(v: &[f32], shape: &[usize], dtype: DType, dev: &Device) -> Tensor {
 }
 
 fn storage(t: &Tensor) -> &CudaStorage {
-    match t.storage() {
-        Storage::Cuda(s) => s,
-        Storage::Cpu(_) => panic!("expected a CUDA tensor, got {t:?}"),
-    }
+    t.cuda_storage("test", "input").unwrap()
 }
 
 fn storage_mut(t: &mut Tensor) -> &mut CudaStorage {
-    match t.storage_mut() {
-        Storage::Cuda(s) => s,
-        Storage::Cpu(_) => panic!("expected a CUDA tensor"),
-    }
+    t.cuda_storage_mut("test", "output").unwrap()
 }
 
 fn nan(shape: &[usize], dtype: DType, dev: &Device) -> Tensor {

@@ -7,8 +7,8 @@
 
 use loraga_core::cpu::CpuStorage;
 use loraga_core::cpu::gemm::gemm_f64;
-use loraga_core::cuda::CudaDevice;
 use loraga_core::cuda::ops::poison_outputs;
+use loraga_core::cuda::{CudaDevice, lora_dy};
 use loraga_core::gemm::{Gemm, GemmDims};
 use loraga_core::lora_linear::{self as lora, Forward, Grads, Lora, LoraPath};
 use loraga_core::testing::{randn, rel_error};
@@ -219,5 +219,48 @@ fn mixed_devices_are_clear_errors_on_the_gpu() {
         let dy_cpu = c.dy.to_device(&Device::Cpu).unwrap();
         let e = lora::backward(path, &l, &c.x, &f.u, &dy_cpu).err().unwrap().to_string();
         assert!(e.contains("dY on cpu"), "{}: {e}", path.name());
+    }
+}
+
+/// V' = s dY B and dB = dYᵀ U' by the one-pass kernel (`cuda::lora_dy`) against f64, on shapes
+/// that cut dY into many regions (so both split sums run), with ragged edges and r from 8 to 32;
+/// a rerun gives the same bits.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn one_pass_dy_products_match_f64_and_rerun_bit_identically() {
+    let dev = gpu();
+    let Device::Cuda(cuda_dev) = &dev else { unreachable!("gpu() is a CUDA device") };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+    for (m, n, r) in [(1, 8, 8), (131, 96, 16), (1100, 2056, 24), (3000, 1544, 32), (2053, 4104, 8), (4096, 11008, 16)]
+    {
+        assert!(lora_dy::takes(cuda_dev, DType::BF16, m, n, r), "{m}x{n} r={r}");
+        let mut t = |rows: usize, cols: usize, std: f32| {
+            let v: Vec<f32> = randn(&mut rng, rows * cols).into_iter().map(|x| x * std).collect();
+            let s = CpuStorage::from_f32_vec(DType::BF16, v);
+            let wide: Vec<f64> = s.to_f32_vec().into_iter().map(f64::from).collect();
+            (Tensor::from_cpu(s, [rows, cols].into(), &dev).unwrap(), wide)
+        };
+        let ((dy, dy64), (b, b64), (u, u64)) = (t(m, n, 1.0), t(n, r, 0.05), t(m, r, 0.5));
+        let s = 2.0f32;
+        let nn = Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
+        let v_ref = mm(nn, m, r, n, &dy64, &b64, s as f64);
+        let db_ref = mm(Gemm { trans_a: true, ..nn }, n, r, m, &dy64, &u64, 1.0);
+        let run = || {
+            let mut v = Tensor::full([m, r], DType::BF16, f32::NAN, &dev).unwrap();
+            let mut db = Tensor::full([n, r], DType::F32, f32::NAN, &dev).unwrap();
+            let dy = dy.cuda_storage("test", "dY").unwrap();
+            let (b, u) = (b.cuda_storage("test", "B").unwrap(), u.cuda_storage("test", "U'").unwrap());
+            let (vs, dbs) = (v.cuda_storage_mut("test", "V'").unwrap(), db.cuda_storage_mut("test", "dB").unwrap());
+            lora_dy::run(dy, b, u, (m, n, r), s, vs, dbs).unwrap();
+            (v.to_f32_vec().unwrap(), db.to_f32_vec().unwrap())
+        };
+        let (v, db) = run();
+        // V' is stored in bf16 (a rounding of up to 2⁻⁹); dB is an f32 sum of exact products.
+        let (ev, edb) = (rel_error(&v, &v_ref), rel_error(&db, &db_ref));
+        assert!(ev <= 4e-3, "{m}x{n} r={r}: V' rel. error {ev:.2e}");
+        assert!(edb <= 2e-5, "{m}x{n} r={r}: dB rel. error {edb:.2e}");
+        let (v2, db2) = run();
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same(&v, &v2) && same(&db, &db2), "{m}x{n} r={r}: a rerun differs");
     }
 }

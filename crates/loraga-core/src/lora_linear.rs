@@ -18,7 +18,8 @@
 //!   product the engine cannot take (f32 operands, a rank r that is not a multiple of 8, a
 //!   device without wgmma) runs the folded composition below on cuBLAS instead, so any r in
 //!   1..=min(K, N) and any M, K, N work; the two-source GEMMs need bf16, sm_90a and r, K, N
-//!   multiples of 8.
+//!   multiples of 8. The backward's V' and dB, which both stream dY, run as one pass over dY
+//!   (`kernels/lora_dy.cu`) where it applies: bf16, r ≤ 32 and a multiple of 8, N a multiple of 8.
 //! - `Cublas` is the composition PEFT runs in eager PyTorch (`result = base(x); result = result +
 //!   lora_B(lora_A(x)) * scaling`, backward as autograd runs it): base GEMM, A GEMM, B GEMM into a
 //!   fresh [M, N], `* s` and `+` as two elementwise kernels; backward `dY * s`, two GEMMs per
@@ -36,6 +37,7 @@
 
 use crate::cuda::GemmPath;
 use crate::cuda::gemm_sm90::{self, KSource};
+use crate::cuda::lora_dy;
 use crate::cuda::ops::elementwise;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -245,13 +247,39 @@ pub fn backward_into(
     if via == Via::Cublas && path == LoraPath::Cublas {
         return peft_backward(l, x, u, dy, v, grads);
     }
-    product(via, Gemm { alpha: l.scale, ..NN }, dy, l.b, v)?;
+    let dy_once = via == Via::Best && dy_products(l, dy, u, v, &mut grads.db)?;
+    if !dy_once {
+        product(via, Gemm { alpha: l.scale, ..NN }, dy, l.b, v)?;
+    }
     if !(via == Via::Best && two_sources(NN, [(dy, l.w), (v, l.a)], &mut grads.dx)?) {
         product(via, NN, dy, l.w, &mut grads.dx)?;
         product(via, Gemm { beta: 1.0, ..NN }, v, l.a, &mut grads.dx)?;
     }
     product(via, TN, v, x, &mut grads.da)?;
-    product(via, TN, dy, u, &mut grads.db)
+    if !dy_once {
+        product(via, TN, dy, u, &mut grads.db)?;
+    }
+    Ok(())
+}
+
+/// V' = s dY B into `v` and dB = dYᵀ U' into `db` in one pass over dY (`cuda::lora_dy`), if that
+/// kernel takes the operands; false (nothing launched) if not.
+fn dy_products(l: &Lora, dy: &Tensor, u: &Tensor, v: &mut Tensor, db: &mut Tensor) -> Result<bool> {
+    let (m, n, r) = (dy.dims()[0], dy.dims()[1], u.dims()[1]);
+    let dy_s = cuda(dy, "dY")?;
+    if !lora_dy::takes(&dy_s.device, dy.dtype(), m, n, r) {
+        return Ok(false);
+    }
+    lora_dy::run(
+        dy_s,
+        cuda(l.b, "B")?,
+        cuda(u, "U")?,
+        (m, n, r),
+        l.scale,
+        cuda_mut(v, "V scratch")?,
+        cuda_mut(db, "dB")?,
+    )?;
+    Ok(true)
 }
 
 /// PEFT's forward as eager PyTorch runs it: `result = base(x)`, `T = lora_A(x)` (kept as U),
@@ -318,17 +346,11 @@ pub fn accumulate_weight_grad(path: LoraPath, g: &mut Tensor, dy: &Tensor, x: &T
 }
 
 fn cuda<'t>(t: &'t Tensor, what: &str) -> Result<&'t crate::cuda::CudaStorage> {
-    match t.storage() {
-        Storage::Cuda(s) => Ok(s),
-        Storage::Cpu(_) => Err(Error::DeviceMismatch { op: "lora", lhs: "cuda".into(), rhs: format!("{what} on cpu") }),
-    }
+    t.cuda_storage("lora", what)
 }
 
 fn cuda_mut<'t>(t: &'t mut Tensor, what: &str) -> Result<&'t mut crate::cuda::CudaStorage> {
-    match t.storage_mut() {
-        Storage::Cuda(s) => Ok(s),
-        Storage::Cpu(_) => Err(Error::DeviceMismatch { op: "lora", lhs: "cuda".into(), rhs: format!("{what} on cpu") }),
-    }
+    t.cuda_storage_mut("lora", what)
 }
 
 /// Whether the Hopper engine runs this product. Only bf16 operands: the engine runs f32 ones as

@@ -76,6 +76,23 @@ impl Tensor {
         &mut self.storage
     }
 
+    /// The device buffer of a tensor on a CUDA device; for one on the CPU, an error saying that
+    /// `op` needs `what` on the GPU.
+    pub fn cuda_storage(&self, op: &'static str, what: &str) -> Result<&crate::cuda::CudaStorage> {
+        match &self.storage {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch { op, lhs: "cuda".into(), rhs: format!("{what} on cpu") }),
+        }
+    }
+
+    /// The same, mutable.
+    pub fn cuda_storage_mut(&mut self, op: &'static str, what: &str) -> Result<&mut crate::cuda::CudaStorage> {
+        match &mut self.storage {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch { op, lhs: "cuda".into(), rhs: format!("{what} on cpu") }),
+        }
+    }
+
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         Ok(Tensor { storage: Storage::from_cpu(device, self.storage.to_cpu()?)?, shape: self.shape.clone() })
     }

@@ -12,6 +12,7 @@ pub mod gemm_sm80;
 pub mod gemm_sm90;
 pub mod kernels;
 pub mod libs;
+pub mod lora_dy;
 pub mod nvrtc;
 pub mod ops;
 pub mod storage;
