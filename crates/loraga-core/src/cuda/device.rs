@@ -72,6 +72,7 @@ impl CudaDevice {
         let sm_count = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let shared_memory_optin =
             attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        keep_freed_memory_pooled(&ctx)?;
         let stream = ctx.default_stream();
         Ok(CudaDevice(Arc::new(Inner {
             ctx,
@@ -221,4 +222,33 @@ impl PartialEq for CudaDevice {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
+}
+
+/// Keeps memory freed to the device's default pool there, up to half the device's memory,
+/// instead of returning it to the driver at every synchronization (the pool's default release
+/// threshold, 0): scratch that an op allocates per call (stream-ordered: the LoRA layer's partial
+/// sums, the PEFT path's temporaries) then costs no new mapping each time, as with PyTorch's
+/// caching allocator. Past half, freed memory goes back, so allocations outside the pool (the
+/// libraries' workspaces) still find room.
+fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<()> {
+    let (mut pool, mut total): (sys::CUmemoryPool, usize) = (std::ptr::null_mut(), 0);
+    // SAFETY: valid out-pointers; the device handle comes from a live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(Error::cuda("cuDeviceGetDefaultMemPool"))?;
+    // SAFETY: as above.
+    unsafe { sys::cuDeviceTotalMem_v2(&mut total, ctx.cu_device()) }
+        .result()
+        .map_err(Error::cuda("cuDeviceTotalMem"))?;
+    let mut threshold = total as u64 / 2;
+    // SAFETY: the release threshold attribute takes a pointer to a u64, which `threshold` is.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(Error::cuda("cuMemPoolSetAttribute"))
 }
