@@ -5,7 +5,8 @@
 //! G += dYᵀ X (f32 G) by the engine and by cuBLAS GemmEx with beta = 1. bf16 operands, s = 2.
 //!
 //! Two parts, chosen by `LORA_BENCH` (`criterion`, `grid`, or unset for both):
-//! - Criterion groups at M = 8192, K = N = 4096, r in {16, 64}, ending with the markdown summary.
+//! - Criterion groups at M = 8192, K = N = 4096, r in {16, 64}, ending with the markdown summary;
+//!   where the one-pass kernel applies (r = 16), V' and dB by it and by cuBLAS's two GEMMs.
 //! - The grid of issue 4 (M in {4096, 8192, 16384}; (K, N) in {(4096, 4096), (4096, 11008),
 //!   (11008, 4096)}; r in {8, 16, 64, 128}) timed directly: a shape's alternatives run in rounds
 //!   (one run of each, `LORA_REPS` rounds, default 20, after 3 warm-up rounds; CUDA events per
@@ -235,6 +236,18 @@ fn criterion_groups(dev: &CudaDevice, c: &mut criterion::Criterion, inp: &mut In
             rows.push(row(&problem, name, ms, skinny_flops));
         }
         g.finish();
+
+        // The backward's two products that read dY, where the one-pass kernel takes them.
+        if lora_dy::takes(dev, DType::BF16, m, n, r) {
+            let dy_flops = 4.0 * (m * n * r) as f64;
+            let problem = format!("V' = s dY B and dB = dY^T U' M={m} N={n} r={r}");
+            let mut g = group(c, &format!("lora_dy_r{r}"), dy_flops);
+            for (name, one_pass) in [("cublas", false), ("one pass", true)] {
+                let ms = measure(dev, &mut g, name, |i| layer.dy_products(one_pass, i));
+                rows.push(row(&problem, name, ms, dy_flops));
+            }
+            g.finish();
+        }
     }
 
     let problem = format!("G += dY^T X, M={m}, G {n}x{k} f32");
