@@ -9,11 +9,13 @@
 //!   where the one-pass kernel applies (r = 16), V' and dB by it and by cuBLAS's two GEMMs.
 //! - The grid of issue 4 (M in {4096, 8192, 16384}; (K, N) in {(4096, 4096), (4096, 11008),
 //!   (11008, 4096)}; r in {8, 16, 64, 128}) timed directly: a shape's alternatives run in rounds
-//!   (one run of each, `LORA_REPS` rounds, default 20, after 3 warm-up rounds; CUDA events per
-//!   run), so that they share the clocks of the moment, and each gets the median of its runs. One
-//!   table row per shape. `LORA_FILTER` keeps the shapes
-//!   whose label ("M=8192 K=4096 N=11008 r=16") contains every comma-separated term, e.g.
-//!   `LORA_FILTER=M=8192,r=16`. The whole grid runs in about two minutes on an H200.
+//!   (a sample of each, `LORA_REPS` rounds, default 20, after 3 warm-up rounds; CUDA events per
+//!   sample), so that they share the clocks of the moment, and each gets the median of its
+//!   samples. A sample is `LORA_BATCH` back-to-back runs (default 1: single runs, the GPU idle
+//!   between samples; 10 keeps it busy as training does, at the lower clocks of sustained load).
+//!   One table row per shape. `LORA_FILTER` keeps the shapes whose label ("M=8192 K=4096
+//!   N=11008 r=16") contains every comma-separated term, e.g. `LORA_FILTER=M=8192,r=16`. The
+//!   whole grid runs in about a minute on an H200 (single runs).
 //!
 //! Inputs rotate over three sets (each larger than L2) and outputs are preallocated; the PEFT
 //! path's temporaries come from the stream-ordered pool inside the timing, as PyTorch's come from
@@ -267,9 +269,10 @@ fn criterion_groups(dev: &CudaDevice, c: &mut criterion::Criterion, inp: &mut In
 fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
     let filter = std::env::var("LORA_FILTER").unwrap_or_default();
     let reps: usize = std::env::var("LORA_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let batch: usize = std::env::var("LORA_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let keep = |label: &str| filter.split(',').filter(|t| !t.is_empty()).all(|t| label.contains(t));
-    let mut table = String::from(
-        "### LoRA layer grid (issue 4), bf16, s = 2, CUDA-event medians (ms)\n\n\
+    let mut table = format!(
+        "### LoRA layer grid (issue 4), bf16, s = 2, CUDA-event medians (ms), {batch} run(s) a sample\n\n\
          | M | K | N | r | base fwd | fused fwd | fused / base fwd | PEFT fwd / fused | base f+b | fused f+b \
          | fused / base f+b | PEFT f+b | PEFT / fused f+b | folded / fused f+b | U' engine | U' cuBLAS \
          | V' + dB cuBLAS | V' + dB one pass |\n\
@@ -293,7 +296,7 @@ fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
             let mut layer = Layer::new(inp, m, k, n);
             let mut turn = 0usize;
             let mut time = |layer: &mut Layer, work: &[Work]| -> Result<Vec<f64>> {
-                interleaved_median_ms(dev, 3, reps, work.len(), |j| {
+                interleaved_median_ms(dev, 3, reps, batch, work.len(), |j| {
                     turn = (turn + 1) % 3;
                     layer.run(work[j], turn)
                 })

@@ -34,18 +34,23 @@ pub fn median_ms(device: &CudaDevice, warmup: usize, reps: usize, mut f: impl Fn
     Ok(median(&mut times))
 }
 
-/// Median milliseconds of `reps` single timed runs of each of `n` alternatives, taken in rounds
-/// (one run of 0, of 1, ..., of n - 1, then the next round) after `warmup` untimed rounds;
-/// `f(j)` enqueues alternative j. Rounds put every alternative under the same clocks and power
-/// state, which drift over a benchmark's seconds: the ratios between the medians are what to
-/// compare, and they hold better than those of alternatives timed one after the other.
+/// Median milliseconds a run of each of `n` alternatives, from `reps` timed samples of each taken
+/// in rounds (a sample of 0, of 1, ..., of n - 1, then the next round) after `warmup` untimed
+/// rounds; a sample is `batch` back-to-back runs (its time / `batch`); `f(j)` enqueues one run of
+/// alternative j. Rounds put every alternative under the same clocks and power state, which drift
+/// over a benchmark's seconds: the ratios between the medians are what to compare, and they hold
+/// better than those of alternatives timed one after the other. A batch of 1 times single runs,
+/// with the GPU idle between samples; larger batches keep it busy, as training does (clocks under
+/// sustained load are lower).
 pub fn interleaved_median_ms(
     device: &CudaDevice,
     warmup: usize,
     reps: usize,
+    batch: usize,
     n: usize,
     mut f: impl FnMut(usize) -> Result<()>,
 ) -> Result<Vec<f64>> {
+    let batch = batch.max(1);
     for _ in 0..warmup {
         for j in 0..n {
             f(j)?;
@@ -54,7 +59,7 @@ pub fn interleaved_median_ms(
     let mut times = vec![Vec::with_capacity(reps); n];
     for _ in 0..reps {
         for (j, t) in times.iter_mut().enumerate() {
-            t.push(time_iters(device, 1, || f(j))?.as_secs_f64() * 1e3);
+            t.push(time_iters(device, batch as u64, || f(j))?.as_secs_f64() * 1e3 / batch as f64);
         }
     }
     Ok(times.iter_mut().map(|t| median(t)).collect())
