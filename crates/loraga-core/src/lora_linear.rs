@@ -10,16 +10,15 @@
 //!
 //! Paths ([`LoraPath`]):
 //! - `Fused` runs each `[.. | ..]` product as one GEMM-engine call over two K sources, after one
-//!   skinny product for U' (or V'). The skinny products (U', V', dA, dB: one side r) run on
-//!   cuBLAS, whose narrow-tile kernels stream X or dY once near memory bandwidth; the engine's
-//!   128 x 256 tiles measured 2-3x slower for them on the H200 (see [`ENGINE_MIN_SIDE`];
-//!   benches/lora_linear.rs times U' both ways). A tensor-core skinny kernel of our own
-//!   (`kernels/lora_skinny.cu`, removed after 098689c) measured slower than the engine. Every
-//!   product the engine cannot take (f32 operands, a rank r that is not a multiple of 8, a
-//!   device without wgmma) runs the folded composition below on cuBLAS instead, so any r in
-//!   1..=min(K, N) and any M, K, N work; the two-source GEMMs need bf16, sm_90a and r, K, N
-//!   multiples of 8. The backward's V' and dB, which both stream dY, run as one pass over dY
-//!   (`kernels/lora_dy.cu`) where it applies: bf16, r ≤ 32 and a multiple of 8, N a multiple of 8.
+//!   skinny product for U' (or V'). The backward's V' and dB, which both stream dY, run as one
+//!   pass over dY (`cuda::lora_dy`, Hopper: bf16, r ≤ 32 and a multiple of 8, N a multiple of 8;
+//!   1.3-1.5x faster than cuBLAS's two GEMMs, PERF.md). The other skinny products (U', dA, and
+//!   V', dB elsewhere: one side r) run on cuBLAS, whose narrow-tile kernels stream X or dY once
+//!   near memory bandwidth; the engine's 128 x 256 tiles measured 2-3x slower for them on the
+//!   H200 (see [`ENGINE_MIN_SIDE`]; benches/lora_linear.rs times U' both ways). Every product
+//!   the engine cannot take (f32 operands, a rank r that is not a multiple of 8, a device without
+//!   wgmma) runs the folded composition below on cuBLAS instead, so any r in 1..=min(K, N) and
+//!   any M, K, N work; the two-source GEMMs need bf16, sm_90a and r, K, N multiples of 8.
 //! - `Cublas` is the composition PEFT runs in eager PyTorch (`result = base(x); result = result +
 //!   lora_B(lora_A(x)) * scaling`, backward as autograd runs it): base GEMM, A GEMM, B GEMM into a
 //!   fresh [M, N], `* s` and `+` as two elementwise kernels; backward `dY * s`, two GEMMs per
