@@ -65,6 +65,8 @@
 #define STAGE_BYTES (DY_BYTES + B_BYTES)
 #define U_BYTES (TM * 64 * 2)
 
+// The element offset of (row, col) in a box of 64-column (128-byte) rows as TMA's 128-byte swizzle
+// lays it out.
 __device__ __forceinline__ int swz(int row, int col) { return row * 64 + ((((col >> 3) ^ row) & 7) << 3) + (col & 7); }
 
 template <int R> struct Dy {
@@ -80,6 +82,8 @@ __device__ void lora_dy(const TmaDesc* tdy, const TmaDesc* tb, const TmaDesc* tu
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const bf16* ubuf = reinterpret_cast<const bf16*>(smem + STAGES * STAGE_BYTES);
+    // db_acc's rows are RN + 8 floats: the float2 read-modify-write of a warp (rows g, 8 columns)
+    // then falls in distinct banks.
     const int RN = bc * TN, DB_LD = RN + 8;
     float* db_acc = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES + 2 * U_BYTES);
     unsigned long long* full = reinterpret_cast<unsigned long long*>(db_acc + R * DB_LD);

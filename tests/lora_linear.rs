@@ -263,4 +263,18 @@ fn one_pass_dy_products_match_f64_and_rerun_bit_identically() {
         let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same(&v, &v2) && same(&db, &db2), "{m}x{n} r={r}: a rerun differs");
     }
+    // Buffers that do not match the shape, and ranks the kernel does not take, are errors.
+    let t = |rows: usize, cols: usize, dtype: DType| Tensor::zeros([rows, cols], dtype, &dev).unwrap();
+    let (dy, b, u) = (t(64, 128, DType::BF16), t(128, 16, DType::BF16), t(64, 16, DType::BF16));
+    let (mut v, mut db) = (t(64, 16, DType::BF16), t(100, 16, DType::F32));
+    let (dy, b, u) = (
+        dy.cuda_storage("test", "dY").unwrap(),
+        b.cuda_storage("test", "B").unwrap(),
+        u.cuda_storage("test", "U'").unwrap(),
+    );
+    let (vs, dbs) = (v.cuda_storage_mut("test", "V'").unwrap(), db.cuda_storage_mut("test", "dB").unwrap());
+    let e = lora_dy::run(dy, b, u, (64, 128, 16), 1.0, vs, dbs).unwrap_err().to_string();
+    assert!(e.contains("dB holds 1600 elements, expected 2048"), "{e}");
+    let e = lora_dy::run(dy, b, u, (64, 128, 40), 1.0, vs, dbs).unwrap_err().to_string();
+    assert!(e.contains("r ≤ 32"), "{e}");
 }

@@ -12,6 +12,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 const MODULE: &str = "lora_dy";
+const OP: &str = "lora_dy";
 /// The widest adapter the kernel takes: past it, the two products' MMAs (4r flops a dY element)
 /// outrun the memory stream on mma.sync (the kernel's header).
 pub const MAX_RANK: usize = 32;
@@ -68,7 +69,7 @@ fn regions(m: usize, n: usize, r: usize, sms: usize, optin: usize) -> (usize, us
 }
 
 /// `v = s dY B` (bf16 [m, r]) and `db = dYᵀ u` (f32 [n, r]) from bf16 dY [m, n], B [n, r] and
-/// u [m, r]; the caller checked shapes, dtypes and [`takes`].
+/// u [m, r]. Buffers of other lengths or dtypes, and problems [`takes`] refuses, are errors.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     dy: &CudaStorage,
@@ -80,6 +81,25 @@ pub fn run(
     db: &mut CudaStorage,
 ) -> Result<()> {
     let dev = dy.device.clone();
+    if !takes(&dev, dy.dtype(), m, n, r) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "needs bf16 on Hopper, r ≤ {MAX_RANK} and r, n multiples of 8 (m {m}, n {n}, r {r}, {})",
+                dy.dtype()
+            ),
+        ));
+    }
+    for (what, x, len) in
+        [("dY", dy, m * n), ("B", b, n * r), ("U'", u, m * r), ("V'", &*v, m * r), ("dB", &*db, n * r)]
+    {
+        if x.len() != len {
+            return Err(Error::shape(
+                OP,
+                format!("{what} holds {} elements, expected {len} (m {m}, n {n}, r {r})", x.len()),
+            ));
+        }
+    }
     let stream = dev.stream();
     let rw = width(r);
     let sms = dev.sm_count().max(1);
@@ -99,11 +119,11 @@ pub fn run(
     let tu = tensor_map(pu, m, r, r, TM, Elem::Bf16)?;
     let (pv, _g4) = match &mut v.slice {
         CudaSlices::BF16(x) => x.device_ptr_mut(stream),
-        CudaSlices::F32(_) => return Err(Error::DType { op: "lora_dy", msg: "V' must be bf16".into() }),
+        CudaSlices::F32(_) => return Err(Error::DType { op: OP, msg: "V' must be bf16".into() }),
     };
     let (pdb, _g5) = match &mut db.slice {
         CudaSlices::F32(x) => x.device_ptr_mut(stream),
-        CudaSlices::BF16(_) => return Err(Error::DType { op: "lora_dy", msg: "dB must be f32".into() }),
+        CudaSlices::BF16(_) => return Err(Error::DType { op: OP, msg: "dB must be f32".into() }),
     };
     let (pvp, _g6) = v_partials.device_ptr(stream);
     let (pdp, _g7) = db_partials.device_ptr(stream);
@@ -141,7 +161,7 @@ pub fn run(
 fn bf16<'a>(x: &'a CudaStorage, what: &str) -> Result<&'a cudarc::driver::CudaSlice<half::bf16>> {
     match &x.slice {
         CudaSlices::BF16(x) => Ok(x),
-        CudaSlices::F32(_) => Err(Error::DType { op: "lora_dy", msg: format!("{what} must be bf16") }),
+        CudaSlices::F32(_) => Err(Error::DType { op: OP, msg: format!("{what} must be bf16") }),
     }
 }
 
