@@ -14,8 +14,11 @@
 // Why: dY is the largest operand of a LoRA layer's backward ([tokens, out features]), and as two
 // GEMMs (what cuBLAS runs) V' and dB each stream it from memory. Here every tile of dY is read
 // from memory once and feeds both products on the tensor cores (mma.sync bf16, fp32
-// accumulation). Wider ranks keep the two GEMMs: the MMAs (4r flops a dY element) would outrun
-// the memory stream on mma.sync.
+// accumulation). Wider ranks keep the two GEMMs: at R = 64 (tried, not kept) a warp's V'
+// accumulators and U' fragments spill at the 168 registers a thread that 9 warps get (registers
+// go to warps in fours), the fragment reads from shared memory (~112 KB a 16 KB step) approach
+// the memory stream's time, and the partial sums grow with r; at 128 the MMAs alone (4r flops a
+// dY element) outrun it on mma.sync.
 //
 // Work split. Block (cb, rb) of the grid (C, RB) takes a row tiles (TM rows each) from rb·a and
 // the column chunks (TN columns each) cb, cb + C, cb + 2C, ...: interleaved, so that the blocks of
