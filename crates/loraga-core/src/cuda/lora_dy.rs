@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 
 const MODULE: &str = "lora_dy";
 const OP: &str = "lora_dy";
-/// The widest adapter the kernel takes: past it, the two products' MMAs (4r flops a dY element)
-/// outrun the memory stream on mma.sync (the kernel's header).
+/// The widest adapter the kernel takes; wider ones keep cuBLAS's two GEMMs (the kernel's header
+/// says why: registers, shared-memory reads and partial sums grow with r).
 pub const MAX_RANK: usize = 32;
 // Must match kernels/lora_dy.cu: the tile of a step, the ring's depth, the warps that multiply
 // (one more loads).
@@ -70,7 +70,6 @@ fn regions(m: usize, n: usize, r: usize, sms: usize, optin: usize) -> (usize, us
 
 /// `v = s dY B` (bf16 [m, r]) and `db = dYᵀ u` (f32 [n, r]) from bf16 dY [m, n], B [n, r] and
 /// u [m, r]. Buffers of other lengths or dtypes, and problems [`takes`] refuses, are errors.
-#[allow(clippy::too_many_arguments)]
 pub fn run(
     dy: &CudaStorage,
     b: &CudaStorage,
