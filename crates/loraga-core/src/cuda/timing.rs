@@ -24,14 +24,7 @@ pub fn time_iters(device: &CudaDevice, iters: u64, mut f: impl FnMut() -> Result
 
 /// Median milliseconds of `reps` single timed runs after `warmup` untimed ones.
 pub fn median_ms(device: &CudaDevice, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        times.push(time_iters(device, 1, &mut f)?.as_secs_f64() * 1e3);
-    }
-    Ok(median(&mut times))
+    Ok(interleaved_median_ms(device, warmup, reps, 1, 1, |_| f())?[0])
 }
 
 /// Median milliseconds a run of each of `n` alternatives, from `reps` timed samples of each taken
