@@ -4,6 +4,9 @@
 //! depend on the order in which the kernel's blocks finish. [`crate::lora_linear`] uses it where
 //! it applies ([`takes`]) and cuBLAS's two GEMMs elsewhere.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::tma::{Elem, tensor_map};
@@ -45,6 +48,20 @@ pub fn takes(dev: &CudaDevice, dtype: DType, m: usize, n: usize, r: usize) -> bo
         && r.is_multiple_of(8)
         && n.is_multiple_of(8)
         && shared_bytes(width(r), 1) <= dev.shared_memory_per_block_optin()
+}
+
+/// [`regions`], remembered: the search takes ~12 µs of host time, and a training step asks for
+/// the same few shapes in every LoRA layer's backward. (Emptied past 4096 entries: token counts
+/// that vary from batch to batch must not grow it without bound.)
+fn regions_cached(m: usize, n: usize, r: usize, sms: usize, optin: usize) -> (usize, usize) {
+    type Key = (usize, usize, usize, usize, usize);
+    static CHOSEN: Mutex<Option<HashMap<Key, (usize, usize)>>> = Mutex::new(None);
+    let mut chosen = CHOSEN.lock().unwrap_or_else(|e| e.into_inner());
+    let map = chosen.get_or_insert_with(HashMap::new);
+    if map.len() >= 4096 {
+        map.clear();
+    }
+    *map.entry((m, n, r, sms, optin)).or_insert_with(|| regions(m, n, r, sms, optin))
 }
 
 /// The region shape (row tiles `a`, column chunks `b`) for an m x n dY on `sms` SMs, one block
@@ -102,7 +119,7 @@ pub fn run(
     let stream = dev.stream();
     let rw = width(r);
     let sms = dev.sm_count().max(1);
-    let (a, bc) = regions(m, n, r, sms, dev.shared_memory_per_block_optin());
+    let (a, bc) = regions_cached(m, n, r, sms, dev.shared_memory_per_block_optin());
     let (cbs, rbs) = (n.div_ceil(TN).div_ceil(bc), m.div_ceil(TM).div_ceil(a));
     // SAFETY (both): the main kernel writes every element before the summing kernel reads it.
     let v_partials = unsafe { stream.alloc::<f32>(cbs * m * r) }.map_err(Error::cuda("cuMemAllocAsync"))?;
@@ -182,6 +199,15 @@ mod tests {
                     assert!(a <= m.div_ceil(TM) && b <= n.div_ceil(TN), "{m}x{n} R={rw}: ({a}, {b}) past the tiles");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_remembered_choice_is_the_search_result() {
+        for (m, n, r) in [(4096, 4096, 16), (8192, 11008, 32), (77, 96, 8)] {
+            let want = regions(m, n, r, 132, H200_OPTIN);
+            assert_eq!(regions_cached(m, n, r, 132, H200_OPTIN), want);
+            assert_eq!(regions_cached(m, n, r, 132, H200_OPTIN), want, "{m}x{n} r={r}, asked again");
         }
     }
 
