@@ -76,12 +76,12 @@ impl Tensor {
         &mut self.storage
     }
 
-    /// The device buffer of a tensor on a CUDA device; for one on the CPU, an error saying that
-    /// `op` needs `what` on the GPU.
+    /// The device buffer of a tensor on a CUDA device: `what`, an operand of `op`, whose other
+    /// operands are on CUDA. On the CPU, an error that names both.
     pub fn cuda_storage(&self, op: &'static str, what: &str) -> Result<&crate::cuda::CudaStorage> {
         match &self.storage {
             Storage::Cuda(s) => Ok(s),
-            Storage::Cpu(_) => Err(Error::DeviceMismatch { op, lhs: "cuda".into(), rhs: format!("{what} on cpu") }),
+            Storage::Cpu(_) => Err(not_on_cuda(op, what)),
         }
     }
 
@@ -89,7 +89,7 @@ impl Tensor {
     pub fn cuda_storage_mut(&mut self, op: &'static str, what: &str) -> Result<&mut crate::cuda::CudaStorage> {
         match &mut self.storage {
             Storage::Cuda(s) => Ok(s),
-            Storage::Cpu(_) => Err(Error::DeviceMismatch { op, lhs: "cuda".into(), rhs: format!("{what} on cpu") }),
+            Storage::Cpu(_) => Err(not_on_cuda(op, what)),
         }
     }
 
@@ -143,6 +143,10 @@ impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tensor({}, {}, {})", self.shape, self.dtype(), self.device())
     }
+}
+
+fn not_on_cuda(op: &'static str, what: &str) -> Error {
+    Error::DeviceMismatch { op, lhs: format!("{what} on the CPU"), rhs: "the op's other tensors on CUDA".into() }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 //! and time this costs). The key mask of a forward is prepared once ([`PaddingMask`], uploaded
 //! once to the device) and shared by every layer's attention.
 
-use super::data::{cuda_storage, cuda_storage_mut, zeros_like};
+use super::data::zeros_like;
 use super::data::{dims2, f32s, tensor};
 use std::sync::Arc;
 
@@ -144,22 +144,22 @@ impl Tape {
 }
 
 fn attention_cuda([qv, kv, vv]: [&Tensor; 3], s: AttentionShape, mask: Arc<KeyMask>) -> Result<(Tensor, BackwardFn)> {
-    let (qs, ks, vs) = (cuda_storage(qv, OP, "q")?, cuda_storage(kv, OP, "k")?, cuda_storage(vv, OP, "v")?);
+    let (qs, ks, vs) = (qv.cuda_storage(OP, "q")?, kv.cuda_storage(OP, "k")?, vv.cuda_storage(OP, "v")?);
     let mut y = zeros_like(qv)?;
-    cuda_attention::forward(qs, ks, vs, s, &mask, cuda_storage_mut(&mut y, OP, "the output")?)?;
+    cuda_attention::forward(qs, ks, vs, s, &mask, y.cuda_storage_mut(OP, "the output")?)?;
     let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], needs: &[bool]| {
         let grad = |i: usize| needs[i].then(|| zeros_like(inp[i])).transpose();
         let (mut dq, mut dk, mut dv) = (grad(0)?, grad(1)?, grad(2)?);
         let grads = AttentionGrads {
-            dq: dq.as_mut().map(|t| cuda_storage_mut(t, OP, "dq")).transpose()?,
-            dk: dk.as_mut().map(|t| cuda_storage_mut(t, OP, "dk")).transpose()?,
-            dv: dv.as_mut().map(|t| cuda_storage_mut(t, OP, "dv")).transpose()?,
+            dq: dq.as_mut().map(|t| t.cuda_storage_mut(OP, "dq")).transpose()?,
+            dk: dk.as_mut().map(|t| t.cuda_storage_mut(OP, "dk")).transpose()?,
+            dv: dv.as_mut().map(|t| t.cuda_storage_mut(OP, "dv")).transpose()?,
         };
         cuda_attention::backward(
-            cuda_storage(inp[0], OP, "q")?,
-            cuda_storage(inp[1], OP, "k")?,
-            cuda_storage(inp[2], OP, "v")?,
-            cuda_storage(dy, OP, "the output gradient")?,
+            inp[0].cuda_storage(OP, "q")?,
+            inp[1].cuda_storage(OP, "k")?,
+            inp[2].cuda_storage(OP, "v")?,
+            dy.cuda_storage(OP, "the output gradient")?,
             s,
             &mask,
             grads,

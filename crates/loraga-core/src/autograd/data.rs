@@ -29,29 +29,9 @@ pub(crate) fn on_cuda(op: &'static str, ts: &[&Tensor]) -> Result<bool> {
     Ok(matches!(first.storage(), Storage::Cuda(_)))
 }
 
-/// The device buffer of `t`, an input named `what` of an op whose other inputs are on CUDA.
-pub(crate) fn cuda_storage<'a>(t: &'a Tensor, op: &'static str, what: &str) -> Result<&'a CudaStorage> {
-    match t.storage() {
-        Storage::Cuda(s) => Ok(s),
-        Storage::Cpu(_) => Err(not_on_cuda(op, what)),
-    }
-}
-
 /// The tensor's device buffer (callers asked [`on_cuda`] first, so `t` is an input).
 pub(crate) fn cuda<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
-    cuda_storage(t, op, "an input")
-}
-
-/// The same for an output the op created on the device.
-pub(crate) fn cuda_storage_mut<'a>(t: &'a mut Tensor, op: &'static str, what: &str) -> Result<&'a mut CudaStorage> {
-    match t.storage_mut() {
-        Storage::Cuda(s) => Ok(s),
-        Storage::Cpu(_) => Err(not_on_cuda(op, what)),
-    }
-}
-
-fn not_on_cuda(op: &'static str, what: &str) -> Error {
-    Error::DeviceMismatch { op, lhs: format!("{what} on the CPU"), rhs: "the op's other tensors on CUDA".into() }
+    t.cuda_storage(op, "an input")
 }
 
 /// A zero tensor with `t`'s shape, dtype and device: where an op writes a gradient of `t`.

@@ -6,7 +6,7 @@
 //! [`crate::cuda::cross_entropy`] (one block per row, f32 arithmetic): the loss is a one-element
 //! f32 tensor on the device, the gradient has the logits' dtype.
 
-use super::data::{cuda_storage, cuda_storage_mut, zeros_like};
+use super::data::zeros_like;
 use super::data::{dims2, f32s, tensor};
 use super::tape::{BackwardFn, Tape, Var};
 use crate::cuda::cross_entropy as cuda_ce;
@@ -93,13 +93,8 @@ impl Tape {
 
 fn cross_entropy_cuda(lv: &Tensor, n: usize, vocab: usize, targets: &[i64]) -> Result<(Tensor, BackwardFn)> {
     let mut y = Tensor::zeros([1], DType::F32, &lv.device())?;
-    let state = cuda_ce::forward(
-        cuda_storage(lv, OP, "logits")?,
-        n,
-        vocab,
-        targets,
-        cuda_storage_mut(&mut y, OP, "the loss")?,
-    )?;
+    let state =
+        cuda_ce::forward(lv.cuda_storage(OP, "logits")?, n, vocab, targets, y.cuda_storage_mut(OP, "the loss")?)?;
     let back = Box::new(move |dy: &Tensor, inp: &[&Tensor], _: &[bool]| {
         // Tape::backward seeds the loss with a host tensor; a gradient from another op is
         // already on the device.
@@ -107,9 +102,9 @@ fn cross_entropy_cuda(lv: &Tensor, n: usize, vocab: usize, targets: &[i64]) -> R
             Storage::Cpu(_) => Some(dy.to_device(&inp[0].device())?),
             Storage::Cuda(_) => None,
         };
-        let g = cuda_storage(uploaded.as_ref().unwrap_or(dy), OP, "the upstream gradient")?;
+        let g = uploaded.as_ref().unwrap_or(dy).cuda_storage(OP, "the upstream gradient")?;
         let mut d = zeros_like(inp[0])?;
-        cuda_ce::backward(cuda_storage(inp[0], OP, "logits")?, &state, g, cuda_storage_mut(&mut d, OP, "dlogits")?)?;
+        cuda_ce::backward(inp[0].cuda_storage(OP, "logits")?, &state, g, d.cuda_storage_mut(OP, "dlogits")?)?;
         Ok(vec![Some(d)])
     });
     Ok((y, back))
