@@ -38,13 +38,17 @@ fn add(a: &[f64], b: &[f64]) -> Vec<f64> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
 }
 
+/// A normal tensor of `dims` (std `std`) in `dtype`, and its values as f64 (after the dtype's
+/// rounding), for the references.
+fn random(rng: &mut impl rand::Rng, dims: [usize; 2], std: f32, dtype: DType, dev: &Device) -> (Tensor, Vec<f64>) {
+    let v: Vec<f32> = randn(rng, dims[0] * dims[1]).into_iter().map(|x| x * std).collect();
+    let s = CpuStorage::from_f32_vec(dtype, v);
+    let wide: Vec<f64> = s.to_f32_vec().into_iter().map(f64::from).collect();
+    (Tensor::from_cpu(s, dims.into(), dev).unwrap(), wide)
+}
+
 fn case(rng: &mut impl rand::Rng, (m, k, n, r): (usize, usize, usize, usize), dtype: DType, dev: &Device) -> Case {
-    let mut t = |rows: usize, cols: usize, std: f32| {
-        let v: Vec<f32> = randn(rng, rows * cols).into_iter().map(|x| x * std).collect();
-        let s = CpuStorage::from_f32_vec(dtype, v);
-        let wide: Vec<f64> = s.to_f32_vec().into_iter().map(f64::from).collect();
-        (Tensor::from_cpu(s, [rows, cols].into(), dev).unwrap(), wide)
-    };
+    let mut t = |rows: usize, cols: usize, std: f32| random(rng, [rows, cols], std, dtype, dev);
     let (x, x64) = t(m, k, 1.0);
     let (w, w64) = t(n, k, 0.05);
     let (a, a64) = t(r, k, 0.05);
@@ -234,12 +238,7 @@ fn one_pass_dy_products_match_f64_and_rerun_bit_identically() {
     for (m, n, r) in [(1, 8, 8), (131, 96, 16), (1100, 2056, 24), (3000, 1544, 32), (2053, 4104, 8), (4096, 11008, 16)]
     {
         assert!(lora_dy::takes(cuda_dev, DType::BF16, m, n, r), "{m}x{n} r={r}");
-        let mut t = |rows: usize, cols: usize, std: f32| {
-            let v: Vec<f32> = randn(&mut rng, rows * cols).into_iter().map(|x| x * std).collect();
-            let s = CpuStorage::from_f32_vec(DType::BF16, v);
-            let wide: Vec<f64> = s.to_f32_vec().into_iter().map(f64::from).collect();
-            (Tensor::from_cpu(s, [rows, cols].into(), &dev).unwrap(), wide)
-        };
+        let mut t = |rows: usize, cols: usize, std: f32| random(&mut rng, [rows, cols], std, DType::BF16, &dev);
         let ((dy, dy64), (b, b64), (u, u64)) = (t(m, n, 1.0), t(n, r, 0.05), t(m, r, 0.5));
         let s = 2.0f32;
         let nn = Gemm { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0, deterministic: false };
