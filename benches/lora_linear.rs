@@ -4,7 +4,8 @@
 //! base GEMMs alone (X Wᵀ forward, + dY W backward); and LoRA-GA's in-place accumulation
 //! G += dYᵀ X (f32 G) by the engine and by cuBLAS GemmEx with beta = 1. bf16 operands, s = 2.
 //!
-//! Two parts, chosen by `LORA_BENCH` (`criterion`, `grid`, or unset for both):
+//! Two parts, chosen by `LORA_BENCH` (`criterion`, `grid`, or unset for both), and a third for
+//! profilers (`LORA_BENCH=kernels`, below):
 //! - Criterion groups at M = 8192, K = N = 4096, r in {16, 64}, ending with the markdown summary;
 //!   where the one-pass kernel applies (r = 16), V' and dB by it and by cuBLAS's two GEMMs.
 //! - The grid of issue 4 (M in {4096, 8192, 16384}; (K, N) in {(4096, 4096), (4096, 11008),
@@ -16,6 +17,10 @@
 //!   One table row per shape. `LORA_FILTER` keeps the shapes whose label ("M=8192 K=4096
 //!   N=11008 r=16") contains every comma-separated term, e.g. `LORA_FILTER=M=8192,r=16`. The
 //!   whole grid runs in about a minute on an H200 (single runs).
+//!
+//! - `kernels`: for each kept shape, one piece of work (`LORA_WORK`: `base`, `fused` or `peft`
+//!   forward+backward) run 5 times after 2 warm-ups, untimed, for a kernel profiler to time each
+//!   launch (`ncu --clock-control none --metrics gpu__time_duration.sum`).
 //!
 //! Inputs rotate over three sets (each larger than L2) and outputs are preallocated; the PEFT
 //! path's temporaries come from the stream-ordered pool inside the timing, as PyTorch's come from
@@ -49,6 +54,9 @@ fn main() {
     }
     if part.is_empty() || part == "grid" {
         grid(&dev, &mut inputs).unwrap();
+    }
+    if part == "kernels" {
+        kernels(&dev, &mut inputs).unwrap();
     }
 }
 
@@ -264,13 +272,54 @@ fn criterion_groups(dev: &CudaDevice, c: &mut criterion::Criterion, inp: &mut In
     summary::emit("lora_linear", "LoRA layer, bf16, fp32 accumulation (CUDA events, median per run)", &rows, "cublas");
 }
 
+/// Whether `LORA_FILTER` keeps a shape's label: it contains every comma-separated term.
+fn kept(label: &str) -> bool {
+    let filter = std::env::var("LORA_FILTER").unwrap_or_default();
+    filter.split(',').filter(|t| !t.is_empty()).all(|t| label.contains(t))
+}
+
+/// The shapes `LORA_FILTER` keeps, as (label, M, K, N, r).
+fn kept_shapes() -> Vec<(String, usize, usize, usize, usize)> {
+    let mut shapes = Vec::new();
+    for m in [4096usize, 8192, 16384] {
+        for (k, n) in [(4096usize, 4096usize), (4096, 11008), (11008, 4096)] {
+            for r in [8usize, 16, 64, 128] {
+                let label = format!("M={m} K={k} N={n} r={r}");
+                if kept(&label) {
+                    shapes.push((label, m, k, n, r));
+                }
+            }
+        }
+    }
+    shapes
+}
+
+/// `LORA_BENCH=kernels`: one piece of work per kept shape, 2 + 5 runs, for a kernel profiler.
+fn kernels(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
+    let work = match std::env::var("LORA_WORK").as_deref() {
+        Ok("base") => Work::BaseFwdBwd,
+        Ok("fused") => Work::FwdBwd(LoraPath::Fused),
+        Ok("peft") => Work::FwdBwd(LoraPath::Cublas),
+        other => panic!("LORA_WORK must be base, fused or peft, got {other:?}"),
+    };
+    for (label, m, k, n, r) in kept_shapes() {
+        let mut layer = Layer::new(inp, m, k, n);
+        layer.rank(inp, r);
+        dev.synchronize()?;
+        eprintln!("{label}: 2 warm-up runs, then 5");
+        for i in 0..7 {
+            layer.run(work, i % 3)?;
+        }
+        dev.synchronize()?;
+    }
+    Ok(())
+}
+
 /// The issue's grid, one row per shape; prints the table and writes it to
 /// `$LORAGA_BENCH_OUT/lora_linear_grid.md` when that is set.
 fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
-    let filter = std::env::var("LORA_FILTER").unwrap_or_default();
     let reps: usize = std::env::var("LORA_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let batch: usize = std::env::var("LORA_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let keep = |label: &str| filter.split(',').filter(|t| !t.is_empty()).all(|t| label.contains(t));
     let mut table = format!(
         "### LoRA layer grid (issue 4), bf16, s = 2, CUDA-event medians (ms), {batch} run(s) a sample\n\n\
          | M | K | N | r | base fwd | fused fwd | fused / base fwd | PEFT fwd / fused | base f+b | fused f+b \
@@ -288,7 +337,7 @@ fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
             let labels: Vec<(usize, String)> = [8usize, 16, 64, 128]
                 .into_iter()
                 .map(|r| (r, format!("M={m} K={k} N={n} r={r}")))
-                .filter(|(_, l)| keep(l))
+                .filter(|(_, l)| kept(l))
                 .collect();
             if labels.is_empty() {
                 continue;
