@@ -30,6 +30,9 @@
 // Structure (version 1):
 // - Persistent: one CTA per SM loops over 128 x 256 output tiles in a grouped order (GROUP_M
 //   tile-rows at a time) so that concurrently running tiles share A and B panels in L2.
+// - Each source's K arrives as a count of 32-byte MMA steps (k16 bf16, k8 tf32), four to a
+//   k-tile; a source's last k-tile runs only the steps that hold data, so a LoRA adapter of rank
+//   16 adds one wgmma step to the K loop rather than a whole k-tile of mostly zero-filled ones.
 // - Split K for skinny f32 products (LoRA's dA, dB): with k_splits > 1 each tile's K loop is cut
 //   into slices that run as separate work units and add into C with TMA's in-place add.
 // - Warp-specialized: warpgroup 0 is the producer (one thread issues TMA loads into a 3-stage
@@ -163,8 +166,8 @@ __device__ __forceinline__ void wgmma_k32b<float, 0, 0>(float* d, unsigned long 
 // T is the operand type (bf16, or float read as TF32). A k-tile is 128 bytes of K either way (64 bf16
 // or 32 f32), so the ring, the swizzle and the descriptors are the same bytes for both.
 template <typename T, bool A_MN, bool B_MN, typename Tout>
-__device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, const TmaDesc* ta2,
-                          const TmaDesc* tb2, int k2_tiles, int k_splits, const TmaDesc* tc, int epilogue, Tout* C, int M,
+__device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_steps, const TmaDesc* ta2,
+                          const TmaDesc* tb2, int k2_steps, int k_splits, const TmaDesc* tc, int epilogue, Tout* C, int M,
                           int N, i64 ldc, float alpha, float beta) {
     static_assert(sizeof(T) == 2 || (!A_MN && !B_MN), "wgmma reads tf32 operands K-major only");
     constexpr int BK_ELEMS = 128 / sizeof(T);
@@ -174,6 +177,10 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
     const int wg = threadIdx.x / 128;
     const int tiles_m = ceil_div(M, BM), tiles_n = ceil_div(N, BN);
     const int tiles = tiles_m * tiles_n;
+    // K of each source in 32-byte MMA steps; a k-tile holds four. The last tile of a source runs
+    // only the steps that hold data: the LoRA adapter's r = 16 source is one step, not four of
+    // which TMA filled three with zeros.
+    const int k1_tiles = ceil_div(k1_steps, 4), k2_tiles = ceil_div(k2_steps, 4);
     const int k_tiles = k1_tiles + k2_tiles;
     // Split K: work unit u is K slice u % k_splits of tile u / k_splits; slices add into C.
     const int units = tiles * k_splits;
@@ -239,17 +246,28 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_tiles, 
             int st = it % STAGES;
             mbar_wait(&s.full[st], (it / STAGES) & 1);
             fence_registers<128>(d);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) {
-                // This consumer's 64 rows of A are rows c*64.. of a K-major tile, or stripe c of an
-                // MN-major one; each step moves 32 bytes along K (16 bf16, or 8 tf32).
+            const int steps = kt == k1_tiles - 1 ? k1_steps - 4 * kt
+                              : kt == k_tiles - 1  ? k2_steps - 4 * (kt - k1_tiles)
+                                                   : 4;
+            // This consumer's 64 rows of A are rows c*64.. of a K-major tile, or stripe c of an
+            // MN-major one; each step moves 32 bytes along K (16 bf16, or 8 tf32).
+            auto mma_step = [&](int kk) {
                 unsigned long long da = A_MN ? desc_mn_major(s.a[st] + c * 64 * BK + kk * 16 * 64)
                                              : desc_k_major(s.a[st] + c * 64 * BK + kk * 16);
                 unsigned long long db = B_MN ? desc_mn_major(s.b[st] + kk * 16 * 64) : desc_k_major(s.b[st] + kk * 16);
                 wgmma_k32b<T, A_MN, B_MN>(d, da, db);
+            };
+            // Each branch is a whole fence-MMAs-commit sequence in straight-line code: MMAs in
+            // different blocks of one sequence make ptxas fence every one of them.
+            if (steps == 4) {
+                wgmma_fence(), mma_step(0), mma_step(1), mma_step(2), mma_step(3), wgmma_commit();
+            } else if (steps == 3) {
+                wgmma_fence(), mma_step(0), mma_step(1), mma_step(2), wgmma_commit();
+            } else if (steps == 2) {
+                wgmma_fence(), mma_step(0), mma_step(1), wgmma_commit();
+            } else {
+                wgmma_fence(), mma_step(0), wgmma_commit();
             }
-            wgmma_commit();
             // Keep this k-tile's MMAs in flight; the previous ones are done, so release their stage.
             wgmma_wait<1>();
             fence_registers<128>(d);
@@ -348,85 +366,85 @@ __device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, c
 // One entry point per layout (see the top) and output type.
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_nt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<bf16, false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, false, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_nt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<bf16, false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, false, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_nn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<bf16, false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, false, true>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_nn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<bf16, false, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, false, true>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_tn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_tn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<bf16, true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, true, true>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_tn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_tn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<bf16, true, true>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, true, true>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_tt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_tt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                        const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                        float beta) {
-    gemm_sm90<bf16, true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, true, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_tt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_tt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<bf16, true, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<bf16, true, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 // f32 operands (TF32 MMAs): the nt layout only; the host repacks other layouts into it.
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nt_f32_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_nt_f32_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                       const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
                       float beta) {
-    gemm_sm90<float, false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<float, false, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nt_f32_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_tiles,
-                     const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_tiles, int k_splits,
+gemm_sm90_nt_f32_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
+                     const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
                      const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
                      float beta) {
-    gemm_sm90<float, false, false>(&ta1, &tb1, k1_tiles, &ta2, &tb2, k2_tiles, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
+    gemm_sm90<float, false, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
 }
 
 // Repacks op(X) [rows, k] of an f32 operand (element (r, j) at src[r * rs + j * cs]) into the

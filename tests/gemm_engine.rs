@@ -236,7 +236,9 @@ fn two_k_sources_equal_the_concatenated_gemm() {
     for path in [GemmPath::Engine, GemmPath::Sm80, GemmPath::AutoTf32] {
         for (dtype, bound) in [(DType::BF16, BF16_BOUNDS.0), (DType::F32, TF32_BOUNDS.0)] {
             for trans_b in [true, false] {
-                for &(m, n, k1, k2) in &[(300, 520, 200, 16), (1024, 768, 4096, 64), (65, 256, 8, 128)] {
+                for &(m, n, k1, k2) in
+                    &[(300, 520, 200, 16), (1024, 768, 4096, 64), (65, 256, 8, 128), (129, 264, 136, 24)]
+                {
                     let b_dims = |k: usize| if trans_b { (n, k) } else { (k, n) };
                     let (x, x64) = random_tensor(&mut rng, m, k1, dtype, &dev);
                     let (w, w64) = random_tensor(&mut rng, b_dims(k1).0, b_dims(k1).1, dtype, &dev);

@@ -25,6 +25,8 @@ const BM: usize = 128;
 const BN: usize = 256;
 /// A k-tile is 128 bytes of K: 64 bf16 or 32 f32 elements.
 const BK_BYTES: usize = 128;
+/// One wgmma K step is 32 bytes: k16 for bf16, k8 for TF32.
+const MMA_K_BYTES: usize = 32;
 const STAGES: usize = 3;
 const THREADS: u32 = 384;
 /// The operand ring, the bf16 output staging tile, the barriers, and 1024 bytes of alignment slack.
@@ -61,7 +63,8 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
     let f = dev.function_with_shared_memory("gemm_sm90", &name, SMEM_BYTES)?;
 
     let mut maps = Vec::with_capacity(4);
-    let mut k_tiles = [0i32; 2];
+    // Each source's K in 32-byte MMA steps (the kernel's k-tile is four).
+    let mut k_steps = [0i32; 2];
     let mut guards = Vec::new();
     let mut scratch = Vec::new(); // repacked f32 operands, freed (stream-ordered) after the launch
     for (i, s) in sources.iter().enumerate() {
@@ -89,7 +92,7 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
                 tensor_map(pb, s.k, n, n, 64, bf)?
             });
         }
-        k_tiles[i] = s.k.div_ceil(BK_BYTES / sources[0].a.dtype().size_in_bytes()) as i32;
+        k_steps[i] = (s.k * sources[0].a.dtype().size_in_bytes()).div_ceil(MMA_K_BYTES) as i32;
     }
     if sources.len() == 1 {
         // The second source is empty (0 K tiles); its maps are never read but must be valid bytes.
@@ -115,7 +118,8 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
     // add their slices into C; with beta == 0, C is zeroed first. Not when the caller asked for
     // bit-reproducible results: the slices are added in the order they finish.
     let tiles = m.div_ceil(BM) * n.div_ceil(BN);
-    let total_k_tiles = (k_tiles[0] + k_tiles[1]) as usize;
+    let per_tile = BK_BYTES / MMA_K_BYTES;
+    let total_k_tiles = k_steps.iter().map(|&s| (s as usize).div_ceil(per_tile)).sum::<usize>();
     let mut k_splits = 1usize;
     if !g.deterministic && epilogue != EPI_DIRECT && c.dtype() == DType::F32 && tiles * 2 <= dev.sm_count() {
         k_splits = (dev.sm_count() / tiles).min(total_k_tiles / 4).max(1);
@@ -134,7 +138,7 @@ pub fn gemm(g: &Gemm, sources: &[KSource], m: usize, n: usize, c: &mut CudaStora
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
     let (mi, ni, ldc) = (m as i32, n as i32, n as i64);
     let mut launch = stream.launch_builder(&f);
-    launch.arg(&maps[0]).arg(&maps[1]).arg(&k_tiles[0]).arg(&maps[2]).arg(&maps[3]).arg(&k_tiles[1]).arg(&k_splits);
+    launch.arg(&maps[0]).arg(&maps[1]).arg(&k_steps[0]).arg(&maps[2]).arg(&maps[3]).arg(&k_steps[1]).arg(&k_splits);
     launch.arg(&c_map).arg(&epilogue);
     match &mut c.slice {
         CudaSlices::F32(z) => launch.arg(z),
