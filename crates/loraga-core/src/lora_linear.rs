@@ -15,7 +15,7 @@
 //!   1.3-1.5x faster than cuBLAS's two GEMMs, PERF.md). The other skinny products (U', dA, and
 //!   V', dB elsewhere: one side r) run on cuBLAS, whose narrow-tile kernels stream X or dY once
 //!   near memory bandwidth; the engine's 128 x 256 tiles measured 2-3x slower for them on the
-//!   H200 (see [`ENGINE_MIN_SIDE`]; benches/lora_linear.rs times U' both ways). Every product
+//!   H200 (see `ENGINE_MIN_SIDE`; benches/lora_linear.rs times U' both ways). Every product
 //!   the engine cannot take (f32 operands, a rank r that is not a multiple of 8, a device without
 //!   wgmma) runs the folded composition below on cuBLAS instead, so any r in 1..=min(K, N) and
 //!   any M, K, N work; the two-source GEMMs need bf16, sm_90a and r, K, N multiples of 8.

@@ -52,7 +52,7 @@ pub(crate) fn check_targets(n: usize, vocab: usize, targets: &[i64]) -> Result<u
     Ok(targets.iter().filter(|&&t| t != IGNORE_INDEX).count())
 }
 
-/// Each row's cross-entropy logsumexp(x[r]) − x[r, t[r]] (0 where the target is
+/// Each row's cross-entropy `logsumexp(x[r]) − x[r, t[r]]` (0 where the target is
 /// [`IGNORE_INDEX`]), computed where the logits [n, vocab] live, so that evaluation brings n
 /// numbers to the host instead of n·vocab logits. f64 sums on the CPU, f32 on CUDA.
 pub fn row_losses(logits: &Tensor, targets: &[i64]) -> Result<Vec<f64>> {
@@ -76,7 +76,7 @@ pub fn row_losses(logits: &Tensor, targets: &[i64]) -> Result<Vec<f64>> {
 }
 
 impl Tape {
-    /// Mean cross-entropy of logits [n, vocab] against `targets` [n] (class ids or -100), a
+    /// Mean cross-entropy of logits [n, vocab] against `targets` \[n\] (class ids or -100), a
     /// one-element f32 tensor on the logits' device. All targets ignored is an error (the mean
     /// would be 0/0).
     pub fn cross_entropy(&mut self, logits: Var, targets: &[i64]) -> Result<Var> {

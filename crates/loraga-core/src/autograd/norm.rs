@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::tensor::Tensor;
 
 impl Tape {
-    /// RMSNorm of each row of x [n, d] with weight w [d].
+    /// RMSNorm of each row of x [n, d] with weight w \[d\].
     pub fn rms_norm(&mut self, x: Var, w: Var, eps: f32) -> Result<Var> {
         let (xv, wv) = (self.value(x), self.value(w));
         let (n, d) = dims2(xv, "rms_norm", "x")?;

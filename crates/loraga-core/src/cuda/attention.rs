@@ -31,7 +31,7 @@
 //!
 //! cuBLAS is column-major. A row-major matrix X [r, c] with `ld` elements between rows is, to
 //! cuBLAS, the column-major Xᵀ [c, r] with the same `ld`. So row-major C = op(A) op(B) is
-//! column-major Cᵀ = op(B)ᵀ op(A)ᵀ: [`batched_gemm`] passes B first with B's transpose flag, A
+//! column-major Cᵀ = op(B)ᵀ op(A)ᵀ: `batched_gemm` passes B first with B's transpose flag, A
 //! second with A's, and the dimensions as (n, m, k). Each leading dimension is then the stored
 //! row length, which is at least the column-major row count cuBLAS requires (checked in the
 //! table above: for an untransposed B [k, n], ldb = n; for a transposed one stored [n, k],

@@ -1,7 +1,7 @@
 //! Mean cross-entropy with an ignore index on the device, with the semantics of the CPU op in
-//! [`crate::autograd::loss`]: loss = mean over rows r with t[r] != -100 of
-//! logsumexp(x[r]) − x[r, t[r]], and d loss / d x[r] = (softmax(x[r]) − onehot(t[r])) · g / count
-//! (zero rows where t[r] = -100).
+//! [`crate::autograd::loss`]: loss = mean over rows r with `t[r] != -100` of
+//! `logsumexp(x[r]) − x[r, t[r]]`, and `d loss / d x[r] = (softmax(x[r]) − onehot(t[r])) · g / count`
+//! (zero rows where `t[r] = -100`).
 //!
 //! Kernels in `kernels/cross_entropy.cu`: one block per row makes one online (max, sum) pass and
 //! keeps (max, sum) per row for the backward, so the backward is one read of the logits and one
@@ -68,7 +68,7 @@ pub fn forward(
     Ok(state)
 }
 
-/// Each row's cross-entropy logsumexp(x[r]) − x[r, t[r]] (0 where t[r] = -100), f32 on the
+/// Each row's cross-entropy `logsumexp(x[r]) − x[r, t[r]]` (0 where `t[r] = -100`), f32 on the
 /// device: what evaluation needs without bringing [n, vocab] logits to the host.
 pub fn row_losses(logits: &CudaStorage, n: usize, vocab: usize, targets: &[i64]) -> Result<CudaSlice<f32>> {
     let count = check_targets(n, vocab, targets)?;

@@ -1,9 +1,11 @@
 //! Launchers of `kernels/decode.cu`: the device side of incremental decoding (the KV cache of
 //! `crate::model::kv_cache` on a CUDA device, and greedy token choice).
 //!
+//! ```text
 //!   store:     Kc[rows[t]] = k[t], Vc[rows[t]] = v[t]               (cache rows slot·capacity + pos)
 //!   attention: o[t, h] = softmax_j(q[t, h] · Kc[first + j, g] / sqrt(d)) Vc[first + j, g], j <= pos
 //!   argmax:    the index of each row's largest value (the first on ties)
+//! ```
 //!
 //! The row indices of one decoding step are uploaded once ([`upload_rows`]) and serve every
 //! layer's store and attention. Shapes, dtypes and devices are checked here; the rows' bounds

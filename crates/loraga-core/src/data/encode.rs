@@ -3,8 +3,10 @@
 //! and followed by EOS, and the two are concatenated. The loss covers the response tokens and
 //! EOS; the prompt's labels are -100:
 //!
+//! ```text
 //!   input_ids = tok(template(prompt)) ++ tok(response) ++ [eos]
 //!   labels    = [-100] * len(tok(template(prompt))) ++ tok(response) ++ [eos]
+//! ```
 //!
 //! Examples longer than `max_len` keep their first `max_len` tokens (counted as truncated); an
 //! example whose prompt alone fills `max_len` has nothing left to learn from and is dropped

@@ -2,7 +2,7 @@
 //!
 //! - [`jsonl`]: records from JSONL with configurable field names (GSM8K's `question`/`answer`
 //!   by default); errors name the file and line.
-//! - [`encode`]: a prompt template (plain or ChatML), prompt and response tokenized separately
+//! - [`mod@encode`]: a prompt template (plain or ChatML), prompt and response tokenized separately
 //!   and concatenated with EOS, labels -100 on the prompt, truncation to a maximum length.
 //! - [`loader`]: deterministic shuffling by seed, optional length bucketing, right-padded
 //!   [`Batch`](crate::model::Batch)es, and a batch iterator that resumes from a [`Position`].

@@ -16,7 +16,7 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |f| f.write_all(bytes))
 }
 
-/// Like [`write`], with the content produced by `fill` into the temporary file.
+/// Like [`write()`], with the content produced by `fill` into the temporary file.
 pub fn write_with(path: &Path, fill: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,

@@ -10,7 +10,7 @@
 //! The file is memory-mapped and every length and offset is checked against its size before use,
 //! so a bad file gives an error naming the file and the key or tensor, never a panic.
 //!
-//! Shapes: GGUF lists dimensions fastest-varying first (ne[0] is the row length). We return them
+//! Shapes: GGUF lists dimensions fastest-varying first (`ne[0]` is the row length). We return them
 //! in row-major PyTorch order, reversed: a linear layer stored with ne = [in, out] is [out, in].
 
 use std::collections::HashMap;
@@ -35,7 +35,7 @@ const MAX_ARRAY_DEPTH: usize = 8;
 #[derive(Debug, Clone)]
 pub struct GgufTensorInfo {
     pub name: String,
-    /// Dimensions as GGUF stores them, fastest-varying first (ne[0] = row length).
+    /// Dimensions as GGUF stores them, fastest-varying first (`ne[0]` = row length).
     pub ne: Vec<u64>,
     pub ggml_type: GgmlType,
     /// Offset of the data from the start of the data section.

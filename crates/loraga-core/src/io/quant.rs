@@ -3,7 +3,7 @@
 //! Block layouts, as ggml's `ggml-common.h` / `dequantize_row_*` in `ggml-quants.c` define them
 //! (all little-endian, one block after the other, 32 elements per block):
 //!
-//! - Q8_0 (34 bytes): f16 scale `d`, then 32 × i8 `q`; element j = q[j]·d.
+//! - Q8_0 (34 bytes): f16 scale `d`, then 32 × i8 `q`; element j = `q[j]·d`.
 //! - Q4_0 (18 bytes): f16 `d`, then 16 bytes of nibbles; byte j holds element j in its low nibble
 //!   and element j+16 in its high nibble; value = (q − 8)·d.
 //! - Q4_1 (20 bytes): f16 `d`, f16 `m`, then 16 bytes of nibbles laid out as in Q4_0;

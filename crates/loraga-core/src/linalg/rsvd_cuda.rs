@@ -11,24 +11,24 @@
 //!   so B = V_R Σ (Q₂ U_R)ᵀ:  U = Q V_R,  V = Q₂ U_R
 //! The core's SVD goes through the triangular factor of Bᵀ rather than the Gram B Bᵀ of the f32
 //! B: that Gram would square B's condition number in f32. R is kept in f64, where squaring it is
-//! harmless (see [`super::rsvd_cuda_device`]).
+//! harmless (see `super::rsvd_cuda_device`).
 //!
 //! Two paths compute this:
-//! - [`super::rsvd_cuda_device`], the normal one: CholeskyQR with an f64 Gram, two passes for the
+//! - `super::rsvd_cuda_device`, the normal one: CholeskyQR with an f64 Gram, two passes for the
 //!   bases U and V are made of, one for the others (its passes in
-//!   kernels of our own, [`super::rsvd_cuda_orth`], up to the q whose factor fits in shared
+//!   kernels of our own, `super::rsvd_cuda_orth`, up to the q whose factor fits in shared
 //!   memory; cuSOLVER's Cholesky and cuBLAS's triangular solve above that); the core by
 //!   one-sided Jacobi on R in one block (or, above q = 64, an f64 eigen-decomposition of RᵀR),
 //!   all on the device, no host round trip inside a layer. It cannot branch on the data, so it
 //!   checks itself on the device instead (Cholesky info, the second CholeskyQR pass's Gram within
 //!   1/2 of I, the core's U_R orthonormal to 1e-7, finite values) and raises a per-layer flag.
-//! - [`super::rsvd_cuda_host`], the fallback for flagged layers: the same products with the q × q
+//! - `super::rsvd_cuda_host`, the fallback for flagged layers: the same products with the q × q
 //!   factorisations on the host in f64 (shifted CholeskyQR, Householder QR, an SVD of R), which
 //!   handles rank-deficient, ill-conditioned (cond > ~1e7) and zero inputs, and reports overflow.
 //!   [`CudaRsvd::fallbacks`] counts its uses, so a test or bench sees when the fast path gave up.
 //!
 //! Precision: the products with A are f32-accurate, matching torch's default `allow_tf32 =
-//! False`: our own kernels ([`super::rsvd_cuda_skinny`]: 3xTF32 on the tensor cores, within a
+//! False`: our own kernels (`super::rsvd_cuda_skinny`: 3xTF32 on the tensor cores, within a
 //! few 1e-7 of |A||V|, 4-6x SGEMM's rounding error; mma.sync at q ≤ 32, 1.06-1.33x faster than
 //! SGEMM on an H200; wgmma above on Hopper, PERF.md has its ratio), cuBLAS SGEMM with
 //! CUBLAS_COMPUTE_32F where neither runs (q > 32 without wgmma, operands not 16-byte aligned;
@@ -61,7 +61,7 @@
 //! device per (rows, q, seed) by a [`CudaRsvd`] plan, so repeated calls pay for it once.
 //!
 //! This file holds the entry points, the plan and its lanes; the products both paths share are
-//! in [`super::rsvd_cuda_blas`].
+//! in `super::rsvd_cuda_blas`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

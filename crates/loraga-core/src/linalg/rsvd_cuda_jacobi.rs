@@ -50,7 +50,7 @@ fn shared_bytes(q: usize) -> usize {
     (q + q % 2) * q * std::mem::size_of::<f64>()
 }
 
-/// The largest q the Jacobi core takes on `dev`: [`JACOBI_MAX_Q`], or less where Rᵀ does not
+/// The largest q the Jacobi core takes on `dev`: `JACOBI_MAX_Q`, or less where Rᵀ does not
 /// fit one block's opt-in shared memory (less 2 KiB for the kernel's static shared variables).
 pub fn jacobi_core_max_q(dev: &CudaDevice) -> usize {
     max_q_for_shared_memory(dev.shared_memory_per_block_optin())

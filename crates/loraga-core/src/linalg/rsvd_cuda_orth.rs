@@ -105,7 +105,7 @@ fn apply_shared_bytes(q: usize) -> usize {
 /// (beyond it the working matrix no longer fits one block's registers).
 pub const FUSED_MAX_Q: usize = 128;
 
-/// The largest q the fused pass takes on `dev`: [`FUSED_MAX_Q`], or less where the factor (or
+/// The largest q the fused pass takes on `dev`: `FUSED_MAX_Q`, or less where the factor (or
 /// the apply's R⁻¹ and chunk of X) does not fit one block's opt-in shared memory (less 1 KiB for
 /// the kernels' static shared variables).
 pub fn cholesky_qr_fused_max_q(dev: &CudaDevice) -> usize {

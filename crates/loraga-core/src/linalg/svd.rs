@@ -78,7 +78,7 @@ impl TruncatedSvd {
         out
     }
 
-    /// From row-major U [m, k], S [k], Vᵀ [k, n], e.g. produced by another backend; the shapes
+    /// From row-major U [m, k], S \[k\], Vᵀ [k, n], e.g. produced by another backend; the shapes
     /// must agree and S must be sorted descending (NaN is let through for the metrics to flag).
     pub fn from_parts(u: Vec<f32>, s: Vec<f32>, vt: Vec<f32>, m: usize, n: usize) -> Result<Self> {
         let k = s.len();

@@ -27,7 +27,7 @@ use crate::tensor::Tensor;
 pub enum PissaSvd {
     /// torch.linalg.svd: PEFT's "pissa".
     Exact,
-    /// torch.svd_lowrank(W, q = r, niter): PEFT's "pissa_niter_<niter>".
+    /// torch.svd_lowrank(W, q = r, niter): PEFT's "`pissa_niter_<niter>`".
     Fast { niter: usize },
 }
 

@@ -2,16 +2,18 @@
 //! G ≈ U diag(σ) Vᵀ keeps its top 2r triplets; [`Selection`] names the triplets of A (rows) and
 //! B (columns); then, with s the LoRA scaling and m = d_out:
 //!
+//! ```text
 //!   [REF]  A[k] = c·v_{a_k}ᵀ          B[:, k] = c·u_{b_k}
 //!          c = m^(1/4)/sqrt(γ) (stable), 1/s (gd), 1 (unit), mean_{i<r} sqrt(S_W[i]/s) (weight)
 //!   [UP]   A[k] = c_A·v_{a_k}ᵀ        B[:, k] = c_B·σ_{b_k}·u_{b_k}
 //!          c_B = m^(1/4)/sqrt(γ) (stable), 1/s (gd, and c_A = 1/s), S_W[0]/σ_{b_0} (weight), 1
 //!
 //!   W_frz = round(W0 − s·B·A)
+//! ```
 //!
 //! A and B are rounded to f32 (what both implementations produce) and then to the adapter dtype;
 //! the offset is computed from those stored values and W_frz is rounded once to W0's dtype
-//! ([`super::offset`]), so W_frz + s·B·A equals W0 up to that one rounding.
+//! (`super::offset`), so W_frz + s·B·A equals W0 up to that one rounding.
 //!
 //! Devices: the randomized SVDs run where G and W are (CPU or GPU); A and B are assembled on the
 //! host (r rows and columns) and stored on W's device; the exact SVD is host-only and refuses
@@ -102,8 +104,8 @@ pub fn gradient_svd(name: &str, grad: &Tensor, r: usize, cfg: &LoraGaConfig) -> 
     }
 }
 
-/// W's leading singular values for [`Scale::WeightSvd`]: [REF] r of them from
-/// svd_lowrank(W, q = min(4r, m, n)); [UP] from svd_lowrank(W, q = min(r, m, n)).
+/// W's leading singular values for [`Scale::WeightSvd`]: \[REF\] r of them from
+/// svd_lowrank(W, q = min(4r, m, n)); \[UP\] from svd_lowrank(W, q = min(r, m, n)).
 pub fn weight_singular_values(name: &str, w: &Tensor, r: usize, cfg: &LoraGaConfig) -> Result<Vec<f32>> {
     let (m, n) = w.shape().dims2(OP, name)?;
     let q = match cfg.variant {

@@ -1,6 +1,6 @@
 //! LoRA-GA (Wang, Yu, Li, NeurIPS 2024): LoRA adapters initialised from the gradient of the full
 //! weights, so that the first LoRA step follows full fine-tuning's. research/loraga-spec.md is the
-//! specification; [REF] is the authors' PEFT fork, [UP] upstream PEFT (0.19+), whose behaviour
+//! specification; \[REF\] is the authors' PEFT fork, \[UP\] upstream PEFT (0.19+), whose behaviour
 //! [`Variant::Peft`] reproduces.
 //!
 //! For every target linear layer W0 [m = out, n = in], with s the LoRA scaling (alpha/r, or
@@ -23,7 +23,7 @@
 //! ```
 //!
 //! Why (spec §6): at init ∇_A = s·BᵀG and ∇_B = s·G·Aᵀ, so one SGD step of rate λ moves the
-//! effective weight W_frz + s·B·A by −λ·s²·(G·AᵀA + B·Bᵀ·G) + O(λ²), which for [REF] is
+//! effective weight W_frz + s·B·A by −λ·s²·(G·AᵀA + B·Bᵀ·G) + O(λ²), which for \[REF\] is
 //! −λ·s²c²·G_2r: the best rank-2r approximation of the full fine-tuning step.
 //!
 //! [`baselines`] gives vanilla LoRA and PiSSA behind the same interface ([`InitMethod`]).
@@ -61,21 +61,21 @@ pub enum Direction {
     A2rBr,
     /// A = odd indices, B = even indices.
     ArBr,
-    /// A random split of 0..2r ([REF]: disjoint halves; [UP]: the same r indices for A and B).
+    /// A random split of 0..2r (\[REF\]: disjoint halves; \[UP\]: the same r indices for A and B).
     Random,
 }
 
 /// How A and B are scaled (spec §4.2, §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scale {
-    /// c = m^(1/4)/sqrt(gamma), m = d_out ([REF]: A and B; [UP]: B only).
+    /// c = m^(1/4)/sqrt(gamma), m = d_out (\[REF\]: A and B; \[UP\]: B only).
     Stable,
     /// c = 1/s on A and B: the first step is exactly full fine-tuning's on the top-2r spectrum.
     Gd,
     /// c = 1.
     Unit,
-    /// From W's singular values S_W. [REF] (`weightS`): c = mean_{i<r} sqrt(S_W[i]/s) on A and B,
-    /// S_W from svd_lowrank(W, q = min(4r, m, n)). [UP] (`weight_svd`): B *= S_W[0]/σ_B[0],
+    /// From W's singular values S_W. \[REF\] (`weightS`): c = `mean_{i<r} sqrt(S_W[i]/s)` on A and B,
+    /// S_W from svd_lowrank(W, q = min(4r, m, n)). \[UP\] (`weight_svd`): `B *= S_W[0]/σ_B[0]`,
     /// S_W from svd_lowrank(W, q = r).
     WeightSvd,
 }
@@ -83,9 +83,9 @@ pub enum Scale {
 /// Whose formulas: the reference code (the paper) or upstream PEFT's variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
-    /// [REF]: A and B orthonormal bases times one constant; the §6 first-step property holds.
+    /// \[REF\]: A and B orthonormal bases times one constant; the §6 first-step property holds.
     Reference,
-    /// [UP] (PEFT 0.19-0.21): B carries the singular values, `stable` scales B only, `random`
+    /// \[UP\] (PEFT 0.19-0.21): B carries the singular values, `stable` scales B only, `random`
     /// uses the same indices for A and B. The §6 property does not hold (spec §8).
     Peft,
 }
@@ -107,13 +107,13 @@ pub struct LoraGaConfig {
     pub stable_gamma: f32,
     pub variant: Variant,
     pub svd: SvdMethod,
-    /// Subspace iterations of the randomized SVD (4 in [REF] and [UP]).
+    /// Subspace iterations of the randomized SVD (4 in \[REF\] and \[UP\]).
     pub niter: usize,
     /// Seeds Ω of the randomized SVD and the split of [`Direction::Random`].
     pub seed: u64,
-    /// The dtype A and B are stored in; None: the base weight's ([UP]). [REF]'s default
+    /// The dtype A and B are stored in; None: the base weight's (\[UP\]). \[REF\]'s default
     /// `dtype="fp32"` is Some(F32). The offset is always computed from the stored A and B, so the
-    /// initialised model equals the original up to W_frz's rounding ([REF] computes it from the
+    /// initialised model equals the original up to W_frz's rounding (\[REF\] computes it from the
     /// values before the cast, which breaks that for bf16 adapters; not reproduced).
     pub adapter_dtype: Option<DType>,
 }
@@ -201,7 +201,7 @@ impl Direction {
 impl Scale {
     pub const ALL: [Scale; 4] = [Scale::Stable, Scale::Gd, Scale::Unit, Scale::WeightSvd];
 
-    /// PEFT's names ([REF] says `gd` for `gd_scale` and `weightS` for `weight_svd`; both are read).
+    /// PEFT's names (\[REF\] says `gd` for `gd_scale` and `weightS` for `weight_svd`; both are read).
     pub fn name(self) -> &'static str {
         match self {
             Scale::Stable => "stable",

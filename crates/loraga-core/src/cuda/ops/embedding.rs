@@ -1,7 +1,9 @@
 //! Launchers of `kernels/embedding.cu`: row lookup and its scatter-add backward.
 //!
+//! ```text
 //!   forward:  out [rows, dim] = table[ids]         in the table's dtype
 //!   backward: dtable [vocab, dim] += dy[r] at ids[r]   in f32
+//! ```
 //!
 //! The ids are host data checked by the caller (each below the vocabulary); they are uploaded once
 //! by [`upload_ids`] and the same device copy serves the forward and the backward.

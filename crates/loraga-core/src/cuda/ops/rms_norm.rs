@@ -1,4 +1,4 @@
-//! Launchers of `kernels/rms_norm.cu`: RMSNorm of each row of x [rows, d] with weight w [d],
+//! Launchers of `kernels/rms_norm.cu`: RMSNorm of each row of x [rows, d] with weight w \[d\],
 //!
 //!   r_i = 1 / sqrt(mean_j x_ij^2 + eps),   y_ij = w_j x_ij r_i,
 //!
@@ -40,7 +40,7 @@ fn check(x: &CudaStorage, w: &CudaStorage, rows: usize, d: usize) -> Result<i32>
     int(OP, "the row length", d)
 }
 
-/// `(y, r)`: y [rows, d] in x's dtype and r [rows] f32.
+/// `(y, r)`: y [rows, d] in x's dtype and r \[rows\] f32.
 pub fn forward(
     x: &CudaStorage,
     w: &CudaStorage,
@@ -68,7 +68,7 @@ pub fn forward(
 }
 
 /// The gradients `(dx, dw)` where `needs` = [dx, dw] asks for them: dx [rows, d] in x's dtype,
-/// dw [d] in f32. `r` is the forward's.
+/// dw \[d\] in f32. `r` is the forward's.
 pub fn backward(
     dy: &CudaStorage,
     x: &CudaStorage,
