@@ -177,11 +177,13 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_steps, 
     const int wg = threadIdx.x / 128;
     const int tiles_m = ceil_div(M, BM), tiles_n = ceil_div(N, BN);
     const int tiles = tiles_m * tiles_n;
-    // K of each source in 32-byte MMA steps; a k-tile holds four. The last tile of a source runs
-    // only the steps that hold data: the LoRA adapter's r = 16 source is one step, not four of
-    // which TMA filled three with zeros.
-    const int k1_tiles = ceil_div(k1_steps, 4), k2_tiles = ceil_div(k2_steps, 4);
-    const int k_tiles = k1_tiles + k2_tiles;
+    // K of each source in 32-byte MMA steps; a k-tile holds four. The K loop runs the whole
+    // k-tiles of both sources first, then each source's partial last one (if any) with only the
+    // steps that hold data: a rank-16 adapter source is one step, not four of which TMA filled
+    // three with zeros. The loop over whole tiles is the same code as without partial ones.
+    const int full1 = k1_steps / 4, full2 = k2_steps / 4, full = full1 + full2;
+    const int tail1 = k1_steps % 4, tail2 = k2_steps % 4;
+    const int k_tiles = full + (tail1 > 0) + (tail2 > 0);
     // Split K: work unit u is K slice u % k_splits of tile u / k_splits; slices add into C.
     const int units = tiles * k_splits;
     const int k_per_split = ceil_div(k_tiles, k_splits);
@@ -208,8 +210,9 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_steps, 
                 int st = it % STAGES;
                 if (it >= STAGES) mbar_wait(&s.empty[st], ((it / STAGES) - 1) & 1);
                 mbar_expect_tx(&s.full[st], STAGE_BYTES);
-                bool first = kt < k1_tiles;
-                int k = (first ? kt : kt - k1_tiles) * BK_ELEMS;
+                // k-tile kt of the loop: source 1's whole tiles, source 2's, then the partial ones.
+                const bool first = kt < full1 || (kt == full && tail1 > 0);
+                const int k = (kt < full1 ? kt : kt < full ? kt - full1 : first ? full1 : full2) * BK_ELEMS;
                 const TmaDesc* ta = first ? ta1 : ta2;
                 const TmaDesc* tb = first ? tb1 : tb2;
                 if (A_MN) {
@@ -242,37 +245,47 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_steps, 
 #pragma unroll
         for (int i = 0; i < 128; ++i) d[i] = 0.0f;
         int prev = -1;
-        for (int kt = kt_begin; kt < kt_end; ++kt, ++it) {
-            int st = it % STAGES;
-            mbar_wait(&s.full[st], (it / STAGES) & 1);
-            fence_registers<128>(d);
-            const int steps = kt == k1_tiles - 1 ? k1_steps - 4 * kt
-                              : kt == k_tiles - 1  ? k2_steps - 4 * (kt - k1_tiles)
-                                                   : 4;
-            // This consumer's 64 rows of A are rows c*64.. of a K-major tile, or stripe c of an
-            // MN-major one; each step moves 32 bytes along K (16 bf16, or 8 tf32).
-            auto mma_step = [&](int kk) {
-                unsigned long long da = A_MN ? desc_mn_major(s.a[st] + c * 64 * BK + kk * 16 * 64)
-                                             : desc_k_major(s.a[st] + c * 64 * BK + kk * 16);
-                unsigned long long db = B_MN ? desc_mn_major(s.b[st] + kk * 16 * 64) : desc_k_major(s.b[st] + kk * 16);
-                wgmma_k32b<T, A_MN, B_MN>(d, da, db);
-            };
-            // Each branch is a whole fence-MMAs-commit sequence in straight-line code: MMAs in
-            // different blocks of one sequence make ptxas fence every one of them.
-            if (steps == 4) {
-                wgmma_fence(), mma_step(0), mma_step(1), mma_step(2), mma_step(3), wgmma_commit();
-            } else if (steps == 3) {
-                wgmma_fence(), mma_step(0), mma_step(1), mma_step(2), wgmma_commit();
-            } else if (steps == 2) {
-                wgmma_fence(), mma_step(0), mma_step(1), wgmma_commit();
-            } else {
-                wgmma_fence(), mma_step(0), wgmma_commit();
-            }
-            // Keep this k-tile's MMAs in flight; the previous ones are done, so release their stage.
+        // This consumer's 64 rows of A are rows c*64.. of a K-major tile, or stripe c of an
+        // MN-major one; each step moves 32 bytes along K (16 bf16, or 8 tf32).
+        auto mma_step = [&](int st, int kk) {
+            unsigned long long da = A_MN ? desc_mn_major(s.a[st] + c * 64 * BK + kk * 16 * 64)
+                                         : desc_k_major(s.a[st] + c * 64 * BK + kk * 16);
+            unsigned long long db = B_MN ? desc_mn_major(s.b[st] + kk * 16 * 64) : desc_k_major(s.b[st] + kk * 16);
+            wgmma_k32b<T, A_MN, B_MN>(d, da, db);
+        };
+        // Keep a k-tile's MMAs in flight; the previous ones are done, so release their stage.
+        auto release_previous = [&](int st) {
             wgmma_wait<1>();
             fence_registers<128>(d);
             if (prev >= 0 && threadIdx.x % 128 == 0) mbar_arrive(&s.empty[prev]);
             prev = st;
+        };
+        int kt = kt_begin;
+        for (; kt < min(kt_end, full); ++kt, ++it) {
+            const int st = it % STAGES;
+            mbar_wait(&s.full[st], (it / STAGES) & 1);
+            fence_registers<128>(d);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) mma_step(st, kk);
+            wgmma_commit();
+            release_previous(st);
+        }
+        for (; kt < kt_end; ++kt, ++it) {
+            // A partial k-tile: source 1's if it has one and this is the first, else source 2's.
+            const int st = it % STAGES, steps = kt == full && tail1 > 0 ? tail1 : tail2;
+            mbar_wait(&s.full[st], (it / STAGES) & 1);
+            fence_registers<128>(d);
+            // Each branch a whole fence-MMAs-commit sequence in straight-line code: MMAs of one
+            // sequence in different blocks make ptxas fence every one of them.
+            if (steps == 3) {
+                wgmma_fence(), mma_step(st, 0), mma_step(st, 1), mma_step(st, 2), wgmma_commit();
+            } else if (steps == 2) {
+                wgmma_fence(), mma_step(st, 0), mma_step(st, 1), wgmma_commit();
+            } else {
+                wgmma_fence(), mma_step(st, 0), wgmma_commit();
+            }
+            release_previous(st);
         }
         wgmma_wait<0>();
         fence_registers<128>(d);
