@@ -18,7 +18,11 @@
 // accumulators and U' fragments spill at the 168 registers a thread that 9 warps get (registers
 // go to warps in fours), the fragment reads from shared memory (~112 KB a 16 KB step) approach
 // the memory stream's time, and the partial sums grow with r; at 128 the MMAs alone (4r flops a
-// dY element) outrun it on mma.sync.
+// dY element) outrun it on mma.sync. The partial sums settle it for any instruction set: with one
+// region per SM, each region of area A leaves about 2 sqrt(A) r partial sums (its rows' V' and its
+// columns' dB), written and read back as f32. At 8192 x 4096 on 132 SMs that is ~1 MB per unit
+// of r, as much as dY's 67 MB at r = 64 and twice it at 128, where cuBLAS's two GEMMs read dY
+// twice and nothing else (PERF.md, tenth session).
 //
 // Work split. Block (cb, rb) of the grid (C, RB) takes a row tiles (TM rows each) from rb·a and
 // the column chunks (TN columns each) cb, cb + C, cb + 2C, ...: interleaved, so that the blocks of
