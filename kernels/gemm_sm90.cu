@@ -163,6 +163,20 @@ __device__ __forceinline__ void wgmma_k32b<float, 0, 0>(float* d, unsigned long 
         : "l"(desc_a), "l"(desc_b));
 }
 
+// The K loop over two sources whose K is given in 32-byte MMA steps (four to a k-tile): the
+// whole k-tiles of source 1, then of source 2, then each source's partial last tile (if any),
+// so that the loop over whole tiles is the same code as without partial ones.
+struct KLoop {
+    int full1, full, tail1, tail2, tiles;
+    __device__ KLoop(int k1_steps, int k2_steps)
+        : full1(k1_steps / 4), full(k1_steps / 4 + k2_steps / 4), tail1(k1_steps % 4), tail2(k2_steps % 4),
+          tiles(full + (tail1 > 0) + (tail2 > 0)) {}
+    // Loop position kt: from source 1 or 2, which k-tile of it, and how many steps hold data.
+    __device__ bool first(int kt) const { return kt < full1 || (kt == full && tail1 > 0); }
+    __device__ int tile(int kt) const { return kt < full1 ? kt : kt < full ? kt - full1 : first(kt) ? full1 : full - full1; }
+    __device__ int steps(int kt) const { return kt < full ? 4 : first(kt) ? tail1 : tail2; }
+};
+
 // T is the operand type (bf16, or float read as TF32). A k-tile is 128 bytes of K either way (64 bf16
 // or 32 f32), so the ring, the swizzle and the descriptors are the same bytes for both.
 template <typename T, bool A_MN, bool B_MN, typename Tout>
@@ -177,13 +191,8 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_steps, 
     const int wg = threadIdx.x / 128;
     const int tiles_m = ceil_div(M, BM), tiles_n = ceil_div(N, BN);
     const int tiles = tiles_m * tiles_n;
-    // K of each source in 32-byte MMA steps; a k-tile holds four. The K loop runs the whole
-    // k-tiles of both sources first, then each source's partial last one (if any) with only the
-    // steps that hold data: a rank-16 adapter source is one step, not four of which TMA filled
-    // three with zeros. The loop over whole tiles is the same code as without partial ones.
-    const int full1 = k1_steps / 4, full2 = k2_steps / 4, full = full1 + full2;
-    const int tail1 = k1_steps % 4, tail2 = k2_steps % 4;
-    const int k_tiles = full + (tail1 > 0) + (tail2 > 0);
+    const KLoop kl(k1_steps, k2_steps);
+    const int k_tiles = kl.tiles;
     // Split K: work unit u is K slice u % k_splits of tile u / k_splits; slices add into C.
     const int units = tiles * k_splits;
     const int k_per_split = ceil_div(k_tiles, k_splits);
@@ -210,9 +219,8 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_steps, 
                 int st = it % STAGES;
                 if (it >= STAGES) mbar_wait(&s.empty[st], ((it / STAGES) - 1) & 1);
                 mbar_expect_tx(&s.full[st], STAGE_BYTES);
-                // k-tile kt of the loop: source 1's whole tiles, source 2's, then the partial ones.
-                const bool first = kt < full1 || (kt == full && tail1 > 0);
-                const int k = (kt < full1 ? kt : kt < full ? kt - full1 : first ? full1 : full2) * BK_ELEMS;
+                const bool first = kl.first(kt);
+                const int k = kl.tile(kt) * BK_ELEMS;
                 const TmaDesc* ta = first ? ta1 : ta2;
                 const TmaDesc* tb = first ? tb1 : tb2;
                 if (A_MN) {
@@ -261,7 +269,7 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_steps, 
             prev = st;
         };
         int kt = kt_begin;
-        for (; kt < min(kt_end, full); ++kt, ++it) {
+        for (; kt < min(kt_end, kl.full); ++kt, ++it) {
             const int st = it % STAGES;
             mbar_wait(&s.full[st], (it / STAGES) & 1);
             fence_registers<128>(d);
@@ -272,8 +280,7 @@ __device__ void gemm_sm90(const TmaDesc* ta1, const TmaDesc* tb1, int k1_steps, 
             release_previous(st);
         }
         for (; kt < kt_end; ++kt, ++it) {
-            // A partial k-tile: source 1's if it has one and this is the first, else source 2's.
-            const int st = it % STAGES, steps = kt == full && tail1 > 0 ? tail1 : tail2;
+            const int st = it % STAGES, steps = kl.steps(kt);  // a partial k-tile: 1 to 3 steps
             mbar_wait(&s.full[st], (it / STAGES) & 1);
             fence_registers<128>(d);
             // Each branch a whole fence-MMAs-commit sequence in straight-line code: MMAs of one
@@ -376,89 +383,27 @@ __device__ void gemm_sm90(const TmaDesc*, const TmaDesc*, int, const TmaDesc*, c
 }
 #endif  // LORAGA_SM90A
 
-// One entry point per layout (see the top) and output type.
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                       const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
-                       float beta) {
-    gemm_sm90<bf16, false, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                      const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
-                      float beta) {
-    gemm_sm90<bf16, false, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                       const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
-                       float beta) {
-    gemm_sm90<bf16, false, true>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                      const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
-                      float beta) {
-    gemm_sm90<bf16, false, true>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_tn_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                       const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
-                       float beta) {
-    gemm_sm90<bf16, true, true>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_tn_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                      const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
-                      float beta) {
-    gemm_sm90<bf16, true, true>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_tt_bf16_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                       const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                       const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
-                       float beta) {
-    gemm_sm90<bf16, true, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_tt_bf16_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                      const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
-                      float beta) {
-    gemm_sm90<bf16, true, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
-
+// One entry point per layout (see the top) and operand / output type: gemm_sm90_<name>.
+#define GEMM_SM90(name, T, A_MN, B_MN, Tout)                                                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                          \
+        gemm_sm90_##name(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,       \
+                         const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps,       \
+                         int k_splits, const __grid_constant__ TmaDesc tc, int epilogue, Tout* C, int M, int N,        \
+                         i64 ldc, float alpha, float beta) {                                                           \
+        gemm_sm90<T, A_MN, B_MN>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc,   \
+                                 alpha, beta);                                                                         \
+    }
+GEMM_SM90(nt_bf16_bf16, bf16, false, false, bf16)
+GEMM_SM90(nt_bf16_f32, bf16, false, false, float)
+GEMM_SM90(nn_bf16_bf16, bf16, false, true, bf16)
+GEMM_SM90(nn_bf16_f32, bf16, false, true, float)
+GEMM_SM90(tn_bf16_bf16, bf16, true, true, bf16)
+GEMM_SM90(tn_bf16_f32, bf16, true, true, float)
+GEMM_SM90(tt_bf16_bf16, bf16, true, false, bf16)
+GEMM_SM90(tt_bf16_f32, bf16, true, false, float)
 // f32 operands (TF32 MMAs): the nt layout only; the host repacks other layouts into it.
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nt_f32_bf16(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                      const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                      const __grid_constant__ TmaDesc tc, int epilogue, bf16* C, int M, int N, i64 ldc, float alpha,
-                      float beta) {
-    gemm_sm90<float, false, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-gemm_sm90_nt_f32_f32(const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, int k1_steps,
-                     const __grid_constant__ TmaDesc ta2, const __grid_constant__ TmaDesc tb2, int k2_steps, int k_splits,
-                     const __grid_constant__ TmaDesc tc, int epilogue, float* C, int M, int N, i64 ldc, float alpha,
-                     float beta) {
-    gemm_sm90<float, false, false>(&ta1, &tb1, k1_steps, &ta2, &tb2, k2_steps, k_splits, &tc, epilogue, C, M, N, ldc, alpha, beta);
-}
+GEMM_SM90(nt_f32_bf16, float, false, false, bf16)
+GEMM_SM90(nt_f32_f32, float, false, false, float)
 
 // Repacks op(X) [rows, k] of an f32 operand (element (r, j) at src[r * rs + j * cs]) into the
 // K-major [rows, ld] buffer the TF32 path reads (dst[r * ld + j], ld >= k a multiple of 4 for
