@@ -332,62 +332,54 @@ fn grid(dev: &CudaDevice, inp: &mut Inputs) -> Result<()> {
          | M | K | N | cuBLAS GemmEx beta=1 | fused (engine TMA add) | fused / cuBLAS |\n\
          |---:|---:|---:|---:|---:|---:|\n",
     );
-    for m in [4096usize, 8192, 16384] {
-        for (k, n) in [(4096usize, 4096usize), (4096, 11008), (11008, 4096)] {
-            let labels: Vec<(usize, String)> = [8usize, 16, 64, 128]
-                .into_iter()
-                .map(|r| (r, format!("M={m} K={k} N={n} r={r}")))
-                .filter(|(_, l)| kept(l))
-                .collect();
-            if labels.is_empty() {
-                continue;
-            }
-            let mut layer = Layer::new(inp, m, k, n);
-            let mut turn = 0usize;
-            let mut time = |layer: &mut Layer, work: &[Work]| -> Result<Vec<f64>> {
-                interleaved_median_ms(dev, 3, reps, batch, work.len(), |j| {
-                    turn = (turn + 1) % 3;
-                    layer.run(work[j], turn)
-                })
+    // The kept shapes, a layer (operands of one M, K, N) at a time.
+    let shapes = kept_shapes();
+    for shape in shapes.chunk_by(|a, b| (a.1, a.2, a.3) == (b.1, b.2, b.3)) {
+        let (_, m, k, n, _) = shape[0];
+        let mut layer = Layer::new(inp, m, k, n);
+        let mut turn = 0usize;
+        let mut time = |layer: &mut Layer, work: &[Work]| -> Result<Vec<f64>> {
+            interleaved_median_ms(dev, 3, reps, batch, work.len(), |j| {
+                turn = (turn + 1) % 3;
+                layer.run(work[j], turn)
+            })
+        };
+        let acc = time(&mut layer, &[Work::Accumulate(LoraPath::CublasFolded), Work::Accumulate(LoraPath::Fused)])?;
+        let (cublas_acc, fused_acc) = (acc[0], acc[1]);
+        g_table += &format!("| {m} | {k} | {n} | {cublas_acc:.4} | {fused_acc:.4} | {:.3} |\n", fused_acc / cublas_acc);
+        for &(ref label, .., r) in shape {
+            layer.rank(inp, r);
+            let t = time(
+                &mut layer,
+                &[
+                    Work::BaseFwd,
+                    Work::Fwd(LoraPath::Fused),
+                    Work::Fwd(LoraPath::Cublas),
+                    Work::BaseFwdBwd,
+                    Work::FwdBwd(LoraPath::Fused),
+                    Work::FwdBwd(LoraPath::Cublas),
+                    Work::FwdBwd(LoraPath::CublasFolded),
+                    Work::Skinny(GemmPath::Engine),
+                    Work::Skinny(GemmPath::Cublas),
+                ],
+            )?;
+            let [base, fused, peft, base_fb, fused_fb, peft_fb, folded_fb, u_engine, u_cublas] = t[..] else {
+                unreachable!("nine alternatives")
             };
-            let acc = time(&mut layer, &[Work::Accumulate(LoraPath::CublasFolded), Work::Accumulate(LoraPath::Fused)])?;
-            let (cublas_acc, fused_acc) = (acc[0], acc[1]);
-            g_table +=
-                &format!("| {m} | {k} | {n} | {cublas_acc:.4} | {fused_acc:.4} | {:.3} |\n", fused_acc / cublas_acc);
-            for (r, label) in labels {
-                layer.rank(inp, r);
-                let t = time(
-                    &mut layer,
-                    &[
-                        Work::BaseFwd,
-                        Work::Fwd(LoraPath::Fused),
-                        Work::Fwd(LoraPath::Cublas),
-                        Work::BaseFwdBwd,
-                        Work::FwdBwd(LoraPath::Fused),
-                        Work::FwdBwd(LoraPath::Cublas),
-                        Work::FwdBwd(LoraPath::CublasFolded),
-                        Work::Skinny(GemmPath::Engine),
-                        Work::Skinny(GemmPath::Cublas),
-                    ],
-                )?;
-                let [base, fused, peft, base_fb, fused_fb, peft_fb, folded_fb, u_engine, u_cublas] = t[..] else {
-                    unreachable!("nine alternatives")
-                };
-                let one_pass = lora_dy::takes(dev, DType::BF16, m, n, r);
-                let dy = time(&mut layer, &[Work::DyProducts(false), Work::DyProducts(true)][..1 + one_pass as usize])?;
-                let dy_cublas = dy[0];
-                let dy_once = dy.get(1).map_or("–".to_string(), |t| format!("{t:.4}"));
-                eprintln!("{label}: fused f+b {fused_fb:.4} ms");
-                table += &format!(
-                    "| {m} | {k} | {n} | {r} | {base:.4} | {fused:.4} | {:.3} | {:.3} | {base_fb:.4} | {fused_fb:.4} \
-                     | {:.3} | {peft_fb:.4} | {:.3} | {:.3} | {u_engine:.4} | {u_cublas:.4} | {dy_cublas:.4} | {dy_once} |\n",
-                    fused / base,
-                    peft / fused,
-                    fused_fb / base_fb,
-                    peft_fb / fused_fb,
-                    folded_fb / fused_fb,
-                );
-            }
+            let one_pass = lora_dy::takes(dev, DType::BF16, m, n, r);
+            let dy = time(&mut layer, &[Work::DyProducts(false), Work::DyProducts(true)][..1 + one_pass as usize])?;
+            let dy_cublas = dy[0];
+            let dy_once = dy.get(1).map_or("–".to_string(), |t| format!("{t:.4}"));
+            eprintln!("{label}: fused f+b {fused_fb:.4} ms");
+            table += &format!(
+                "| {m} | {k} | {n} | {r} | {base:.4} | {fused:.4} | {:.3} | {:.3} | {base_fb:.4} | {fused_fb:.4} \
+                 | {:.3} | {peft_fb:.4} | {:.3} | {:.3} | {u_engine:.4} | {u_cublas:.4} | {dy_cublas:.4} | {dy_once} |\n",
+                fused / base,
+                peft / fused,
+                fused_fb / base_fb,
+                peft_fb / fused_fb,
+                folded_fb / fused_fb,
+            );
         }
     }
     let out = format!("{table}{g_table}");
